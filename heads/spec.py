@@ -1,0 +1,273 @@
+"""Head configs: the structured-config schema, loading from Hydra's search path, validation.
+
+A product team describes a head in one file, ``conf/heads/<name>.yaml`` (or
+``heads/<name>.yaml`` in any folder on Hydra's search path). Every problem with such a
+file is a :class:`HeadConfigError` whose message is one line naming the file and the
+field, e.g. ``conf/heads/count.yaml: field 'train.epochs': Value 'ten' could not be
+converted to Integer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+NAME_RE = re.compile(r"^[a-z0-9_]+$")
+# Team-supplied configs may only instantiate the platform's own head modules.
+ALLOWED_TARGET_PREFIXES = ("heads.",)
+# Arguments the platform fills in itself when it builds a head module.
+PLATFORM_ARGS = ("in_features", "num_classes")
+
+
+class HeadConfigError(ValueError):
+    """A head config is wrong; the message names the file and the field."""
+
+    def __init__(self, source: str, field_name: str, message: str) -> None:
+        super().__init__(f"{source}: field '{field_name}': {message}")
+        self.source = source
+        self.field = field_name
+
+
+# -- schema -----------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    # Exactly one of root (a folder of class sub-folders) or manifest (CSV/Parquet with
+    # path,label and optional split, slice columns; relative paths are relative to it).
+    root: Optional[str] = None
+    manifest: Optional[str] = None
+    # Used when the data has no split column: a seeded, stratified validation split.
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class AttachConfig:
+    # `pooled` (the pre-logits vector) or an earlier tap named after timm's feature_info.
+    tap: str = "pooled"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-2
+    weight_decay: float = 1e-4
+    # Early stopping: stop after this many epochs without a better val accuracy.
+    patience: int = 10
+    seed: int = 0
+
+
+@dataclass
+class GateConfig:
+    # A head must meet all of these to enter a release.
+    min_val_accuracy: float = 0.0
+    max_added_gflops: Optional[float] = None
+    max_added_ms_per_image: Optional[float] = None
+    # Floor for every slice with at least min_slice_size validation examples.
+    min_slice_accuracy: Optional[float] = None
+    min_slice_size: int = 20
+
+
+@dataclass
+class HeadConfig:
+    name: str = MISSING
+    owner: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    attach: AttachConfig = field(default_factory=AttachConfig)
+    # `_target_` (a class in the heads package) plus its keyword arguments.
+    module: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """A validated head config plus where it came from.
+
+    Attributes:
+        config: the validated, resolved config (a plain dict, ``HeadConfig``'s shape).
+        source: the file it was read from (for error messages).
+    """
+
+    config: dict[str, Any]
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.config["name"]
+
+    @property
+    def owner(self) -> str:
+        return self.config["owner"]
+
+    @property
+    def tap(self) -> str:
+        return self.config["attach"]["tap"]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return self.config["data"]
+
+    @property
+    def train(self) -> dict[str, Any]:
+        return self.config["train"]
+
+    @property
+    def gate(self) -> dict[str, Any]:
+        return self.config["gate"]
+
+    @property
+    def module(self) -> dict[str, Any]:
+        return self.config["module"]
+
+    @property
+    def config_sha(self) -> str:
+        """Hash of the resolved config (MLflow tag ``config_sha``)."""
+        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def error(self, field_name: str, message: str) -> HeadConfigError:
+        return HeadConfigError(self.source, field_name, message)
+
+    def check_tap(self, valid_taps: Iterable[str]) -> None:
+        """Raise unless the head's tap is one of the trunk's."""
+        valid = list(valid_taps)
+        if self.tap not in valid:
+            raise self.error("attach.tap", f"unknown tap '{self.tap}'; valid taps: {', '.join(valid)}")
+
+
+# -- finding files on the search path ---------------------------------------------------------
+def search_dirs(searchpath: Sequence[str] = (), conf_dir: str | Path | None = None) -> list[Path]:
+    """Config folders in Hydra's order: the platform's ``conf/`` then ``hydra.searchpath``.
+
+    Args:
+        searchpath: entries of ``hydra.searchpath`` (``file://DIR``, ``pkg://PKG`` or a plain dir).
+        conf_dir: the platform's own config folder (defaults to the repo's ``conf/``).
+    """
+    dirs = [Path(conf_dir) if conf_dir else default_conf_dir()]
+    for entry in searchpath:
+        entry = str(entry)
+        if entry.startswith("pkg://"):
+            module = importlib.import_module(entry[len("pkg://"):].replace("/", "."))
+            dirs.append(Path(next(iter(module.__path__))))
+        else:
+            dirs.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry))
+    return dirs
+
+
+def default_conf_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "conf"
+
+
+def find_head_file(name: str, dirs: Sequence[Path]) -> Path:
+    """``heads/<name>.yaml`` from the last folder on the search path that has it."""
+    if not NAME_RE.match(name):
+        raise HeadConfigError(f"heads/{name}.yaml", "name", f"'{name}' is not a valid head name ([a-z0-9_]+)")
+    found = [d / "heads" / f"{name}.yaml" for d in dirs if (d / "heads" / f"{name}.yaml").is_file()]
+    if not found:
+        known = sorted({p.stem for d in dirs for p in (d / "heads").glob("*.yaml")})
+        where = ", ".join(str(d / "heads") for d in dirs)
+        raise HeadConfigError(f"heads/{name}.yaml", "head",
+                              f"no such head config in {where}; known heads: {', '.join(known) or 'none'}")
+    return found[-1]  # later search-path entries override earlier ones, as in Hydra
+
+
+def list_heads(dirs: Sequence[Path]) -> list[str]:
+    return sorted({p.stem for d in dirs for p in (d / "heads").glob("*.yaml")})
+
+
+# -- validation -----------------------------------------------------------------------
+def _check_module(source: str, module: Mapping[str, Any]) -> None:
+    target = module.get("_target_")
+    if not isinstance(target, str) or not target:
+        raise HeadConfigError(source, "module._target_", "missing; name a head class such as heads.modules.LinearHead")
+    if not target.startswith(ALLOWED_TARGET_PREFIXES):
+        raise HeadConfigError(source, "module._target_",
+                              f"'{target}' is outside the platform's packages ({', '.join(ALLOWED_TARGET_PREFIXES)})")
+    mod_name, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(mod_name), attr)
+    except (ImportError, AttributeError):
+        raise HeadConfigError(source, "module._target_", f"'{target}' does not exist") from None
+    params = inspect.signature(cls).parameters
+    for key in module:
+        if key.startswith("_"):
+            continue
+        if key in PLATFORM_ARGS:
+            raise HeadConfigError(source, f"module.{key}", "is set by the platform from the trunk and the data")
+        if key not in params:
+            valid = [p for p in params if p not in PLATFORM_ARGS]
+            raise HeadConfigError(source, f"module.{key}",
+                                  f"unknown argument of {target}; valid: {', '.join(valid) or 'none'}")
+
+
+def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
+             expected_name: str | None = None) -> HeadSpec:
+    """Validate a raw head config against the schema.
+
+    Args:
+        raw: the loaded YAML (dict or DictConfig).
+        source: file name for messages.
+        context: root-level keys (e.g. ``workspace``) that ``${...}`` in the file may use.
+        expected_name: the file's stem; the ``name`` field must match it.
+    """
+    if not isinstance(raw, (dict, DictConfig)):
+        raise HeadConfigError(source, "<root>", "a head config must be a mapping")
+    try:
+        root = OmegaConf.create(dict(context or {}))
+        root["head"] = OmegaConf.merge(OmegaConf.structured(HeadConfig), raw)
+        merged = OmegaConf.to_container(root, resolve=True, throw_on_missing=True)["head"]
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or "").removeprefix("head.") or "<root>"
+        msg = str(getattr(e, "msg", None) or e).splitlines()[0]
+        raise HeadConfigError(source, key, msg) from None
+    name = merged["name"]
+    if not NAME_RE.match(name):
+        raise HeadConfigError(source, "name", f"'{name}' must match [a-z0-9_]+")
+    if expected_name is not None and name != expected_name:
+        raise HeadConfigError(source, "name", f"'{name}' must equal the file name '{expected_name}'")
+    if not str(merged["owner"]).strip():
+        raise HeadConfigError(source, "owner", "must not be empty")
+    data = merged["data"]
+    if bool(data["root"]) == bool(data["manifest"]):
+        raise HeadConfigError(source, "data", "give exactly one of data.root (class folders) or data.manifest")
+    if not 0.0 < data["val_fraction"] < 1.0:
+        raise HeadConfigError(source, "data.val_fraction", f"{data['val_fraction']} is not between 0 and 1")
+    if not isinstance(merged["module"], dict):
+        raise HeadConfigError(source, "module", "must be a mapping with a _target_")
+    _check_module(source, merged["module"])
+    train = merged["train"]
+    for key in ("epochs", "batch_size"):
+        if train[key] < 1:
+            raise HeadConfigError(source, f"train.{key}", f"{train[key]} must be at least 1")
+    if train["lr"] <= 0:
+        raise HeadConfigError(source, "train.lr", f"{train['lr']} must be positive")
+    return HeadSpec(config=merged, source=source)
+
+
+def load_head_spec(path: str | Path, context: Mapping[str, Any] | None = None) -> HeadSpec:
+    """Read and validate one head config file."""
+    path = Path(path)
+    try:
+        raw = OmegaConf.load(path)
+    except FileNotFoundError:
+        raise HeadConfigError(str(path), "<file>", "no such file") from None
+    except Exception as e:  # YAML syntax errors
+        raise HeadConfigError(str(path), "<file>", f"not valid YAML: {str(e).splitlines()[0]}") from None
+    return validate(raw, str(path), context=context, expected_name=path.stem)
+
+
+def resolve_head(name: str, dirs: Sequence[Path], context: Mapping[str, Any] | None = None) -> HeadSpec:
+    """Find ``heads/<name>.yaml`` on the search path and validate it."""
+    return load_head_spec(find_head_file(name, dirs), context=context)
