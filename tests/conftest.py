@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny trunks and generated images, all in temporary folders."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+warnings.filterwarnings("ignore", category=UserWarning, module="timm")
+
+TINY_MODELS = ["test_resnet", "test_convnext", "test_vit", "test_efficientnet"]
+SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_trunk():
+    from trunk.model import Trunk
+
+    return Trunk("test_resnet", data_config=SMALL)
+
+
+def write_image(path: Path, color: tuple[int, int, int], size: int = 40, seed: int = 0, fmt: str | None = None) -> Path:
+    """A solid colour with mild noise, so images of one class differ byte-wise."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.int16) + rng.integers(-20, 21, (size, size, 3)), 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path, format=fmt)
+    return path
+
+
+@pytest.fixture
+def image_factory(tmp_path):
+    def make(name: str, color=(200, 30, 30), size: int = 40, seed: int = 0, fmt: str | None = None) -> Path:
+        return write_image(tmp_path / name, color, size=size, seed=seed, fmt=fmt)
+
+    return make

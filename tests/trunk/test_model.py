@@ -1,0 +1,121 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.conftest import SMALL, TINY_MODELS
+from trunk.model import POOLED, Trunk, TrunkError
+
+
+@pytest.fixture(scope="module", params=TINY_MODELS)
+def trunk(request):
+    return Trunk(request.param, data_config=SMALL)
+
+
+def test_declared_tap_shapes_match_forward(trunk):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = trunk(x, list(trunk.taps))
+    assert list(out) == list(trunk.taps)
+    assert list(trunk.taps)[-1] == POOLED
+    for name, spec in trunk.taps.items():
+        assert tuple(out[name].shape) == (2, *spec.shape), name
+
+
+def test_taps_named_after_feature_info(trunk):
+    modules = [info["module"] for info in trunk.model.feature_info]
+    assert list(trunk.taps) == [*modules, POOLED]
+
+
+def test_pooled_equals_timm_pre_logits(trunk):
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = trunk.model.forward_head(trunk.model.forward_features(x), pre_logits=True)
+        got = trunk(x, [POOLED])[POOLED]
+        # Asking for an intermediate too must not change pooled.
+        both = trunk(x, [list(trunk.taps)[0], POOLED])[POOLED]
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(both, ref)
+
+
+def test_forward_returns_only_requested_taps_and_stops_early(trunk):
+    first = list(trunk.taps)[0]
+    calls = []
+    last_stage = trunk.model.feature_info[-1]["module"]
+    handle = trunk.model.get_submodule(last_stage).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with torch.no_grad():
+            out = trunk(torch.randn(1, 3, 32, 32), [first])
+    finally:
+        handle.remove()
+    assert list(out) == [first]
+    assert calls == [], "the trunk ran past the deepest requested tap"
+
+
+def test_unknown_tap_lists_valid_ones(trunk):
+    with pytest.raises(TrunkError, match="no tap 'nope'; valid taps: .*pooled"):
+        trunk(torch.randn(1, 3, 32, 32), ["nope"])
+
+
+def test_trunk_id_is_a_content_hash(tmp_path):
+    a = Trunk("test_resnet", data_config=SMALL)
+    assert Trunk("test_resnet", data_config=SMALL).trunk_id == a.trunk_id
+    assert Trunk("test_resnet", data_config=SMALL, seed=1).trunk_id != a.trunk_id  # other weights
+    assert Trunk("test_resnet", data_config={**SMALL, "input_size": [3, 48, 48]}).trunk_id != a.trunk_id
+    assert Trunk("test_resnet", data_config={**SMALL, "mean": [0.4, 0.4, 0.4]}).trunk_id != a.trunk_id
+    assert Trunk("test_convnext", data_config=SMALL).trunk_id != a.trunk_id
+
+
+def test_save_load_roundtrip(tmp_path):
+    a = Trunk("test_resnet", data_config=SMALL, seed=3)
+    a.save(tmp_path / "t")
+    b = Trunk.load(tmp_path / "t")
+    assert b.trunk_id == a.trunk_id
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x)[POOLED], b(x)[POOLED])
+
+
+def test_weights_file_loads_and_changes_id(tmp_path):
+    src = Trunk("test_resnet", data_config=SMALL, seed=5)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, str(path))
+    loaded = Trunk("test_resnet", data_config=SMALL, weights=path)
+    assert loaded.trunk_id == src.trunk_id != Trunk("test_resnet", data_config=SMALL).trunk_id
+
+
+def test_bad_weights_are_clear_errors(tmp_path):
+    with pytest.raises(TrunkError, match="weights file not found"):
+        Trunk("test_resnet", weights=tmp_path / "missing.safetensors")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"foo": torch.zeros(1)}, str(wrong))
+    with pytest.raises(TrunkError, match=r"do not fit 'test_resnet': missing \d+ keys"):
+        Trunk("test_resnet", weights=wrong)
+    pt = tmp_path / "w.pt"
+    pt.write_bytes(b"x")
+    with pytest.raises(TrunkError, match="must be a .safetensors file"):
+        Trunk("test_resnet", weights=pt)
+
+
+def test_unknown_model_name():
+    with pytest.raises(TrunkError, match="unknown timm model 'resnet_does_not_exist'"):
+        Trunk("resnet_does_not_exist")
+
+
+def test_pretrained_offline_is_one_line_error():
+    # No network here: the hub cannot be reached, which must be a clear one-line error. A fresh
+    # process, because huggingface_hub reads HF_HUB_OFFLINE at import (without it the same error
+    # comes after the hub client's retries, which take most of a minute).
+    code = (
+        "from trunk.model import Trunk, TrunkError\n"
+        "try:\n    Trunk('test_resnet', pretrained=True)\n"
+        "except TrunkError as e:\n    print('ERR', e)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("ERR")]
+    assert len(lines) == 1, out.stdout + out.stderr
+    assert "cannot load pretrained weights for 'test_resnet'" in lines[0]
