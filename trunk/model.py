@@ -168,6 +168,7 @@ class Trunk(nn.Module):
         taps[POOLED] = TapSpec(POOLED, -1, int(self.model.num_features), None, (int(self.model.num_features),))
         self._taps = taps
         self.trunk_id = self._compute_id()
+        self.eval()  # a trunk serves features; training code switches modes explicitly
 
     # -- identity -----------------------------------------------------------------
     def _load_weights(self, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
