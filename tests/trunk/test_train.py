@@ -1,0 +1,133 @@
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import SMALL
+from trunk.model import Trunk, state_dict_digest
+from trunk.synthetic import ATTRIBUTES, generate_shapes
+from trunk.train import Task, TrunkTrainResult, train_trunk
+
+FLIP = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), n_images=16, n_holdout=0, size=32, seed=0)
+
+
+def task(ds, attr, keep=None):
+    rows = list(csv.DictReader(ds.manifests[attr].open()))
+    if keep is not None:
+        rows = rows[:keep]
+    return Task(attr, ATTRIBUTES[attr], [str(ds.manifests[attr].parent / r["path"]) for r in rows],
+                [ATTRIBUTES[attr].index(r["label"]) for r in rows])
+
+
+@pytest.fixture
+def start():
+    return Trunk("test_resnet", data_config=SMALL)
+
+
+def test_returns_a_new_trained_trunk_and_leaves_the_input_alone(shapes, start):
+    before_id, before_digest = start.trunk_id, state_dict_digest(start.model.state_dict())
+    result = train_trunk(start, [task(shapes, "shape"), task(shapes, "colour")], epochs=1, batch_size=8,
+                         augment_ops=FLIP, progress=False)
+    assert isinstance(result, TrunkTrainResult)
+    assert result.trunk is not start
+    assert result.trunk.trunk_id != before_id
+    assert start.trunk_id == before_id
+    assert state_dict_digest(start.model.state_dict()) == before_digest
+    assert not start.training and not result.trunk.training
+    assert result.trunk.model_name == start.model_name
+    assert result.trunk.data_config == start.data_config
+    assert len(result.history) == 1
+    assert math.isfinite(result.metrics["train_loss"]) and result.metrics["train_loss"] > 0
+    for name in ("shape", "colour"):
+        assert 0.0 <= result.metrics[f"train_accuracy_{name}"] <= 1.0
+        assert math.isfinite(result.metrics[f"train_loss_{name}"])
+    assert result.metrics["n_images"] == 16 and result.metrics["skipped_images"] == 0
+
+
+def test_trained_trunk_saves_and_loads_with_its_id(shapes, start, tmp_path):
+    result = train_trunk(start, [task(shapes, "texture")], epochs=1, batch_size=8, progress=False)
+    assert Trunk.load(result.trunk.save(tmp_path / "t")).trunk_id == result.trunk.trunk_id
+
+
+def test_same_seed_same_trunk(shapes, start):
+    tasks = [task(shapes, "shape")]
+    a = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, seed=3, progress=False)
+    b = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, seed=3, progress=False)
+    c = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, seed=4, progress=False)
+    assert a.trunk.trunk_id == b.trunk.trunk_id != c.trunk.trunk_id
+
+
+def test_global_rng_is_left_as_found(shapes, start):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_trunk(start, [task(shapes, "shape")], epochs=1, batch_size=8, progress=False)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_images_without_a_label_for_a_task_are_ignored_by_it(shapes, start):
+    # 'count' labels only 2 of the 16 images: with batches of 4, most batches have no count
+    # label at all, which must neither give NaN nor count towards count's accuracy.
+    result = train_trunk(start, [task(shapes, "shape"), task(shapes, "count", keep=2)],
+                         epochs=2, batch_size=4, lr=1e-2, progress=False)
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    assert all(math.isfinite(float(v.float().sum())) for v in result.trunk.model.state_dict().values())
+    for h in result.history:
+        assert h["accuracy_count"] * 2 in (0.0, 1.0, 2.0)  # out of exactly 2 labelled images
+    assert result.metrics["n_images"] == 16
+
+
+def test_a_bad_image_is_skipped_and_counted(shapes, start, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    missing = str(tmp_path / "missing.png")
+    t = task(shapes, "shape")
+    t.paths += [str(bad), missing]
+    t.labels += [0, 1]
+    with pytest.warns(UserWarning) as caught:
+        result = train_trunk(start, [t], epochs=1, batch_size=8, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any("broken.png" in m for m in messages) and any("missing.png: file not found" in m for m in messages)
+    assert result.metrics["skipped_images"] == 2
+    assert result.metrics["n_images"] == 16
+    assert any("broken.png" in s for s in result.skipped) and any("file not found" in s for s in result.skipped)
+
+
+def test_same_image_spelled_two_ways_is_one_image(shapes, start):
+    t1, t2 = task(shapes, "shape"), task(shapes, "colour")
+    t2.paths = [str(Path(p).resolve()) for p in t2.paths]
+    t2.name = "colour.v2"  # task names need not be Python identifiers
+    result = train_trunk(start, [t1, t2], epochs=1, batch_size=8, progress=False)
+    assert result.metrics["n_images"] == 16
+    assert "train_accuracy_colour.v2" in result.metrics
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: setattr(t, "labels", [9] * len(t.labels)), r"task 'shape': field 'labels' has 9, outside 0\.\.3"),
+    (lambda t: setattr(t, "classes", ["only"]), r"task 'shape': field 'classes' needs at least 2"),
+    (lambda t: setattr(t, "labels", t.labels[:-1]), r"task 'shape': 16 paths but 15 labels"),
+])
+def test_bad_tasks_are_clear_errors(shapes, start, change, message):
+    t = task(shapes, "shape")
+    change(t)
+    with pytest.raises(ValueError, match=message):
+        train_trunk(start, [t], epochs=1, progress=False)
+
+
+def test_bad_augment_op_names_the_field(shapes, start):
+    with pytest.raises(ValueError, match=r"augment\[0\]\._target_"):
+        train_trunk(start, [task(shapes, "shape")], epochs=1, augment_ops=[{"_target_": "torch.load"}], progress=False)
+
+
+def test_worker_processes_give_the_same_trunk_run_to_run(shapes, start):
+    tasks = [task(shapes, "shape")]
+    a = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, num_workers=2, progress=False)
+    b = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, num_workers=2, progress=False)
+    assert a.trunk.trunk_id == b.trunk.trunk_id != start.trunk_id

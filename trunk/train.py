@@ -1,0 +1,294 @@
+"""Multi-task trunk training: one shared backbone, one linear classifier per task on ``pooled``.
+
+Training runs on the union of every task's images. Each image carries one label per task,
+-1 where it has none, and cross-entropy ignores -1, so an image only contributes loss to
+the tasks it is labelled for. The per-task classifiers exist only to shape the trunk;
+the result is a new :class:`~trunk.model.Trunk` (a new ``trunk_id``) and the input trunk
+is left untouched. Images that cannot be decoded are skipped with a warning and counted;
+one bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from trunk.augment import TrainTransform, build_train_transform
+from trunk.decode import ImageError, load_image
+from trunk.model import POOLED, Trunk
+
+
+
+@dataclass
+class Task:
+    """One labelled task the trunk learns.
+
+    Attributes:
+        name: task name (e.g. the head name).
+        classes: class names; ``labels`` index into them.
+        paths: image paths.
+        labels: class index per path.
+    """
+
+    name: str
+    classes: list[str]
+    paths: list[str]
+    labels: list[int]
+
+
+@dataclass
+class TrunkTrainResult:
+    """What :func:`train_trunk` gives back.
+
+    Attributes:
+        trunk: the trained trunk (a new object with a new ``trunk_id``).
+        history: one dict per epoch (``epoch``, ``loss``, ``lr``, ``seconds``, and per task
+            ``loss_<task>``, ``accuracy_<task>``).
+        metrics: final figures: ``train_loss``, ``train_loss_<task>``,
+            ``train_accuracy_<task>``, ``n_images``, ``skipped_images``, ``train_seconds``.
+        skipped: one line per image that could not be decoded (path and reason).
+    """
+
+    trunk: Trunk
+    history: list[dict]
+    metrics: dict[str, float]
+    skipped: list[str] = field(default_factory=list)
+
+
+class _MultiLabelImages(Dataset):
+    """Images with a label vector each; undecodable images come back as None."""
+
+    def __init__(self, paths: list[str], labels: torch.Tensor, transform: TrainTransform) -> None:
+        self.paths = paths
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        try:
+            image, _ = load_image(self.paths[i])
+        except ImageError:
+            # Files checked before training can still change under us; drop, never crash.
+            return None
+        return self.transform(image), self.labels[i]
+
+
+def _collate(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    batch = [b for b in batch if b is not None]
+    if not batch:
+        return None
+    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+
+
+def _worker_init(worker_id: int) -> None:
+    # torch gives each worker seed = loader seed + worker id, drawn anew every epoch;
+    # albumentations keeps its own stream, so hand it on or every worker augments alike.
+    info = torch.utils.data.get_worker_info()
+    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _check_tasks(tasks: Sequence[Task]) -> None:
+    if not tasks:
+        raise ValueError("train_trunk needs at least one task")
+    seen: set[str] = set()
+    for t in tasks:
+        if t.name in seen:
+            raise ValueError(f"task '{t.name}' is given twice")
+        seen.add(t.name)
+        if len(t.classes) < 2:
+            raise ValueError(f"task '{t.name}': field 'classes' needs at least 2 classes, got {len(t.classes)}")
+        if len(t.paths) != len(t.labels):
+            raise ValueError(f"task '{t.name}': {len(t.paths)} paths but {len(t.labels)} labels")
+        if not t.paths:
+            raise ValueError(f"task '{t.name}': no labelled images")
+        bad = next((y for y in t.labels if not 0 <= int(y) < len(t.classes)), None)
+        if bad is not None:
+            raise ValueError(f"task '{t.name}': field 'labels' has {bad}, outside 0..{len(t.classes) - 1}")
+
+
+def _union(tasks: Sequence[Task]) -> tuple[list[str], torch.Tensor]:
+    """Every image once, with its label per task (-1: no label for that task)."""
+    index: dict[str, int] = {}
+    paths: list[str] = []
+    rows: list[list[int]] = []
+    for j, task in enumerate(tasks):
+        for path, label in zip(task.paths, task.labels):
+            # Two manifests may spell one file differently (../images/x.png vs /abs/images/x.png).
+            key = os.path.normpath(os.path.abspath(path))
+            i = index.get(key)
+            if i is None:
+                i = index[key] = len(paths)
+                paths.append(str(path))
+                rows.append([-1] * len(tasks))
+            if rows[i][j] not in (-1, int(label)):
+                raise ValueError(f"task '{task.name}': image {path} has two different labels")
+            rows[i][j] = int(label)
+    return paths, torch.tensor(rows, dtype=torch.long)
+
+
+def _decodable(paths: list[str], labels: torch.Tensor, progress: bool) -> tuple[list[str], torch.Tensor, list[str]]:
+    keep: list[int] = []
+    skipped: list[str] = []
+    for i, path in enumerate(tqdm(paths, desc="checking images", unit="img", disable=not progress, leave=False)):
+        try:
+            load_image(path)
+        except ImageError as e:
+            skipped.append(f"{path}: {e.reason}")
+            warnings.warn(f"skipping image {path}: {e}", stacklevel=3)
+            continue
+        keep.append(i)
+    return [paths[i] for i in keep], labels[keep], skipped
+
+
+def train_trunk(
+    trunk: Trunk,
+    tasks: Sequence[Task],
+    *,
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    augment_ops: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> TrunkTrainResult:
+    """Train a copy of ``trunk`` on several classification tasks at once.
+
+    Args:
+        trunk: the starting trunk; it is not modified.
+        tasks: labelled tasks; an image may appear in any subset of them.
+        epochs: passes over the union of images.
+        batch_size: images per step.
+        lr: peak learning rate of AdamW, decayed to 0 on a cosine over all steps.
+        weight_decay: AdamW weight decay.
+        augment_ops: albumentations ops as config entries (see :mod:`trunk.augment`).
+        seed: seeds classifier init, shuffling and augmentation; global RNGs are left as found.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        num_workers: data-loader worker processes (0: decode in this process).
+        progress: a progress bar per epoch.
+
+    Returns:
+        The new trunk, per-epoch history and final metrics.
+
+    Raises:
+        ValueError: bad tasks or settings, or no image could be decoded.
+    """
+    if epochs < 1 or batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
+        )
+    _check_tasks(tasks)
+    started = time.perf_counter()
+    paths, labels = _union(tasks)
+    paths, labels, skipped = _decodable(paths, labels, progress)
+    if not paths:
+        raise ValueError(f"none of the {len(skipped)} training images could be decoded (first: {skipped[0]})")
+    dev = _resolve_device(device)
+
+    cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_ids):
+        torch.manual_seed(seed)
+        model = copy.deepcopy(trunk).to(dev).train()
+        width = trunk.tap(POOLED).channels
+        # A list, not a ModuleDict: task names need not be valid attribute names.
+        classifiers = nn.ModuleList([nn.Linear(width, len(t.classes)) for t in tasks]).to(dev).train()
+        transform = build_train_transform(trunk.data_config, augment_ops, seed=seed)
+        loader = DataLoader(
+            _MultiLabelImages(paths, labels, transform),
+            batch_size=batch_size,
+            shuffle=True,
+            # A last batch of one image breaks batch norm; drop it when there is more than one batch.
+            drop_last=len(paths) > batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init if num_workers else None,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=dev.type == "cuda",
+        )
+        params = [*model.parameters(), *classifiers.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        total_steps = max(1, epochs * len(loader))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+        )
+        loss_fn = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+
+        history: list[dict] = []
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
+            total_loss, steps = 0.0, 0
+            bar = tqdm(loader, desc=f"trunk epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False)
+            for batch in bar:
+                if batch is None:
+                    continue
+                x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+                pooled = model(x, [POOLED])[POOLED]
+                loss = pooled.new_zeros(())
+                for j, task in enumerate(tasks):
+                    yj = y[:, j]
+                    labelled = int((yj >= 0).sum())
+                    if labelled == 0:
+                        continue  # a mean over no labels is NaN; this task just sits the batch out
+                    logits = classifiers[j](pooled)
+                    task_loss = loss_fn(logits, yj) / labelled
+                    loss = loss + task_loss
+                    with torch.no_grad():
+                        mask = yj >= 0
+                        s = sums[task.name]
+                        s["loss"] += float(task_loss.detach()) * labelled
+                        s["correct"] += int((logits.argmax(1)[mask] == yj[mask]).sum())
+                        s["n"] += labelled
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                total_loss += float(loss.detach())
+                steps += 1
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+            row: dict[str, Any] = {
+                "epoch": epoch,
+                "loss": total_loss / max(steps, 1),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - t0,
+            }
+            for name, s in sums.items():
+                row[f"loss_{name}"] = s["loss"] / max(s["n"], 1)
+                row[f"accuracy_{name}"] = s["correct"] / max(s["n"], 1)
+            history.append(row)
+            if progress:
+                accs = ", ".join(f"{t.name} {row[f'accuracy_{t.name}']:.3f}" for t in tasks)
+                tqdm.write(f"trunk epoch {epoch}/{epochs}: loss {row['loss']:.4f}; train accuracy {accs}; "
+                           f"{row['seconds']:.1f}s")
+
+    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+    new = Trunk(trunk.model_name, data_config=trunk.data_config, model_kwargs=trunk.model_kwargs, state_dict=state)
+    last = history[-1]
+    metrics: dict[str, float] = {"train_loss": float(last["loss"])}
+    for t in tasks:
+        metrics[f"train_loss_{t.name}"] = float(last[f"loss_{t.name}"])
+        metrics[f"train_accuracy_{t.name}"] = float(last[f"accuracy_{t.name}"])
+    metrics.update(n_images=float(len(paths)), skipped_images=float(len(skipped)),
+                   train_seconds=time.perf_counter() - started)
+    return TrunkTrainResult(trunk=new, history=history, metrics=metrics, skipped=skipped)
