@@ -1,0 +1,210 @@
+"""The platform's jobs: each ties trunk/ and heads/ to the MLflow registry.
+
+Every ``tools/<job>.py`` composes its Hydra config and calls exactly one function here
+with explicit arguments. These functions are where MLflow meets the pure-torch packages:
+``trunk/`` and ``heads/`` never see a client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+
+from heads.bank import HeadBank
+from heads.classify import classify as classify_paths
+from heads.data import LabelledData, load_labelled_data
+from heads.fit import fit_head
+from heads.gate import GateReport, check_gate
+from heads.result import HeadResult
+from heads.spec import HeadConfigError, HeadSpec
+from registry.releases import Release, ReleaseError, create_release, get_release, load_release, promote_head
+from registry.heads import register_head
+from registry.trunks import load_trunk, register_trunk
+from registry.workspace import Workspace
+from trunk.cache import FeatureCache
+from trunk.extract import ExtractResult, extract
+from trunk.images import resolve_inputs
+from trunk.model import POOLED, Trunk
+from trunk.train import Task, train_trunk
+
+log = logging.getLogger(__name__)
+
+PRODUCTION = "production"
+# Branch heads (a copy of the trunk's layers after an earlier tap) are not built yet.
+POOLED_ONLY_MESSAGE = "this platform version trains heads on 'pooled' only; branch heads on earlier taps are not built yet"
+
+
+class JobError(RuntimeError):
+    """A job cannot go on; the message says why and what to do."""
+
+
+# -- trunks -----------------------------------------------------------------------------
+def resolve_trunk(client: MlflowClient, trunk_version: str | int) -> tuple[Trunk, int]:
+    """The trunk to work on: ``production`` (the production release's) or a version number."""
+    if str(trunk_version) == PRODUCTION:
+        release = get_release(client, PRODUCTION)
+        if release is None:
+            raise JobError("there is no production release yet: register a trunk first "
+                           "(python -m tools.train_trunk, python -m tools.register_trunk or python -m tools.demo)")
+        version = release.trunk_version
+    else:
+        try:
+            version = int(trunk_version)
+        except ValueError:
+            raise JobError(f"trunk_version must be 'production' or a version number, got '{trunk_version}'") from None
+    return load_trunk(client, version), version
+
+
+def adopt_trunk(client: MlflowClient, version: int) -> tuple[str, Release | None]:
+    """Make a freshly registered trunk serve when nothing depends on the current one.
+
+    With no production release, or one without heads, production moves to a release of
+    just this trunk. With heads in production the trunk becomes ``candidate``: those heads
+    must be retrained on it first (the refresh cascade), so production is left alone.
+    """
+    current = get_release(client, PRODUCTION)
+    if current is not None and current.trunk_version == version:
+        return "already in production", current
+    if current is None or not current.heads:
+        release = create_release(client, version, {}, expected_production=current.version if current else None,
+                                 note=f"trunk v{version}, no heads yet")
+        return "production", release
+    client.set_registered_model_alias("trunk", "candidate", str(version))
+    return "candidate", None
+
+
+@dataclass
+class TrunkJobResult:
+    version: int
+    trunk: Trunk
+    metrics: dict[str, float]
+    status: str
+    release: Release | None
+
+
+def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
+                    epochs: int, batch_size: int, lr: float, weight_decay: float, augment_ops: list | None,
+                    seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True) -> TrunkJobResult:
+    """Train ``base`` multi-task on the labelled data of ``specs``; register it as a ``trunk`` version."""
+    if not specs:
+        raise JobError("tasks is empty: name at least one head config whose data trains the trunk")
+    tasks = []
+    for spec in specs:
+        data = load_labelled_data(spec)
+        tasks.append(Task(spec.name, data.classes, [s.path for s in data.train], [s.label for s in data.train]))
+    trained = train_trunk(base, tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
+                          progress=progress)
+    params = {"base_trunk_id": base.trunk_id, "tasks": ",".join(s.name for s in specs), "epochs": epochs,
+              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
+    version = register_trunk(client, trained.trunk, description=f"multi-task on {params['tasks']}",
+                             params=params, metrics=trained.metrics)
+    status, release = adopt_trunk(client, version) if adopt else ("registered", None)
+    return TrunkJobResult(version, trained.trunk, dict(trained.metrics), status, release)
+
+
+# -- features ---------------------------------------------------------------------------
+def extract_job(trunk: Trunk, paths: Sequence[str], *, workspace: Workspace, taps: Sequence[str] = (POOLED,),
+                batch_size: int, num_workers: int, device: str, progress: bool) -> ExtractResult:
+    """Fill the workspace's feature cache for ``paths``; computes only what is missing."""
+    for tap in taps:
+        trunk.tap(tap)  # unknown tap: a TrunkError listing the valid ones, before any work
+    return extract(trunk, paths, workspace.cache, taps=tuple(taps), batch_size=batch_size,
+                   num_workers=num_workers, device=device, progress=progress)
+
+
+def features_for(trunk: Trunk, spec: HeadSpec, data: LabelledData, *, workspace: Workspace, batch_size: int,
+                 num_workers: int, device: str, progress: bool):
+    """Cached features for a head's train and val images, extracting what is missing first.
+
+    Images that cannot be decoded are left out with a warning; a class left with no
+    training image is a config error naming the data.
+    """
+    samples = data.train + data.val
+    result = extract_job(trunk, [s.path for s in samples], workspace=workspace, taps=(spec.tap,),
+                         batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    sha_of = dict(zip((s.path for s in samples), result.shas))
+    if result.errors:
+        shown = "; ".join(f"{p}: {r}" for p, r in list(result.errors.items())[:3])
+        log.warning("%s: %d images could not be decoded and are left out (%s%s)", spec.source,
+                    len(result.errors), shown, " ..." if len(result.errors) > 3 else "")
+    train = [s for s in data.train if sha_of[s.path]]
+    val = [s for s in data.val if sha_of[s.path]]
+    empty = sorted(set(data.classes) - {data.classes[s.label] for s in train})
+    if empty:
+        raise spec.error("data", f"class {', '.join(repr(c) for c in empty)} has no decodable training image")
+    if not val:
+        raise spec.error("data", "no decodable validation image")
+    cache = FeatureCache.for_trunk(workspace.cache, trunk, spec.tap)
+    train_x = cache.load([sha_of[s.path] for s in train])
+    val_x = cache.load([sha_of[s.path] for s in val])
+    kept = LabelledData(classes=data.classes, train=train, val=val, data_sha=data.data_sha, source=data.source,
+                        has_slices=data.has_slices)
+    return kept, train_x, val_x, result
+
+
+# -- heads ------------------------------------------------------------------------------
+@dataclass
+class HeadJobResult:
+    result: HeadResult
+    version: int
+    trunk_version: int
+    gate: GateReport
+    release: Release | None = None
+    refused: str | None = None
+    extract_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace, trunk_version: str | int = PRODUCTION,
+                   batch_size: int, num_workers: int, device: str, progress: bool,
+                   promote: bool = True) -> HeadJobResult:
+    """Train, evaluate, cost and register one head; promote it into a new release if its gate passes."""
+    trunk, tv = resolve_trunk(client, trunk_version)
+    spec.check_tap(trunk.taps)
+    if spec.tap != POOLED:
+        raise spec.error("attach.tap", POOLED_ONLY_MESSAGE)
+    data = load_labelled_data(spec)
+    data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
+                                                   num_workers=num_workers, device=device, progress=progress)
+    result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id,
+                      out_dir=workspace.run_dir("head", spec.name), device=device, progress=progress)
+    slice_sizes = {k: v["n"] for k, v in result.slice_accuracy.items()}
+    slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
+    gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
+    version = register_head(client, result, trunk_version=tv, gate_report=gate)
+    job = HeadJobResult(result, version, tv, gate, extract_summary=dict(extracted.summary))
+    if gate.passed and promote:
+        try:
+            job.release = promote_head(client, spec.name, version)
+        except ReleaseError as e:
+            job.refused = str(e)
+    return job
+
+
+# -- bulk classification -----------------------------------------------------------------
+def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *, batch_size: int, num_workers: int,
+                 device: str, progress: bool, rows_per_shard: int = 10000) -> dict[str, Any]:
+    """Classify a folder or manifest with every head of ``release@production``.
+
+    The release is resolved once, here, so a promotion during the job cannot mix versions.
+    """
+    release = get_release(client, PRODUCTION)
+    if release is None:
+        raise JobError("there is no production release: train and promote heads first (python -m tools.demo)")
+    trunk, heads = load_release(client, release)
+    if not heads:
+        raise JobError(f"release v{release.version} (production) has no heads; promote one with tools.train_head")
+    paths = resolve_inputs(input)
+    return classify_paths(trunk, HeadBank(heads), paths, output, release=release.as_dict(), batch_size=batch_size,
+                          num_workers=num_workers, device=device, rows_per_shard=rows_per_shard, progress=progress)
+
+
+__all__ = [
+    "JobError", "HeadConfigError", "resolve_trunk", "adopt_trunk", "train_trunk_job", "extract_job",
+    "features_for", "train_head_job", "classify_job", "TrunkJobResult", "HeadJobResult",
+]

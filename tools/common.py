@@ -1,0 +1,106 @@
+"""What every tool shares: the Hydra entry point, the workspace, and one-line errors.
+
+A tool is ``@tool("<config name>")`` on a function that takes the composed config and
+calls one library function. Platform errors (a bad head config, an unknown tap, a refused
+release, ...) print as one line, ``error: <file>: field '<x>': <why>``, and exit with
+status 2; ``VTP_DEBUG=1`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from heads.spec import HeadConfigError, HeadSpec, resolve_head, search_dirs
+from heads.store import HeadArtifactError
+from trunk.device import resolve_device
+from trunk.model import Trunk, TrunkError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+EXIT_USAGE = 2
+
+
+def _platform_errors() -> tuple[type[BaseException], ...]:
+    from registry.jobs import JobError
+    from registry.releases import ReleaseError
+
+    return (HeadConfigError, HeadArtifactError, TrunkError, JobError, ReleaseError, FileNotFoundError, ValueError)
+
+
+def tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """Turn ``fn(cfg)`` into a Hydra entry point reading ``conf/<config_name>.yaml``."""
+
+    def decorate(fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @hydra.main(config_path=CONF_DIR, config_name=config_name, version_base=None)
+        @functools.wraps(fn)
+        def entry(cfg: DictConfig) -> Any:
+            quiet_libraries()
+            try:
+                return fn(cfg)
+            except _platform_errors() as e:
+                if os.environ.get("VTP_DEBUG"):
+                    raise
+                print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+                sys.exit(EXIT_USAGE)
+
+        return entry
+
+    return decorate
+
+
+def quiet_libraries() -> None:
+    """Keep MLflow's and alembic's INFO chatter out of the tools' output."""
+    for name in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "timm"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def workspace(cfg: DictConfig):
+    from registry.workspace import Workspace
+
+    return Workspace.at(cfg.workspace)
+
+
+def client(cfg: DictConfig, ws):
+    """An MLflow client on the workspace's store, or on ``tracking.uri`` / ``MLFLOW_TRACKING_URI``."""
+    from registry.tracking import connect
+
+    return connect(ws.root, uri=cfg.tracking.get("uri"))
+
+
+def device(cfg: DictConfig) -> str:
+    return str(resolve_device(str(cfg.device)))
+
+
+def head_dirs() -> list[Path]:
+    """``conf/`` plus every folder added with ``hydra.searchpath=[file://...]``."""
+    return search_dirs(list(HydraConfig.get().searchpath), conf_dir=CONF_DIR)
+
+
+def head_spec(name: str, ws) -> HeadSpec:
+    return resolve_head(str(name), head_dirs(), {"workspace": str(ws.root)})
+
+
+def build_trunk(trunk_cfg: DictConfig) -> Trunk:
+    """Instantiate the ``trunk`` config group; only the platform's own Trunk class is allowed."""
+    target = trunk_cfg.get("_target_")
+    if target != "trunk.model.Trunk":
+        raise TrunkError(f"trunk config: field 'trunk._target_': must be trunk.model.Trunk, got '{target}'")
+    return instantiate(trunk_cfg, _convert_="all")
+
+
+def as_list(value: Any) -> list:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v for v in value.split(",") if v]
+    return list(OmegaConf.to_container(value, resolve=True)) if not isinstance(value, list) else value

@@ -1,0 +1,37 @@
+"""Fill the feature cache for a folder, a manifest, or a head's labelled data.
+
+    python -m tools.extract input=/data/images
+    python -m tools.extract head=colour
+"""
+
+from __future__ import annotations
+
+from tools.common import as_list, client, device, head_spec, tool, workspace
+
+
+@tool("extract")
+def main(cfg) -> None:
+    from heads.data import load_labelled_data
+    from registry.jobs import JobError, extract_job, resolve_trunk
+    from registry.summary import extract_lines
+    from trunk.images import resolve_inputs
+
+    ws = workspace(cfg)
+    if (cfg.input is None) == (cfg.head is None):
+        raise JobError("give exactly one of input=<folder or manifest> or head=<name>")
+    if cfg.head is not None:
+        data = load_labelled_data(head_spec(cfg.head, ws))
+        paths = [s.path for s in data.train + data.val]
+    else:
+        paths = resolve_inputs(cfg.input)
+    trunk, version = resolve_trunk(client(cfg, ws), cfg.trunk_version)
+    result = extract_job(trunk, paths, workspace=ws, taps=as_list(cfg.taps), batch_size=cfg.batch_size,
+                         num_workers=cfg.num_workers, device=device(cfg), progress=cfg.progress)
+    print(f"trunk v{version} ({trunk.trunk_id}) -> {ws.cache}")
+    print("\n".join(extract_lines(result.summary)))
+    for path, reason in list(result.errors.items())[:10]:
+        print(f"  {path}: {reason}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""Train the trunk multi-task on the labelled data of one or more head configs; register it.
+
+    python -m tools.train_trunk tasks=[shape,colour] train.epochs=10
+    python -m tools.train_trunk tasks=[shape] trunk=local_weights trunk.model_name=resnet18 trunk.weights=/w.safetensors
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from tools.common import as_list, build_trunk, client, device, head_spec, tool, workspace
+
+
+@tool("train_trunk")
+def main(cfg) -> None:
+    from registry.jobs import train_trunk_job
+
+    ws = workspace(cfg)
+    specs = [head_spec(name, ws) for name in as_list(cfg.tasks)]
+    t = cfg.train
+    job = train_trunk_job(client(cfg, ws), build_trunk(cfg.trunk), specs, workspace=ws, epochs=t.epochs,
+                          batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
+                          augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), seed=t.seed,
+                          device=device(cfg), num_workers=cfg.num_workers, progress=cfg.progress, adopt=cfg.adopt)
+    metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
+    print(f"trunk v{job.version} ({job.trunk.model_name}, trunk_id {job.trunk.trunk_id}): {job.status}")
+    print(f"  {metrics}")
+
+
+if __name__ == "__main__":
+    main()
