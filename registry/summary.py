@@ -7,7 +7,7 @@ from typing import Any
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.4g}"
     return str(value)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -95,7 +96,12 @@ def build_trunk(trunk_cfg: DictConfig) -> Trunk:
     target = trunk_cfg.get("_target_")
     if target != "trunk.model.Trunk":
         raise TrunkError(f"trunk config: field 'trunk._target_': must be trunk.model.Trunk, got '{target}'")
-    return instantiate(trunk_cfg, _convert_="all")
+    try:
+        return instantiate(trunk_cfg, _convert_="all")
+    except InstantiationException as e:  # show the trunk's own one-line error, not Hydra's wrapper
+        if isinstance(e.__cause__, (TrunkError, ValueError, TypeError)):
+            raise TrunkError(f"trunk config: {e.__cause__}") from None
+        raise
 
 
 def as_list(value: Any) -> list:

@@ -1,0 +1,39 @@
+"""tools.common: trunk configs build through Hydra's instantiate and fail in one line."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from tools.common import CONF_DIR, as_list, build_trunk
+from trunk.model import TrunkError
+
+
+def trunk_cfg(**overrides):
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="register_trunk", overrides=[f"trunk.{k}={v}" for k, v in overrides.items()])
+    return cfg.trunk
+
+
+def test_trunk_group_builds_the_configured_trunk():
+    trunk = build_trunk(trunk_cfg(**{"data_config.input_size": "[3,32,32]"}))
+    assert trunk.model_name == "test_resnet" and tuple(trunk.data_config["input_size"]) == (3, 32, 32)
+
+
+def test_unknown_model_is_one_line_trunk_error():
+    with pytest.raises(TrunkError) as err:
+        build_trunk(trunk_cfg(model_name="resnet_nope"))
+    assert str(err.value).startswith("trunk config: unknown timm model 'resnet_nope'")
+    assert "\n" not in str(err.value)
+
+
+def test_target_outside_the_platform_is_refused():
+    cfg = OmegaConf.create({"_target_": "os.system", "command": "true"})
+    with pytest.raises(TrunkError, match=r"field 'trunk._target_': must be trunk.model.Trunk"):
+        build_trunk(cfg)
+
+
+def test_as_list_takes_lists_and_comma_strings():
+    assert as_list(OmegaConf.create({"x": ["a", "b"]}).x) == ["a", "b"]
+    assert as_list("a,b") == ["a", "b"] and as_list(None) == []
