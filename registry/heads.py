@@ -22,6 +22,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from omegaconf import OmegaConf
 
+from heads.evaluate import plot_confusion
 from heads.gate import GateReport, check_gate
 from heads.result import HeadResult
 from heads.store import LoadedHead, load_head, save_head
@@ -85,28 +86,6 @@ def head_run_metrics(result: HeadResult) -> dict[str, float]:
     return metrics
 
 
-def _plot_confusion(confusion: list[list[int]], classes: list[str], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * n, 1.0 + 0.5 * n))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    for i, row in enumerate(confusion):
-        for j, count in enumerate(row):
-            ax.text(j, i, str(count), ha="center", va="center", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
-
-
 def _write_artifacts(result: HeadResult, gate: GateReport, title: str, root: Path) -> None:
     save_head(root / ARTIFACT_PATH, result.module, result.meta())
     (root / "config").mkdir()
@@ -117,7 +96,7 @@ def _write_artifacts(result: HeadResult, gate: GateReport, title: str, root: Pat
         if path.is_file():
             (root / path.name).write_bytes(path.read_bytes())
     if not (root / "confusion.png").exists() and result.confusion:
-        _plot_confusion(result.confusion, result.classes, root / "confusion.png")
+        plot_confusion(result.confusion, result.classes, root / "confusion.png", title=f"{result.name} (validation)")
 
 
 def gate_for(result: HeadResult) -> GateReport:
