@@ -78,7 +78,8 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
                                 augment_ops=augment_ops, seed=train["seed"], device=device,
                                 num_workers=num_workers, progress=progress, adopt=False)
     tv = trunk_job.version
-    echo(f"      trunk v{tv} (trunk_id {trunk_job.trunk.trunk_id}) registered")
+    how = "reused: trained before from the same recipe" if trunk_job.status.startswith("reused") else "registered"
+    echo(f"      trunk v{tv} (trunk_id {trunk_job.trunk.trunk_id}) {how}")
     step("train_trunk", t)
 
     t = time.perf_counter()

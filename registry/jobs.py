@@ -7,6 +7,8 @@ with explicit arguments. These functions are where MLflow meets the pure-torch p
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from heads.result import HeadResult
 from heads.spec import HeadConfigError, HeadSpec
 from registry.releases import Release, ReleaseError, create_release, get_release, load_release, promote_head
 from registry.heads import register_head
-from registry.trunks import load_trunk, register_trunk
+from registry.trunks import find_trunk_version_by_tag, get_trunk_version, load_trunk, register_trunk
 from registry.workspace import Workspace
 from trunk.cache import FeatureCache
 from trunk.extract import ExtractResult, extract
@@ -35,6 +37,7 @@ from trunk.train import Task, train_trunk
 log = logging.getLogger(__name__)
 
 PRODUCTION = "production"
+RECIPE_TAG = "train_recipe"
 # Branch heads (a copy of the trunk's layers after an earlier tap) are not built yet.
 POOLED_ONLY_MESSAGE = "this platform version trains heads on 'pooled' only; branch heads on earlier taps are not built yet"
 
@@ -89,21 +92,39 @@ class TrunkJobResult:
 
 def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
                     epochs: int, batch_size: int, lr: float, weight_decay: float, augment_ops: list | None,
-                    seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True) -> TrunkJobResult:
-    """Train ``base`` multi-task on the labelled data of ``specs``; register it as a ``trunk`` version."""
+                    seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True,
+                    retrain: bool = False) -> TrunkJobResult:
+    """Train ``base`` multi-task on the labelled data of ``specs``; register it as a ``trunk`` version.
+
+    A trunk trained before from the same recipe (base trunk_id, each task's data_sha and
+    classes, the settings and augmentation) is reused rather than trained again, unless
+    ``retrain``; the recipe's hash is the version tag ``train_recipe``.
+    """
     if not specs:
         raise JobError("tasks is empty: name at least one head config whose data trains the trunk")
-    tasks = []
+    tasks, recipe = [], []
     for spec in specs:
         data = load_labelled_data(spec)
         tasks.append(Task(spec.name, data.classes, [s.path for s in data.train], [s.label for s in data.train]))
+        recipe.append([spec.name, data.data_sha, data.classes])
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "augment": augment_ops}
+    fingerprint = hashlib.sha256(json.dumps([base.trunk_id, recipe, settings], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
+    if not retrain:
+        done = find_trunk_version_by_tag(client, RECIPE_TAG, fingerprint)
+        if done is not None:  # the same base, data and settings were trained before: reuse it
+            trunk = load_trunk(client, done)
+            status, release = adopt_trunk(client, done) if adopt else ("registered", None)
+            metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
+            return TrunkJobResult(done, trunk, dict(metrics), f"reused (same recipe), {status}", release)
     trained = train_trunk(base, tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
                           progress=progress)
     params = {"base_trunk_id": base.trunk_id, "tasks": ",".join(s.name for s in specs), "epochs": epochs,
               "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
     version = register_trunk(client, trained.trunk, description=f"multi-task on {params['tasks']}",
-                             params=params, metrics=trained.metrics)
+                             params=params, metrics=trained.metrics, tags={RECIPE_TAG: fingerprint})
     status, release = adopt_trunk(client, version) if adopt else ("registered", None)
     return TrunkJobResult(version, trained.trunk, dict(trained.metrics), status, release)
 

@@ -29,7 +29,12 @@ MAX_PARAM_CHARS = 6000
 
 def find_trunk_version(client: MlflowClient, trunk_id: str) -> int | None:
     """The lowest ``trunk`` version tagged with this trunk_id, or None."""
-    found = client.search_model_versions(f"name='{TRUNK_MODEL}' and tags.trunk_id='{trunk_id}'")
+    return find_trunk_version_by_tag(client, "trunk_id", trunk_id)
+
+
+def find_trunk_version_by_tag(client: MlflowClient, key: str, value: str) -> int | None:
+    """The lowest ``trunk`` version whose tag ``key`` equals ``value``, or None."""
+    found = client.search_model_versions(f"name='{TRUNK_MODEL}' and tags.{key}='{value}'")
     versions = sorted(int(v.version) for v in found)
     return versions[0] if versions else None
 
@@ -66,7 +71,7 @@ def metrics_batch(metrics: Mapping[str, Any]) -> list[Metric]:
 
 def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
                    params: Mapping[str, Any] | None = None,
-                   metrics: Mapping[str, float] | None = None) -> int:
+                   metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> int:
     """Register a trunk as a version of ``trunk``, unless its trunk_id already is one.
 
     Args:
@@ -75,6 +80,7 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         description: free text on the run and the model version.
         params: extra run params (e.g. training settings).
         metrics: run metrics (e.g. training accuracies).
+        tags: extra version tags (e.g. the training recipe's fingerprint).
 
     Returns:
         The version number: the existing one when a version with the same ``trunk_id``
@@ -84,7 +90,7 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
     if existing is not None:
         return existing
     ensure_registered_model(client, TRUNK_MODEL, "Shared image backbones; one version per trunk_id.")
-    tags = {"trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
+    tags = {**(tags or {}), "trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
     run = client.create_run(experiment_id(client, "trunks"), run_name=f"trunk-{trunk.trunk_id}",
                             tags={**tags, **({"mlflow.note.content": description} if description else {})})
     run_id = run.info.run_id

@@ -21,7 +21,8 @@ def main(cfg) -> None:
     job = train_trunk_job(client(cfg, ws), build_trunk(cfg.trunk), specs, workspace=ws, epochs=t.epochs,
                           batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                           augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), seed=t.seed,
-                          device=device(cfg), num_workers=cfg.num_workers, progress=cfg.progress, adopt=cfg.adopt)
+                          device=device(cfg), num_workers=cfg.num_workers, progress=cfg.progress, adopt=cfg.adopt,
+                          retrain=cfg.retrain)
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
     print(f"trunk v{job.version} ({job.trunk.model_name}, trunk_id {job.trunk.trunk_id}): {job.status}")
     print(f"  {metrics}")
