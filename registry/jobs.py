@@ -189,6 +189,8 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     spec.check_tap(trunk.taps)
     if spec.tap != POOLED:
         raise spec.error("attach.tap", POOLED_ONLY_MESSAGE)
+    if spec.module["_target_"] == "heads.branch.BranchHead":
+        raise spec.error("module._target_", POOLED_ONLY_MESSAGE)
     data = load_labelled_data(spec)
     data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                    num_workers=num_workers, device=device, progress=progress)
