@@ -35,6 +35,7 @@ from torch import nn
 from heads.bank import HeadBank
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead
+from heads.timing import interleaved, sync
 from trunk.model import POOLED, Trunk
 
 # (result key, comparison, bound) per goal of issue 3 section 6.
@@ -43,11 +44,6 @@ GOALS = {
     "shared8_speedup": (">=", 6.0, "8 separate models / trunk + 8 heads"),
     "cached_training_speedup": (">=", 50.0, "training through frozen trunk / on cached features"),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batches(
@@ -99,46 +95,6 @@ def make_heads(
             classes = [f"c{j}" for j in range(num_classes)]
             heads[name] = LoadedHead(module=module.eval(), meta={"name": name, "tap": tap, "classes": classes})
     return heads
-
-
-def interleaved(
-    contenders: Mapping[str, Callable[[], Any]],
-    *,
-    warmup: int,
-    repeats: int,
-    device: str | torch.device = "cpu",
-) -> dict[str, list[float]]:
-    """Time each contender once per repeat, interleaved, in milliseconds.
-
-    Args:
-        contenders: ``{name: fn}``; ``fn()`` does one complete unit of work (e.g. one pass
-            over every batch) and is called with nothing else running in between.
-        warmup: untimed calls of each contender first (allocator, caches, cuDNN choices).
-        repeats: timed calls of each contender.
-        device: synchronised before and after each call when it is a GPU.
-
-    Returns:
-        ``{name: [ms of repeat 0, ms of repeat 1, ...]}``; index ``i`` of every list comes
-        from the same round.
-    """
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}")
-    device = torch.device(device)
-    names = list(contenders)
-    for _ in range(warmup):
-        for name in names:
-            contenders[name]()
-    _sync(device)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        # Rotate the order so no contender always runs first (cold) or right after the heaviest.
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            contenders[name]()
-            _sync(device)
-            times[name].append((time.perf_counter() - start) * 1000.0)
-    return times
 
 
 def per_batch(

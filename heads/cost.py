@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from heads.store import LoadedHead
 
 WARMUP = 3
 
@@ -71,3 +73,45 @@ def measure_cost(
         "added_gflops": float(gflops),
         "added_ms_per_image": statistics.median(times) * 1000.0 / batch_size,
     }
+
+
+def measure_in_bank(
+    name: str,
+    heads: Mapping[str, LoadedHead],
+    features: Mapping[str, torch.Tensor],
+    *,
+    repeats: int = 30,
+    device: str | torch.device = "cpu",
+) -> float:
+    """Milliseconds per image that head ``name`` adds inside a bank of ``heads``.
+
+    The release's real mix matters: a linear head on a tap that other linear heads read
+    joins their fused matrix product and adds almost nothing, while a branch or MLP head
+    runs on its own. Two banks, with and without the head, run on the same trunk
+    features, interleaved round by round (:func:`heads.timing.interleaved`); the result
+    is the median per-round difference over the batch size, floored at zero because a
+    fused head can cost less than the timing noise.
+
+    Args:
+        name: the head to cost; a key of ``heads``.
+        heads: every head of the bank, this one included.
+        features: ``{tap: (B, ...) tensor}`` from ``Trunk.forward`` on real images,
+            covering every head's tap.
+        repeats: timed rounds.
+        device: where to run.
+    """
+    from heads.bank import HeadBank
+    from heads.timing import interleaved
+
+    if name not in heads:
+        raise ValueError(f"head '{name}' is not among the bank's heads ({', '.join(sorted(heads))})")
+    with_head = HeadBank(heads).to(device)
+    others = {k: v for k, v in heads.items() if k != name}
+    without = HeadBank(others).to(device) if others else None
+    feats = {k: v.to(device) for k, v in features.items()}
+    batch = next(iter(feats.values())).shape[0]
+    with torch.inference_mode():
+        times = interleaved({"with": lambda: with_head(feats), "without": lambda: without(feats) if without else None},
+                            warmup=WARMUP, repeats=repeats, device=device)
+    diffs = [a - b for a, b in zip(times["with"], times["without"])]
+    return max(0.0, statistics.median(diffs)) / batch

@@ -39,3 +39,20 @@ def test_feature_map_input_shape():
     cost = measure_cost(head, (4, 3, 3), batch_size=2, repeats=1)
     assert cost["params"] == 4 * 2 + 2
     assert cost["added_gflops"] == pytest.approx(2 * 4 * 2 * 9 / 1e9)
+
+
+def test_cost_inside_the_bank_sees_the_mix():
+    from heads.cost import measure_in_bank
+    from heads.store import LoadedHead
+
+    torch.manual_seed(0)
+    heads = {f"lin{i}": LoadedHead(LinearHead(64, 5).eval(), {"name": f"lin{i}", "tap": "pooled",
+                                                              "classes": list("abcde")}) for i in range(4)}
+    heads["big"] = LoadedHead(MLPHead(64, 5, hidden=2048).eval(), {"name": "big", "tap": "pooled",
+                                                                   "classes": list("abcde")})
+    features = {"pooled": torch.randn(128, 64)}
+    big = measure_in_bank("big", heads, features, repeats=15)
+    alone = measure_in_bank("lin0", {"lin0": heads["lin0"]}, features, repeats=5)
+    assert big > 0 and alone >= 0
+    with pytest.raises(ValueError, match="head 'nope' is not among the bank's heads"):
+        measure_in_bank("nope", heads, features)

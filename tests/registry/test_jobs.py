@@ -60,6 +60,12 @@ def test_head_job_promotes_then_refuses_a_head_on_another_trunk(client, workspac
     job = train_head_job(client, spec_for(tmp_path, shapes, "colour"), workspace=ws, **JOB)
     assert job.gate.passed and job.release is not None and job.release.heads == {"colour": job.version}
     assert job.extract_summary["new_rows"] == 80
+    # its cost is measured inside the production bank: just itself here
+    assert job.result.metrics["bank_heads"] == 1 and job.result.metrics["added_ms_per_image"] >= 0
+    assert "added_ms_per_image_alone" in job.result.metrics
+    shape = train_head_job(client, spec_for(tmp_path, shapes, "shape"), workspace=ws, **JOB)
+    assert shape.result.metrics["bank_heads"] == 2  # timed beside the production colour head
+    job_heads = {"colour": job.version, "shape": shape.version}
 
     # production now has a head on v1, so a new trunk becomes the candidate, not production
     v2 = register_trunk(client, Trunk("test_resnet", data_config=SMALL, seed=2))
@@ -70,7 +76,7 @@ def test_head_job_promotes_then_refuses_a_head_on_another_trunk(client, workspac
     other = train_head_job(client, spec_for(tmp_path, shapes, "count"), workspace=ws, trunk_version=v2, **JOB)
     assert other.release is None
     assert "was trained on trunk_id" in other.refused and f"retrain it on trunk v{v1}" in other.refused
-    assert get_release(client).heads == {"colour": job.version}
+    assert get_release(client).heads == job_heads
 
 
 def test_failed_gate_is_registered_but_not_released(client, workspace, shapes, tmp_path):
