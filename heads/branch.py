@@ -11,13 +11,12 @@ How a family's network continues after a tap is a small *suffix builder* in a re
 keyed by timm model class (see :func:`register_suffix`), not an ``if`` chain. Built-in:
 ResNet, ConvNeXt, EfficientNet and VisionTransformer.
 
-Input format. CNN branches read the tap as the trunk returns it, ``(B, C, H, W)``. A ViT
-branch needs the tokens after block ``k`` *including the prefix (class) tokens*, because
-the class token that the head pools is mixed with all other tokens by every block; the
-trunk's NCHW tap maps drop it, so it cannot be recovered from them. ViT branches
-therefore read ``(B, prefix + H*W, C)`` tokens, which :func:`branch_input` computes with
-timm's ``forward_intermediates(output_fmt='NLC', return_prefix_tokens=True)``. A ViT
-without prefix tokens also accepts the NCHW map.
+Input format. Every branch reads its tap exactly as the trunk returns it, so branch heads
+run off the trunk's single pass (in a head bank too): CNN branches read ``(B, C, H, W)``
+maps; ViT branches read ``(B, prefix + H*W, C)`` tokens including the prefix (class)
+tokens, which the trunk returns for models that have them (the class token that the head
+pools is mixed with all other tokens by every block, so an NCHW map without it would not
+do). A ViT without prefix tokens also accepts the NCHW map.
 
 The module rebuilds without the trunk's weights, from ``model_name``, ``model_kwargs``
 and ``tap`` (random init, ``pretrained=False``), so :func:`heads.store.load_head` can
@@ -118,7 +117,7 @@ class ToTokens(nn.Module):
             return x.flatten(2).transpose(1, 2)
         raise ValueError(
             f"a ViT branch needs tokens (B, L, C) including its {self.num_prefix_tokens} prefix token(s), "
-            f"got shape {tuple(x.shape)}; compute them with heads.branch.branch_input(trunk, x, tap)"
+            f"got shape {tuple(x.shape)}; read the tap from trunk(x, [tap]) or heads.branch.branch_input"
         )
 
 
@@ -251,18 +250,14 @@ def _tap_index(model: nn.Module, tap: str) -> int:
     return [info["module"] for info in model.feature_info].index(tap)
 
 
-def _reads_tokens(model: nn.Module, tap: str) -> bool:
-    entry = suffix_builder(model)(model, tap).entry  # callers have checked the tap
-    return isinstance(entry, ToTokens) and entry.num_prefix_tokens > 0
-
-
 @torch.no_grad()
 def branch_input(trunk: Any, x: torch.Tensor, tap: str) -> torch.Tensor:
-    """The tap's features in the format a :class:`BranchHead` on that tap reads.
+    """The tap's features as a :class:`BranchHead` on that tap reads them: the trunk's own tap.
 
-    CNNs: the trunk's own tap tensor ``(B, C, H, W)``. ViTs with prefix tokens: the tokens
-    after the tap's block, prefix first, ``(B, prefix + H*W, C)``, exactly as the next
-    block sees them. Runs without gradients: the shared prefix is never trained by a branch.
+    CNNs: ``(B, C, H, W)``. ViTs with prefix tokens: the tokens after the tap's block,
+    prefix first, ``(B, prefix + H*W, C)``. Kept for callers that need one tap; code that
+    already runs the trunk reads ``trunk(x, taps)[tap]`` directly. Runs without gradients:
+    the shared prefix is never trained by a branch.
 
     Args:
         trunk: a :class:`trunk.model.Trunk`.
@@ -270,23 +265,16 @@ def branch_input(trunk: Any, x: torch.Tensor, tap: str) -> torch.Tensor:
         tap: a branch tap (see :func:`branch_taps`).
     """
     check_branch_tap(trunk, tap)
-    model = trunk.model
-    if not _reads_tokens(model, tap):
-        return trunk(x, [tap])[tap]
-    spatial, prefix = model.forward_intermediates(
-        x, indices=[_tap_index(model, tap)], output_fmt="NLC", return_prefix_tokens=True,
-        intermediates_only=True, stop_early=True)[0]
-    return torch.cat([prefix, spatial], dim=1)
+    return trunk(x, [tap])[tap]
 
 
 def branch_input_shape(trunk: Any, tap: str) -> tuple[int, ...]:
-    """Per-image shape of :func:`branch_input` (e.g. for :func:`heads.cost.measure_cost`)."""
+    """Per-image shape of :func:`branch_input`: the tap's declared ``trunk.tap(tap).shape``.
+
+    Known before anything runs, e.g. for :func:`heads.cost.measure_cost`.
+    """
     check_branch_tap(trunk, tap)
-    spec = trunk.tap(tap)
-    if not _reads_tokens(trunk.model, tap):
-        return tuple(spec.shape)
-    channels, height, width = spec.shape
-    return (int(trunk.model.num_prefix_tokens) + height * width, channels)
+    return tuple(trunk.tap(tap).shape)
 
 
 class BranchHead(nn.Module):
@@ -302,6 +290,11 @@ class BranchHead(nn.Module):
             eval mode, so their batch-norm statistics stay the trunk's).
         dropout: dropout on the pooled features, during training only.
     """
+
+    # Read by heads.spec: a branch forks at an earlier tap, never at `pooled`, and these
+    # arguments come from the trunk, not from a head config.
+    is_branch = True
+    platform_args = BRANCH_PLATFORM_ARGS
 
     def __init__(
         self,

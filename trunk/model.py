@@ -6,6 +6,13 @@ plus ``pooled``, the pre-logits vector. Taps are computed with timm's own
 ``forward_intermediates`` and returned, never stored on the module, so one trunk can
 serve many callers at once.
 
+Tap layout. CNN taps are maps ``(B, C, H, W)``. Models with prefix tokens (timm's
+VisionTransformer and relatives: ``num_prefix_tokens > 0``) return their block taps as
+tokens ``(B, prefix + H*W, C)``, prefix (class) tokens first, exactly as the next block
+sees them: the class token is what such a model pools, and the NCHW map drops it, so a
+branch continuing from a tap could not be computed from the map. All taps still come
+from the one forward pass.
+
 ``trunk_id`` is a short content hash of the model name, the model kwargs, every weight
 tensor and the data config: two trunks with the same id produce the same features, and
 anything that changes features changes the id. It is computed when the trunk is built;
@@ -15,6 +22,7 @@ code that changes weights (training, distillation) builds a new ``Trunk`` from t
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -48,7 +56,8 @@ class TapSpec:
         index: position in ``feature_info``; -1 for ``pooled``.
         channels: channels (or features, for ``pooled``).
         reduction: spatial stride relative to the input; None for ``pooled``.
-        shape: per-image tensor shape at the trunk's input size.
+        shape: per-image tensor shape at the trunk's input size: ``(C, H, W)`` for a
+            map, ``(prefix + H*W, C)`` for a token tap, ``(C,)`` for ``pooled``.
     """
 
     name: str
@@ -84,6 +93,28 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def token_prefix(model: nn.Module) -> int:
+    """How many prefix tokens a model's block taps carry; 0 means its taps are NCHW maps.
+
+    Nonzero only when the model has prefix tokens and its ``forward_intermediates`` can
+    return them with the tokens (``output_fmt='NLC'``, ``return_prefix_tokens``).
+    """
+    prefix = int(getattr(model, "num_prefix_tokens", 0) or 0)
+    if prefix <= 0:
+        return 0
+    params = inspect.signature(model.forward_intermediates).parameters
+    return prefix if {"output_fmt", "return_prefix_tokens"} <= set(params) else 0
+
+
+def _grid(model: nn.Module, height: int, width: int, reduction: int) -> tuple[int, int]:
+    """The token grid of a ViT-like model at an input size (its patch embed knows padding)."""
+    feat_size = getattr(getattr(model, "patch_embed", None), "dynamic_feat_size", None)
+    if callable(feat_size):
+        h, w = feat_size((height, width))
+        return int(h), int(w)
+    return -(-height // reduction), -(-width // reduction)
 
 
 def _create_timm_model(model_name: str, pretrained: bool, model_kwargs: Mapping[str, Any]) -> nn.Module:
@@ -159,12 +190,16 @@ class Trunk(nn.Module):
         infos = self.model.feature_info
         self._tap_index = {info["module"]: i for i, info in enumerate(infos)}
         _, height, width = self.data_config["input_size"]
+        self.token_prefix = token_prefix(self.model)
         taps: dict[str, TapSpec] = {}
         for i, info in enumerate(infos):
-            r = int(info["reduction"])
-            taps[info["module"]] = TapSpec(
-                info["module"], i, int(info["num_chs"]), r, (int(info["num_chs"]), -(-height // r), -(-width // r))
-            )
+            r, c = int(info["reduction"]), int(info["num_chs"])
+            if self.token_prefix:
+                h, w = _grid(self.model, height, width, r)
+                shape: tuple[int, ...] = (self.token_prefix + h * w, c)
+            else:
+                shape = (c, -(-height // r), -(-width // r))
+            taps[info["module"]] = TapSpec(info["module"], i, c, r, shape)
         taps[POOLED] = TapSpec(POOLED, -1, int(self.model.num_features), None, (int(self.model.num_features),))
         self._taps = taps
         self.trunk_id = self._compute_id()
@@ -220,7 +255,8 @@ class Trunk(nn.Module):
             taps: tap names; see :attr:`taps`.
 
         Returns:
-            ``{tap: tensor}`` for exactly the requested taps.
+            ``{tap: tensor}`` for exactly the requested taps, each ``(B, *tap(name).shape)``:
+            maps for CNNs, tokens with their prefix tokens first for ViT-like models.
         """
         specs = [self.tap(t) for t in dict.fromkeys(taps)]
         indices = sorted({s.index for s in specs if s.name != POOLED})
@@ -230,11 +266,16 @@ class Trunk(nn.Module):
             if want_pooled:
                 out[POOLED] = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
             return out
+        # Token taps: timm splits each into (spatial, prefix); they are joined back below.
+        fmt = {"output_fmt": "NLC", "return_prefix_tokens": True} if self.token_prefix else {}
         if want_pooled:
-            final, inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=False)
+            final, inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=False, **fmt)
             out[POOLED] = self.model.forward_head(final, pre_logits=True)
         else:
-            inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True)
+            inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True,
+                                                     **fmt)
+        if self.token_prefix:
+            inter = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
         by_index = dict(zip(indices, inter))
         for s in specs:
             if s.name != POOLED:

@@ -149,10 +149,25 @@ def test_unknown_tap_is_a_one_line_error_listing_valid_taps(model_name):
             BranchHead(8, 3, model_name=model_name, tap=bad)
 
 
+def test_vit_branches_run_off_one_trunk_pass():
+    # Every ViT branch reads its tap straight from one trunk call asking for all of them.
+    trunk = trunk_for("test_vit")
+    taps = branch_taps(trunk)
+    x = images(3, seed=2)
+    with torch.no_grad():
+        out = trunk(x, [*taps, POOLED])
+        for tap in taps:
+            assert branch_input_shape(trunk, tap) == trunk.tap(tap).shape == (1 + 2 * 2, 64)
+            torch.testing.assert_close(branch_input(trunk, x, tap), out[tap], atol=0, rtol=0)
+            head = make_branch(trunk, tap).init_from_trunk(trunk).eval()
+            torch.testing.assert_close(head.features(out[tap]), out[POOLED], atol=1e-5, rtol=0)
+
+
 def test_vit_branch_refuses_a_map_without_its_class_token():
     trunk = trunk_for("test_vit")
     head = make_branch(trunk, "blocks.2").init_from_trunk(trunk).eval()
-    nchw = trunk(images(), ["blocks.2"])["blocks.2"]
+    # timm's own NCHW map of the same block: the class token is gone.
+    nchw = trunk.model.forward_intermediates(images(), indices=[2], intermediates_only=True)[0]
     with pytest.raises(ValueError, match="prefix token"):
         head(nchw)
 

@@ -25,6 +25,51 @@ def test_declared_tap_shapes_match_forward(trunk):
         assert tuple(out[name].shape) == (2, *spec.shape), name
 
 
+def test_tap_layout_is_maps_for_cnns_and_tokens_for_vits(trunk):
+    _, height, width = trunk.data_config["input_size"]
+    for name, spec in trunk.taps.items():
+        if name == POOLED:
+            assert spec.shape == (spec.channels,)
+        elif trunk.model_name == "test_vit":
+            # One class token plus a 2x2 grid of 16-pixel patches at 32x32.
+            assert spec.shape == (1 + 2 * 2, spec.channels), name
+        else:
+            r = spec.reduction
+            assert spec.shape == (spec.channels, -(-height // r), -(-width // r)), name
+
+
+def test_vit_taps_are_tokens_with_the_class_token_from_one_pass():
+    trunk = Trunk("test_vit", data_config=SMALL)
+    assert trunk.token_prefix == 1
+    x = torch.randn(2, 3, 32, 32)
+    taps = ["blocks.1", "blocks.3", POOLED]
+    passes = []
+    handle = trunk.model.patch_embed.register_forward_hook(lambda *a: passes.append(1))
+    try:
+        with torch.no_grad():
+            out = trunk(x, taps)
+    finally:
+        handle.remove()
+    assert passes == [1], "several taps must come from one forward pass"
+    with torch.no_grad():
+        tokens = trunk.model.patch_embed(x)
+        tokens = trunk.model.norm_pre(trunk.model._pos_embed(tokens))
+        by_block = {}
+        for i, block in enumerate(trunk.model.blocks):
+            tokens = block(tokens)
+            by_block[f"blocks.{i}"] = tokens
+        maps = trunk.model.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    for name, nchw in zip(["blocks.1", "blocks.3"], maps):
+        assert out[name].shape == (2, 5, 64)
+        # Exactly the tokens the next block reads, class token first ...
+        torch.testing.assert_close(out[name], by_block[name], atol=1e-6, rtol=0)
+        # ... whose spatial part is timm's NCHW map, row-major.
+        torch.testing.assert_close(out[name][:, 1:], nchw.flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+    with torch.no_grad():
+        ref = trunk.model.forward_head(trunk.model.forward_features(x), pre_logits=True)
+    torch.testing.assert_close(out[POOLED], ref)
+
+
 def test_taps_named_after_feature_info(trunk):
     modules = [info["module"] for info in trunk.model.feature_info]
     assert list(trunk.taps) == [*modules, POOLED]
