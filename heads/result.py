@@ -29,6 +29,9 @@ class HeadResult:
         confusion: validation confusion matrix, rows = true class, columns = predicted.
         artifacts: files to log beside the model (confusion matrix PNG, history, ...).
         history: one dict per epoch (``epoch``, ``train_loss``, ``val_accuracy``, ...).
+        module_kwargs: the module's full constructor arguments when they differ from the
+            config's ``module`` entries (a branch's trunk-derived ``model_name``, ``tap``,
+            ``model_kwargs``); None means the config's entries are the whole story.
     """
 
     spec: HeadSpec
@@ -43,6 +46,7 @@ class HeadResult:
     confusion: list[list[int]] = field(default_factory=list)
     artifacts: dict[str, Path] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    module_kwargs: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:
@@ -55,6 +59,8 @@ class HeadResult:
     def meta(self) -> dict[str, Any]:
         """The ``head.json`` contents for :func:`heads.store.save_head`."""
         module_cfg = {k: v for k, v in self.spec.module.items() if not k.startswith("_")}
+        if self.module_kwargs is not None:
+            module_cfg = dict(self.module_kwargs)
         return {
             "name": self.spec.name,
             "owner": self.spec.owner,

@@ -23,6 +23,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 NAME_RE = re.compile(r"^[a-z0-9_]+$")
+POOLED = "pooled"  # the pre-logits tap, trunk.model.POOLED
 # Team-supplied configs may only instantiate the platform's own head modules.
 ALLOWED_TARGET_PREFIXES = ("heads.",)
 # Arguments the platform fills in itself when it builds a head module.
@@ -88,6 +89,9 @@ class HeadConfig:
     module: Any = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    # Branch heads train from images: albumentations ops, e.g. [{_target_: albumentations.HorizontalFlip}].
+    # Heads on `pooled` train on cached features and ignore it.
+    augment: Optional[list] = None
     description: str = ""
 
 
@@ -188,7 +192,7 @@ def list_heads(dirs: Sequence[Path]) -> list[str]:
 
 
 # -- validation -----------------------------------------------------------------------
-def _check_module(source: str, module: Mapping[str, Any]) -> None:
+def _check_module(source: str, module: Mapping[str, Any], tap: str) -> None:
     target = module.get("_target_")
     if not isinstance(target, str) or not target:
         raise HeadConfigError(source, "module._target_", "missing; name a head class such as heads.modules.LinearHead")
@@ -201,13 +205,21 @@ def _check_module(source: str, module: Mapping[str, Any]) -> None:
     except (ImportError, AttributeError):
         raise HeadConfigError(source, "module._target_", f"'{target}' does not exist") from None
     params = inspect.signature(cls).parameters
+    # A module class may declare more arguments the platform fills in (a branch's trunk).
+    reserved = PLATFORM_ARGS + tuple(getattr(cls, "platform_args", ()))
+    if getattr(cls, "is_branch", False) and tap == POOLED:
+        raise HeadConfigError(source, "attach.tap", f"{target} forks at an earlier tap, not at '{POOLED}'; "
+                                                    f"name one such as layer3, or use heads.modules.LinearHead")
+    if not getattr(cls, "is_branch", False) and tap != POOLED:
+        raise HeadConfigError(source, "module._target_", f"{target} reads the '{POOLED}' vector; a head on tap "
+                                                         f"'{tap}' must be a branch (heads.branch.BranchHead)")
     for key in module:
         if key.startswith("_"):
             continue
-        if key in PLATFORM_ARGS:
+        if key in reserved:
             raise HeadConfigError(source, f"module.{key}", "is set by the platform from the trunk and the data")
         if key not in params:
-            valid = [p for p in params if p not in PLATFORM_ARGS]
+            valid = [p for p in params if p not in reserved]
             raise HeadConfigError(source, f"module.{key}",
                                   f"unknown argument of {target}; valid: {', '.join(valid) or 'none'}")
 
@@ -246,7 +258,12 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
         raise HeadConfigError(source, "data.val_fraction", f"{data['val_fraction']} is not between 0 and 1")
     if not isinstance(merged["module"], dict):
         raise HeadConfigError(source, "module", "must be a mapping with a _target_")
-    _check_module(source, merged["module"])
+    _check_module(source, merged["module"], merged["attach"]["tap"])
+    for i, op in enumerate(merged["augment"] or []):
+        target = op.get("_target_") if isinstance(op, dict) else None
+        if not isinstance(target, str) or not target.startswith("albumentations."):
+            raise HeadConfigError(source, f"augment[{i}]._target_",
+                                  f"'{target}' is not an albumentations transform (albumentations.<Name>)")
     train = merged["train"]
     for key in ("epochs", "batch_size"):
         if train[key] < 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from heads.bank import HeadBank
 from heads.classify import classify as classify_paths
 from heads.cost import measure_in_bank
 from heads.data import LabelledData, load_labelled_data
+from heads.branch_train import fit_branch_head
 from heads.fit import fit_head
 from heads.gate import GateReport, check_gate
 from heads.result import HeadResult
@@ -43,8 +45,6 @@ log = logging.getLogger(__name__)
 
 PRODUCTION = "production"
 RECIPE_TAG = "train_recipe"
-# Branch heads (a copy of the trunk's layers after an earlier tap) are not built yet.
-POOLED_ONLY_MESSAGE = "this platform version trains heads on 'pooled' only; branch heads on earlier taps are not built yet"
 
 
 class JobError(RuntimeError):
@@ -189,24 +189,35 @@ class HeadJobResult:
 def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace, trunk_version: str | int = PRODUCTION,
                    batch_size: int, num_workers: int, device: str, progress: bool,
                    promote: bool = True) -> HeadJobResult:
-    """Train, evaluate, cost and register one head; promote it into a new release if its gate passes."""
+    """Train, evaluate, cost and register one head; promote it into a new release if its gate passes.
+
+    A head on ``pooled`` trains on cached features (extracting what is missing first). A
+    branch head (an earlier tap) trains from images: the trunk's prefix runs frozen, the
+    copied layers after the tap and the classifier learn, with the config's augmentation.
+    """
     trunk, tv = resolve_trunk(client, trunk_version)
     spec.check_tap(trunk.taps)
-    if spec.tap != POOLED:
-        raise spec.error("attach.tap", POOLED_ONLY_MESSAGE)
-    if spec.module["_target_"] == "heads.branch.BranchHead":
-        raise spec.error("module._target_", POOLED_ONLY_MESSAGE)
     data = load_labelled_data(spec)
-    data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
-                                                   num_workers=num_workers, device=device, progress=progress)
-    result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id,
-                      out_dir=workspace.run_dir("head", spec.name), device=device, progress=progress)
+    out_dir = workspace.run_dir("head", spec.name)
+    if spec.tap == POOLED:
+        data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
+                                                       num_workers=num_workers, device=device, progress=progress)
+        result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id, out_dir=out_dir, device=device,
+                          progress=progress)
+        summary = dict(extracted.summary)
+        result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
+    else:
+        result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=spec.config.get("augment"),
+                                 device=device, num_workers=num_workers, progress=progress)
+        # What caching this tap would cost, so teams see the storage side of the knob too.
+        result.metrics["cache_bytes_per_image"] = float(math.prod(trunk.tap(spec.tap).shape) * 2 + 32)
+        summary = {}
     measure_in_release(client, trunk, tv, result, [s.path for s in data.val], device=device)
     slice_sizes = {k: v["n"] for k, v in result.slice_accuracy.items()}
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
     version = register_head(client, result, trunk_version=tv, gate_report=gate)
-    job = HeadJobResult(result, version, tv, gate, extract_summary=dict(extracted.summary))
+    job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
     if gate.passed and promote:
         try:
             job.release = promote_head(client, spec.name, version)

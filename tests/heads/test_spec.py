@@ -53,6 +53,7 @@ def test_good_config_resolves_workspace_and_fills_defaults(tmp_path):
     assert spec.data["manifest"] == "/ws/data/colour.csv"
     assert spec.train["epochs"] == 5 and spec.train["patience"] == 10  # default kept
     assert spec.module == {"_target_": "heads.modules.LinearHead", "dropout": 0.1}
+    assert spec.config["augment"] is None
     assert len(spec.config_sha) == 16
 
 
@@ -76,6 +77,12 @@ def test_config_sha_changes_with_any_setting(tmp_path):
     ({"module": {"_target_": "heads.modules.NoSuchHead"}}, "module._target_", "does not exist"),
     ({"module": {"_target_": "heads.modules.LinearHead", "hiden": 3}}, "module.hiden", "unknown argument"),
     ({"module": {"_target_": "heads.modules.LinearHead", "num_classes": 3}}, "module.num_classes", "set by the platform"),
+    ({"attach.tap": "layer3"}, "module._target_", "must be a branch (heads.branch.BranchHead)"),
+    ({"module": {"_target_": "heads.branch.BranchHead"}}, "attach.tap", "forks at an earlier tap"),
+    ({"attach.tap": "layer3", "module": {"_target_": "heads.branch.BranchHead", "model_name": "x"}},
+     "module.model_name", "set by the platform"),
+    ({"augment": [{"_target_": "os.system"}]}, "augment[0]._target_", "not an albumentations transform"),
+    ({"augment": "flip"}, "augment", "Invalid value assigned"),
     ({"data": {}}, "data", "exactly one of"),
     ({"data": {"root": "a", "manifest": "b"}}, "data", "exactly one of"),
     ({"data": {"root": "a", "val_fraction": 1.5}}, "data.val_fraction", "between 0 and 1"),
@@ -91,7 +98,8 @@ def test_bad_config_is_one_line_naming_file_and_field(tmp_path, changes, field, 
 
 
 def test_unknown_tap_lists_valid_taps(tmp_path):
-    spec = load_head_spec(write(tmp_path, patch({"attach.tap": "layer9"})), context={"workspace": "/ws"})
+    branch = {"attach.tap": "layer9", "module": {"_target_": "heads.branch.BranchHead"}}
+    spec = load_head_spec(write(tmp_path, patch(branch)), context={"workspace": "/ws"})
     with pytest.raises(HeadConfigError, match=r"field 'attach.tap': unknown tap 'layer9'; valid taps: layer1, pooled"):
         spec.check_tap(["layer1", "pooled"])
 

@@ -87,3 +87,30 @@ def test_failed_gate_is_registered_but_not_released(client, workspace, shapes, t
     assert not job.gate.passed and job.release is None and job.version == 1
     assert "[FAIL] val_accuracy" in job.gate.format()
     assert get_release(client).version == before.version
+
+
+def test_branch_head_trains_releases_and_classifies(client, workspace, shapes, tmp_path):
+    import pyarrow.parquet as pq
+
+    from registry.jobs import classify_job
+
+    ws = Workspace.at(workspace)
+    adopt_trunk(client, register_trunk(client, Trunk("test_resnet", data_config=SMALL)))
+    pooled = train_head_job(client, spec_for(tmp_path, shapes, "colour"), workspace=ws, **JOB)
+    path = tmp_path / "heads" / "count.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "count", "owner": "tests", "data": {"manifest": str(shapes.manifests["count"])},
+        "attach": {"tap": "layer2"}, "module": {"_target_": "heads.branch.BranchHead"},
+        "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}], "train": {"epochs": 1},
+    }))
+    branch = train_head_job(client, load_head_spec(path), workspace=ws, **JOB)
+    m = branch.result.metrics
+    assert branch.result.tap == "layer2" and branch.release is not None
+    assert m["added_gflops"] > pooled.result.metrics["added_gflops"]
+    assert m["bank_heads"] == 2 and m["cache_bytes_per_image"] > pooled.result.metrics["cache_bytes_per_image"]
+
+    success = classify_job(client, shapes.root / "images", tmp_path / "out", batch_size=16, num_workers=0,
+                           device="cpu", progress=False)
+    table = pq.read_table(tmp_path / "out").to_pydict()
+    assert success["release"]["heads"] == {"colour": pooled.version, "count": branch.version}
+    assert len(table["path"]) == 80 and all(label is not None for label in table["count_label"])
