@@ -33,21 +33,25 @@ class DemoResult:
     trunk_version: int
     release_version: int
     heads: dict[str, int]
-    holdout: dict[str, dict[str, float]]  # head -> {accuracy, chance, trunk_trained}
+    holdout: dict[str, dict[str, Any]]  # head -> {accuracy, chance, attribute, tap, trunk_trained, ...}
     predictions: Path
     report: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def holdout_accuracy(predictions: Path, labels_csv: Path, heads: Sequence[str]) -> dict[str, float]:
-    """Accuracy of each head's ``<head>_label`` column against the held-out labels, by file name."""
+def holdout_accuracy(predictions: Path, labels_csv: Path, attributes: Mapping[str, str]) -> dict[str, float]:
+    """Accuracy of each head's ``<head>_label`` column against the held-out labels, by file name.
+
+    Args:
+        attributes: ``{head: attribute}``, the column of ``labels_csv`` the head predicts.
+    """
     with open(labels_csv, newline="") as f:
         truth = {Path(row["path"]).name: row for row in csv.DictReader(f)}
     table = pq.read_table(predictions).to_pydict()
     out = {}
-    for head in heads:
-        pairs = [(label, truth[Path(p).name][head]) for p, label in zip(table["path"], table[f"{head}_label"])
-                 if Path(p).name in truth and head in truth[Path(p).name]]
+    for head, attr in attributes.items():
+        pairs = [(label, truth[Path(p).name][attr]) for p, label in zip(table["path"], table[f"{head}_label"])
+                 if Path(p).name in truth and attr in truth[Path(p).name]]
         out[head] = sum(a == b for a, b in pairs) / len(pairs) if pairs else float("nan")
     return out
 
@@ -116,13 +120,19 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
     report = log_report(client, ws.root)
     step("report", t)
 
-    accuracy = holdout_accuracy(out, dataset.holdout_labels, list(versions))
+    specs = {name: resolve_head(name, head_dirs, context) for name in versions}
+    # The demo's heads read the shapes manifests: manifests/<attribute>.csv.
+    attributes = {name: Path(spec.data["manifest"]).stem for name, spec in specs.items()}
+    accuracy = holdout_accuracy(out, dataset.holdout_labels, attributes)
+    trained_attrs = {Path(s.data["manifest"]).stem for s in trunk_specs}
+    rows = {r["head"]: r for r in report["rows"]}
     holdout = {}
     for name, acc in accuracy.items():
-        spec = resolve_head(name, head_dirs, context)
-        n_classes = len(_labels(spec.data["manifest"])) if spec.data.get("manifest") else 0
-        holdout[name] = {"accuracy": acc, "chance": 1.0 / n_classes if n_classes else float("nan"),
-                         "trunk_trained": float(name in trunk_tasks)}
+        n_classes = len(_labels(specs[name].data["manifest"]))
+        holdout[name] = {"accuracy": acc, "chance": 1.0 / n_classes, "attribute": attributes[name],
+                         "tap": specs[name].tap, "trunk_trained": attributes[name] in trained_attrs,
+                         "val_accuracy": rows.get(name, {}).get("val_accuracy"),
+                         "added_gflops": rows.get(name, {}).get("added_gflops")}
     return DemoResult(tv, release.version, versions, holdout, out, report, seconds)
 
 
@@ -136,8 +146,15 @@ def format_demo(result: DemoResult, ws: Workspace, tracking_uri: str) -> list[st
     lines = ["", result.report["table"], "", "held-out accuracy (images no head or trunk saw):"]
     for name, h in sorted(result.holdout.items()):
         seen = "trunk trained on it" if h["trunk_trained"] else "trunk NOT trained on it"
-        lines.append(f"  {name:<10} {h['accuracy']:.3f}  (chance {h['chance']:.3f}, "
-                     f"{h['accuracy'] / h['chance']:.1f}x; {seen})")
+        lines.append(f"  {name:<13} {h['accuracy']:.3f}  (chance {h['chance']:.3f}, "
+                     f"{h['accuracy'] / h['chance']:.1f}x; {seen}; tap {h['tap']})")
+    pooled = {h["attribute"]: (n, h) for n, h in result.holdout.items() if h["tap"] == "pooled"}
+    for name, h in sorted(result.holdout.items()):
+        if h["tap"] != "pooled" and h["attribute"] in pooled:
+            base_name, base = pooled[h["attribute"]]
+            lines.append(f"branch vs pooled on {h['attribute']}: {name} at {h['tap']} {h['accuracy']:.3f} held-out, "
+                         f"+{h['added_gflops']:.2g} GFLOPs/image; {base_name} at pooled {base['accuracy']:.3f}, "
+                         f"+{base['added_gflops']:.2g} GFLOPs/image")
     total = sum(result.seconds.values())
     lines += [
         "",
