@@ -1,0 +1,29 @@
+"""Train one head at several taps; log accuracy vs added cost with the Pareto front; name the cheapest.
+
+    python -m tools.tradeoff head=colour taps=[layer2,layer3,pooled]
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from tools.common import as_list, client, device, head_spec, tool, workspace
+
+
+@tool("tradeoff")
+def main(cfg) -> None:
+    from registry.tradeoff import sweep_taps
+
+    ws = workspace(cfg)
+    spec = head_spec(cfg.head, ws)
+    sweep = sweep_taps(client(cfg, ws), spec, as_list(cfg.taps), workspace=ws, tolerance=float(cfg.tolerance),
+                       trunk_version=cfg.trunk_version, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                       device=device(cfg), progress=cfg.progress,
+                       pooled_train=OmegaConf.to_container(cfg.pooled_train, resolve=True),
+                       branch_train=OmegaConf.to_container(cfg.branch_train, resolve=True))
+    print(sweep.table)
+    print(f"plot: {sweep.png}  (MLflow experiment 'reports', run {sweep.run_id})")
+
+
+if __name__ == "__main__":
+    main()
