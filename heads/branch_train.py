@@ -166,6 +166,33 @@ def _train_loader(data: LabelledData, trunk: nn.Module, augment_ops: list | None
     )
 
 
+def _cached_loader(data: LabelledData, cached: tuple[Tensor, Tensor], *, seed: int, batch_size: int, source: str):
+    """Batches ``(features, labels, 0)`` over cached training features, shuffled by ``seed``."""
+    train_x, val_x = cached
+    if len(train_x) != len(data.train) or len(val_x) != len(data.val):
+        raise ValueError(f"{source}: cached features ({len(train_x)} train, {len(val_x)} val) do not match the "
+                         f"data ({len(data.train)} train, {len(data.val)} val)")
+    train_y = torch.tensor([s.label for s in data.train])
+    val_y = torch.tensor([s.label for s in data.val])
+    batches = _TensorBatches(train_x, train_y, batch_size, torch.Generator().manual_seed(seed))
+    return batches, val_x.float(), val_y, [s.slice for s in data.val]
+
+
+class _TensorBatches:
+    """Shuffled mini-batches over in-memory features, a new seeded order each epoch."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> None:
+        self.x, self.y, self.batch_size = x, y, batch_size
+        # The same sampler as training from images, so both paths see the same batches.
+        self.order = RandomSampler(range(len(x)), generator=generator)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
+        order = torch.tensor(list(self.order))
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.x[idx].float(), self.y[idx], 0
+
+
 @contextlib.contextmanager
 def _frozen_trunk(trunk: nn.Module, device: torch.device) -> Iterator[None]:
     """The trunk in eval mode on ``device``; its mode and device are restored afterwards."""
@@ -190,8 +217,13 @@ def fit_branch_head(
     batch_size: int | None = None,
     num_workers: int = 0,
     progress: bool = False,
+    cached: tuple[Tensor, Tensor] | None = None,
 ) -> HeadResult:
-    """Train, evaluate and cost one branch head from images, and save it under ``out_dir``.
+    """Train, evaluate and cost one branch head, and save it under ``out_dir``.
+
+    From images (the frozen prefix runs every step, augmentation possible), or, with
+    ``cached``, from the tap's features taken once from the feature cache: no
+    augmentation, but no trunk pass per step either.
 
     Writes the same files as :func:`heads.fit.fit_head`: ``out_dir/confusion.png``,
     ``out_dir/history.json`` and the head in ``out_dir/head``, whose stored kwargs are the
@@ -211,6 +243,8 @@ def fit_branch_head(
         batch_size: images per step; None uses ``train.batch_size``.
         num_workers: data-loader worker processes for decoding.
         progress: show a progress bar over epochs.
+        cached: ``(train_x, val_x)``, the tap's features of ``data.train`` and ``data.val``
+            in order, shaped ``(N, *tap shape)``; then ``augment_ops`` must be empty.
 
     Returns:
         The trained head (on CPU, eval mode) with its metrics and artifacts;
@@ -240,9 +274,17 @@ def fit_branch_head(
         module.to(memory_format=torch.channels_last)
 
     with _frozen_trunk(trunk, dev):
-        val_x, val_y, val_slices, val_skipped = _val_features(trunk, data, tap, dev, batch_size, num_workers,
-                                                                   spec.source)
-        loader = _train_loader(data, trunk, augment_ops, seed=seed, batch_size=batch_size, num_workers=num_workers)
+        if cached is None:
+            val_x, val_y, val_slices, val_skipped = _val_features(trunk, data, tap, dev, batch_size, num_workers,
+                                                                  spec.source)
+            loader = _train_loader(data, trunk, augment_ops, seed=seed, batch_size=batch_size,
+                                   num_workers=num_workers)
+        else:
+            if augment_ops:
+                raise spec.error("augment", "cached tap features cannot be augmented; train from images instead")
+            loader, val_x, val_y, val_slices = _cached_loader(data, cached, seed=seed, batch_size=batch_size,
+                                                              source=spec.source)
+            val_skipped = 0
         optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                       lr=t["lr"], weight_decay=t["weight_decay"])
         history: list[dict[str, Any]] = []
@@ -263,7 +305,7 @@ def fit_branch_head(
                     skipped += n_bad
                     if not len(x):
                         continue
-                    features = _prefix(trunk, x, tap, dev)
+                    features = x if cached is not None else _prefix(trunk, x, tap, dev)
                     with _autocast(dev):
                         loss = F.cross_entropy(module(_to_device(features, dev)).float(), y.to(dev))
                     optimiser.zero_grad(set_to_none=True)

@@ -136,3 +136,30 @@ def test_worker_processes_give_the_same_head(shapes, tmp_path):
     b = fit_branch_head(spec, data, make_trunk(), out_dir=tmp_path / "b", augment_ops=None, num_workers=1)
     sa, sb = a.module.state_dict(), b.module.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_cached_tap_features_train_like_images_without_augmentation(shapes, tmp_path):
+    """Without augmentation, training on the tap's cached features is training on the images."""
+    trunk = make_trunk()
+    spec, data = head_spec(tmp_path, shapes.manifests["texture"])
+    from_images = fit_branch_head(spec, data, trunk, out_dir=tmp_path / "a", augment_ops=None)
+
+    def tap_features(samples):
+        from trunk.decode import load_image
+        from trunk.preprocess import eval_transform
+
+        transform = eval_transform(trunk.data_config)
+        x = torch.stack([transform(load_image(s.path)[0]) for s in samples])
+        with torch.no_grad():
+            return branch_input(trunk, x, spec.tap)
+
+    cached = (tap_features(data.train), tap_features(data.val))
+    from_cache = fit_branch_head(spec, data, trunk, out_dir=tmp_path / "b", augment_ops=None, cached=cached)
+    for a, b in zip(from_images.history, from_cache.history):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+        assert b["val_accuracy"] == pytest.approx(a["val_accuracy"], abs=1e-6)
+    with pytest.raises(HeadConfigError, match="field 'augment': cached tap features cannot be augmented"):
+        fit_branch_head(spec, data, trunk, out_dir=tmp_path / "c", augment_ops=FLIP, cached=cached)
+    with pytest.raises(ValueError, match="cached features .* do not match the data"):
+        fit_branch_head(spec, data, trunk, out_dir=tmp_path / "d", augment_ops=None,
+                        cached=(cached[0][:3], cached[1]))

@@ -34,6 +34,10 @@ def test_sweep_trains_each_tap_and_logs_the_front(client, workspace, tmp_path):
     assert [p.label for p in sweep.points] == ["layer3", "pooled"]
     by_tap = {p.label: p for p in sweep.points}
     assert by_tap["layer3"].cost > by_tap["pooled"].cost
+    # no augmentation: the branch trained on layer3 features taken once into the cache
+    layer3 = sweep.jobs["layer3"]
+    assert layer3.extract_summary["new_rows"] == 60
+    assert layer3.result.metrics["cache_bytes_per_image"] > sweep.jobs["pooled"].result.metrics["cache_bytes_per_image"]
     assert sweep.chosen.label == "pooled"  # a tolerance of 0.5 picks the cheapest
     assert sweep.png.is_file() and "<- chosen" in sweep.table
     versions = client.search_model_versions("name='head.count'")
