@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,11 +32,9 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler
 from heads.branch import BranchHead, branch_input, branch_input_shape, branch_kwargs, branch_taps
 from heads.cost import measure_cost
 from heads.data import LabelledData, Sample
-from heads.evaluate import evaluate, plot_confusion
-from heads.fit import CONFUSION_FILE, HEAD_DIR, HISTORY_FILE
+from heads.fit import finish_head
 from heads.result import HeadResult
 from heads.spec import HeadSpec
-from heads.store import save_head
 from heads.train import seeded_rng
 from trunk.augment import build_train_transform
 from trunk.decode import ImageError, load_image
@@ -333,48 +330,13 @@ def fit_branch_head(
         module.load_state_dict(best_state)
         logits = _branch_logits(module, val_x, dev)
 
-    ev = evaluate(logits, val_y, data.classes, slices=val_slices if data.has_slices else None,
-                  min_slice_size=spec.gate["min_slice_size"])
     module = module.to(memory_format=torch.contiguous_format) if dev.type == "cuda" else module
     # Cost counts only what the branch adds: its suffix and classifier, from the tap's features.
     cost = measure_cost(module, branch_input_shape(trunk, tap), device=dev)
-    module = module.cpu().eval()
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    confusion_png = plot_confusion(
-        ev.confusion, data.classes, out_dir / CONFUSION_FILE,
-        title=f"{spec.name}: validation (accuracy {ev.accuracy:.3f}, n={len(val_y)})",
-    )
-    history_json = out_dir / HISTORY_FILE
-    history_json.write_text(json.dumps(history, indent=1) + "\n")
-
-    result = HeadResult(
-        spec=spec,
-        module=module,
-        classes=list(data.classes),
-        in_features=in_features,
-        trunk_id=trunk.trunk_id,
-        data_sha=data.data_sha,
-        metrics={
-            "val_accuracy": ev.accuracy,
-            "val_macro_f1": ev.macro_f1,
-            "params": cost["params"],
-            "added_gflops": cost["added_gflops"],
-            "added_ms_per_image": cost["added_ms_per_image"],
-            "best_epoch": best_epoch,
-            "epochs_run": len(history),
-            "train_size": len(data.train) - train_skipped,
-            "val_size": len(val_y),
-            "train_skipped": train_skipped,
-            "val_skipped": val_skipped,
-        },
-        per_class_recall=ev.per_class_recall,
-        slice_accuracy={s: {"accuracy": acc, "n": ev.slice_sizes[s]} for s, acc in ev.slice_accuracy.items()},
-        confusion=ev.confusion,
-        artifacts={"confusion": confusion_png, "history": history_json},
-        history=history,
+    return finish_head(
+        spec, data, module.cpu().eval(), logits, val_y, val_slices, cost,
+        history=history, in_features=in_features, trunk_id=trunk.trunk_id, out_dir=out_dir,
+        metrics={"best_epoch": best_epoch, "epochs_run": len(history), "train_size": len(data.train) - train_skipped,
+                 "val_size": len(val_y), "train_skipped": train_skipped, "val_skipped": val_skipped},
         module_kwargs=full_kwargs,
     )
-    save_head(out_dir / HEAD_DIR, module, result.meta())
-    return result

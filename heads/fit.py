@@ -72,14 +72,46 @@ def fit_head(
         patience=t["patience"], seed=t["seed"], device=device, progress=progress,
     )
     logits = predict_logits(module, val_x, device)
-    ev = evaluate(
-        logits, val_y, data.classes,
-        slices=[s.slice for s in data.val] if data.has_slices else None,
-        min_slice_size=spec.gate["min_slice_size"],
-    )
     cost = measure_cost(module, in_features, device=device)
-    module = module.cpu().eval()
+    return finish_head(
+        spec, data, module.cpu().eval(), logits, val_y, [s.slice for s in data.val], cost,
+        history=outcome.history, in_features=in_features, trunk_id=trunk_id, out_dir=out_dir,
+        metrics={"best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run,
+                 "train_size": len(data.train), "val_size": len(data.val)},
+    )
 
+
+def finish_head(
+    spec: HeadSpec,
+    data: LabelledData,
+    module: torch.nn.Module,
+    logits: Tensor,
+    val_y: Tensor,
+    val_slices: list[str | None],
+    cost: dict[str, float],
+    *,
+    history: list[dict],
+    in_features: int,
+    trunk_id: str,
+    out_dir: Path,
+    metrics: dict[str, float],
+    module_kwargs: dict | None = None,
+) -> HeadResult:
+    """Evaluate a trained head on its validation logits, write its files, return its result.
+
+    Shared by heads on features and branch heads: ``out_dir/confusion.png``,
+    ``out_dir/history.json`` and the saved head in ``out_dir/head``.
+
+    Args:
+        module: the trained head, on the CPU in eval mode.
+        logits: its validation logits, rows in the order of ``val_y`` and ``val_slices``.
+        cost: :func:`heads.cost.measure_cost`'s figures.
+        metrics: more metrics to record beside the evaluation's and the cost's.
+        module_kwargs: the full constructor arguments to store, when they are more than
+            the config's (a branch's trunk arguments).
+    """
+    ev = evaluate(logits, val_y, data.classes, slices=val_slices if data.has_slices else None,
+                  min_slice_size=spec.gate["min_slice_size"])
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     confusion_png = plot_confusion(
@@ -87,8 +119,7 @@ def fit_head(
         title=f"{spec.name}: validation (accuracy {ev.accuracy:.3f}, n={len(val_y)})",
     )
     history_json = out_dir / HISTORY_FILE
-    history_json.write_text(json.dumps(outcome.history, indent=1) + "\n")
-
+    history_json.write_text(json.dumps(history, indent=1) + "\n")
     result = HeadResult(
         spec=spec,
         module=module,
@@ -96,22 +127,15 @@ def fit_head(
         in_features=in_features,
         trunk_id=trunk_id,
         data_sha=data.data_sha,
-        metrics={
-            "val_accuracy": ev.accuracy,
-            "val_macro_f1": ev.macro_f1,
-            "params": cost["params"],
-            "added_gflops": cost["added_gflops"],
-            "added_ms_per_image": cost["added_ms_per_image"],
-            "best_epoch": outcome.best_epoch,
-            "epochs_run": outcome.epochs_run,
-            "train_size": len(data.train),
-            "val_size": len(data.val),
-        },
+        metrics={"val_accuracy": ev.accuracy, "val_macro_f1": ev.macro_f1, "params": cost["params"],
+                 "added_gflops": cost["added_gflops"], "added_ms_per_image": cost["added_ms_per_image"],
+                 **metrics},
         per_class_recall=ev.per_class_recall,
         slice_accuracy={s: {"accuracy": acc, "n": ev.slice_sizes[s]} for s, acc in ev.slice_accuracy.items()},
         confusion=ev.confusion,
         artifacts={"confusion": confusion_png, "history": history_json},
-        history=outcome.history,
+        history=history,
+        module_kwargs=module_kwargs,
     )
     save_head(out_dir / HEAD_DIR, module, result.meta())
     return result
