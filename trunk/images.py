@@ -1,15 +1,27 @@
 """Finding the images a job should read: a folder tree, or a manifest listing paths.
 
+Inputs are local paths or fsspec URIs (anything with ``<protocol>://``: ``s3://bucket/prefix``,
+``gs://...``, ``file:///data``, ``memory://x``). A folder URI yields full URIs, so each path
+can be opened later with ``fsspec.open(path)`` in another process.
+
 A manifest is a ``.txt`` file (one path per line; blank lines and ``#`` comments
 skipped) or a ``.csv`` / ``.parquet`` table with a ``path`` column. Relative paths in a
-manifest are relative to the manifest's own folder, so a data set and its manifest can
-move together. Every problem is a one-line ``ValueError`` naming the file (and field).
+manifest are relative to the manifest's own folder (local or URI), so a data set and its
+manifest can move together; absolute local paths and URIs in a manifest are kept as they
+are. Manifests are streamed (lines, rows, Parquet batches of the one column), so millions of
+entries cost only the list of paths. Every problem is a one-line ``ValueError`` naming the
+file (and field).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import posixpath
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -17,9 +29,46 @@ IMAGE_EXTENSIONS = frozenset(
 MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 PATH_FIELD = "path"
 
+Opener = Callable[[], IO[bytes]]
+
+
+def is_uri(path: str | Path) -> bool:
+    """Whether ``path`` names an fsspec URI (``<protocol>://...``) rather than a local path."""
+    return isinstance(path, str) and "://" in path
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _url_to_fs(uri: str):
+    """The fsspec filesystem and protocol-less path for ``uri``, or a one-line ValueError."""
+    from fsspec.core import split_protocol, url_to_fs
+
+    protocol = split_protocol(uri.rpartition("::")[2])[0]
+    try:
+        return url_to_fs(uri)
+    except ImportError as e:
+        # fsspec's message names the package to install, e.g. "Install s3fs to access S3".
+        raise ValueError(f"{uri}: no fsspec backend for protocol '{protocol}' ({_first_line(e)})") from None
+    except ValueError as e:
+        if "Protocol not known" in str(e):
+            raise ValueError(f"{uri}: unknown fsspec protocol '{protocol}'") from None
+        raise ValueError(f"{uri}: cannot open ({_first_line(e)})") from None
+
+
+@contextmanager
+def _os_errors_name(label: str) -> Iterator[None]:
+    # Storage failures (permission denied, missing bucket, network) become one line naming the input.
+    try:
+        yield
+    except OSError as e:
+        raise ValueError(f"{label}: cannot read ({_first_line(e)})") from None
+
 
 def list_images(root: str | Path) -> list[Path]:
-    """Every image file under ``root``, recursively, sorted by path.
+    """Every image file under a local folder ``root``, recursively, sorted by path.
 
     Files are chosen by extension, case-insensitively. Hidden files and folders (names
     starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
@@ -43,85 +92,186 @@ def list_images(root: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def _read_txt(path: Path) -> list[str]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return [s for s in (line.strip() for line in lines) if s and not s.startswith("#")]
+def _keep_image(rel: str) -> bool:
+    """Whether a path relative to the listed folder is a visible image file."""
+    parts = rel.split("/")
+    return posixpath.splitext(parts[-1])[1].lower() in IMAGE_EXTENSIONS and not any(
+        part.startswith(".") for part in parts
+    )
 
 
-def _read_csv(path: Path) -> list[str]:
+def list_image_uris(uri: str) -> list[str]:
+    """Every image under a folder URI, recursively (``fs.find``), as full URIs.
+
+    Chosen and skipped as :func:`list_images` does, and in the same order (by path
+    components, as ``Path`` sorts), so ``file:///x`` lists what ``/x`` lists.
+
+    Raises:
+        ValueError: unknown protocol or missing backend, the folder does not exist, is not
+            a folder, or holds no images.
+    """
+    fs, root = _url_to_fs(uri)
+    with _os_errors_name(uri):
+        if not fs.isdir(root):
+            if fs.exists(root):
+                raise ValueError(f"{uri}: not a folder")
+            raise ValueError(f"{uri}: image folder does not exist")
+    return _find_images(uri, fs, root)
+
+
+def _find_images(uri: str, fs, root: str) -> list[str]:
+    prefix = root.rstrip("/") + "/"
+    with _os_errors_name(uri):
+        # One recursive listing (a flat list call on object stores), names only, no contents.
+        found = [
+            fs.unstrip_protocol(p)
+            for p in fs.find(root, withdirs=False)
+            if _keep_image(p[len(prefix):] if p.startswith(prefix) else p)
+        ]
+    if not found:
+        raise ValueError(f"{uri}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    # "\0" sorts below every character, so this is the component-wise order Path uses.
+    found.sort(key=lambda s: s.replace("/", "\0"))
+    return found
+
+
+def _read_txt(label: str, open_binary: Opener) -> Iterator[str]:
+    # Line by line in bytes, so the decode error can give the byte offset in the file.
+    offset = 0
+    with open_binary() as f:
+        for raw in f:
+            if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM, e.g. from Windows Notepad
+                raw, offset = raw[3:], 3
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+            offset += len(raw)
+            # splitlines, not just "\n": lone "\r" (old Mac) still separates lines.
+            for line in text.splitlines():
+                s = line.strip()
+                if s and not s.startswith("#"):
+                    yield s
+
+
+def _read_csv(label: str, open_binary: Opener) -> Iterator[str]:
     try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
+        with open_binary() as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
             reader = csv.DictReader(f)
             columns = reader.fieldnames or []
             if PATH_FIELD not in columns:
                 raise ValueError(
-                    f"{path}: field '{PATH_FIELD}': column missing; columns: {', '.join(columns) or 'none'}"
+                    f"{label}: field '{PATH_FIELD}': column missing; columns: {', '.join(columns) or 'none'}"
                 )
-            values = [(row.get(PATH_FIELD) or "").strip() for row in reader]
+            for i, row in enumerate(reader):
+                v = (row.get(PATH_FIELD) or "").strip()
+                if not v:
+                    # Row numbers as a spreadsheet shows them: the header is row 1.
+                    raise ValueError(f"{label}: field '{PATH_FIELD}': empty in row {i + 2}")
+                yield v
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except csv.Error as e:
-        raise ValueError(f"{path}: not valid CSV ({e})") from None
-    for i, v in enumerate(values):
-        if not v:
-            # Row numbers as a spreadsheet shows them: the header is row 1.
-            raise ValueError(f"{path}: field '{PATH_FIELD}': empty in row {i + 2}")
-    return values
+        raise ValueError(f"{label}: not valid CSV ({e})") from None
 
 
-def _read_parquet(path: Path) -> list[str]:
+def _read_parquet(label: str, open_binary: Opener) -> Iterator[str]:
     import pyarrow.parquet as pq
     from pyarrow import ArrowException
 
-    try:
-        schema = pq.read_schema(path)
-    except (ArrowException, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path}: not a readable Parquet file ({first})") from None
-    if PATH_FIELD not in schema.names:
-        raise ValueError(f"{path}: field '{PATH_FIELD}': column missing; columns: {', '.join(schema.names) or 'none'}")
-    values = pq.read_table(path, columns=[PATH_FIELD]).column(PATH_FIELD).to_pylist()
-    out = []
-    for i, v in enumerate(values):
-        if v is None or not str(v).strip():
-            raise ValueError(f"{path}: field '{PATH_FIELD}': empty in row {i}")
-        out.append(str(v).strip())
-    return out
+    with open_binary() as f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (ArrowException, OSError) as e:
+            raise ValueError(f"{label}: not a readable Parquet file ({_first_line(e)})") from None
+        names = pf.schema_arrow.names
+        if PATH_FIELD not in names:
+            raise ValueError(f"{label}: field '{PATH_FIELD}': column missing; columns: {', '.join(names) or 'none'}")
+        i = 0
+        try:
+            # Only the path column, a batch at a time.
+            for batch in pf.iter_batches(columns=[PATH_FIELD]):
+                for v in batch.column(0).to_pylist():
+                    if v is None or not str(v).strip():
+                        raise ValueError(f"{label}: field '{PATH_FIELD}': empty in row {i}")
+                    yield str(v).strip()
+                    i += 1
+        except (ArrowException, OSError) as e:  # our own ValueErrors are neither, so they pass through
+            raise ValueError(f"{label}: not a readable Parquet file ({_first_line(e)})") from None
+
+
+def _kept_as_is(entry: str) -> bool:
+    """Whether a manifest entry is used verbatim: a URI or an absolute local path."""
+    return is_uri(entry) or Path(entry).is_absolute()
+
+
+_READERS = {".txt": _read_txt, ".csv": _read_csv, ".parquet": _read_parquet}
 
 
 def read_path_list(path: str | Path) -> list[str]:
     """The image paths a manifest lists, in its order, relative ones made absolute.
 
     Args:
-        path: a ``.txt``, ``.csv`` or ``.parquet`` manifest.
+        path: a ``.txt``, ``.csv`` or ``.parquet`` manifest: a local path or an fsspec URI.
+            Relative entries are joined to the manifest's folder (a URI manifest gives full
+            URIs, with ``..`` resolved since object stores do not); absolute local paths and
+            entries containing ``://`` are kept as they are.
 
     Raises:
         ValueError: one line naming the file (and the field) when it is missing, of an
-            unknown kind, lacks a ``path`` column, has an empty path, or lists nothing.
+            unknown kind, lacks a ``path`` column, has an empty path, or lists nothing;
+            or, for a URI, when its protocol is unknown or its backend is not installed.
     """
+    if is_uri(path):
+        return _read_uri_manifest(path)
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(f"{path}: unknown manifest type '{suffix}'; use {', '.join(MANIFEST_SUFFIXES)}")
     if not path.is_file():
         raise ValueError(f"{path}: manifest file does not exist")
-    reader = {".txt": _read_txt, ".csv": _read_csv, ".parquet": _read_parquet}[suffix]
-    values = reader(path)
-    if not values:
-        raise ValueError(f"{path}: manifest lists no images")
     base = path.absolute().parent
-    return [str(p if p.is_absolute() else base / p) for p in map(Path, values)]
+    with _os_errors_name(str(path)):
+        out = [
+            v if _kept_as_is(v) else str(base / v)
+            for v in _READERS[suffix](str(path), lambda: path.open("rb"))
+        ]
+    if not out:
+        raise ValueError(f"{path}: manifest lists no images")
+    return out
+
+
+def _read_uri_manifest(uri: str) -> list[str]:
+    fs, path = _url_to_fs(uri)
+    suffix = posixpath.splitext(path)[1].lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(f"{uri}: unknown manifest type '{suffix}'; use {', '.join(MANIFEST_SUFFIXES)}")
+    with _os_errors_name(uri):
+        if not fs.isfile(path):
+            raise ValueError(f"{uri}: manifest file does not exist")
+        base = posixpath.dirname(path)
+        out = [
+            v if _kept_as_is(v) else fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, v)))
+            for v in _READERS[suffix](uri, lambda: fs.open(path, "rb"))
+        ]
+    if not out:
+        raise ValueError(f"{uri}: manifest lists no images")
+    return out
 
 
 def resolve_inputs(input: str | Path) -> list[str]:
     """Image paths from a folder (searched recursively) or a manifest file.
 
+    Args:
+        input: a local path, or an fsspec URI such as ``s3://bucket/prefix`` (folder URIs
+            give full URIs, openable with ``fsspec.open``).
+
     Raises:
-        ValueError: one line naming the input when it is neither, or yields no images.
+        ValueError: one line naming the input when it is neither, yields no images, or
+            names an unknown protocol or one whose fsspec backend is not installed.
     """
+    if is_uri(input):
+        return _resolve_uri(input)
     p = Path(input)
     if p.is_dir():
         return [str(x) for x in list_images(p)]
@@ -130,3 +280,17 @@ def resolve_inputs(input: str | Path) -> list[str]:
     if not p.exists():
         raise ValueError(f"{p}: input does not exist (give an image folder or a .txt/.csv/.parquet manifest)")
     raise ValueError(f"{p}: input is neither a folder nor a manifest (.txt, .csv, .parquet)")
+
+
+def _resolve_uri(uri: str) -> list[str]:
+    fs, path = _url_to_fs(uri)
+    with _os_errors_name(uri):
+        if fs.isdir(path):
+            is_dir = True
+        elif posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
+            is_dir = False
+        elif not fs.exists(path):
+            raise ValueError(f"{uri}: input does not exist (give an image folder or a .txt/.csv/.parquet manifest)")
+        else:
+            raise ValueError(f"{uri}: input is neither a folder nor a manifest (.txt, .csv, .parquet)")
+    return _find_images(uri, fs, path) if is_dir else _read_uri_manifest(uri)

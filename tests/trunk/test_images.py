@@ -1,10 +1,15 @@
-"""Finding inputs: image folders and .txt/.csv/.parquet manifests."""
+"""Finding inputs: image folders and .txt/.csv/.parquet manifests, local or as fsspec URIs."""
 
 from __future__ import annotations
 
+import csv
+import io
+
+import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from trunk.images import IMAGE_EXTENSIONS, list_images, read_path_list, resolve_inputs
 
@@ -98,3 +103,130 @@ def test_resolve_inputs_folder_or_manifest(image_factory, tmp_path):
         resolve_inputs(tmp_path / "nothing")
     with pytest.raises(ValueError, match="neither a folder nor a manifest"):
         resolve_inputs(a)
+
+
+# --- fsspec URIs: real filesystems (file://, memory://), no mocks ---
+
+@pytest.fixture
+def memfs():
+    """fsspec's memory filesystem is one store per process: leave it empty for the next test."""
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.store.clear()
+    fs.pseudo_dirs[:] = [""]
+
+
+def _png_bytes() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_file_uri_folder_lists_like_local_folder(image_factory, tmp_path):
+    made = [
+        image_factory("b/z.PNG"),
+        image_factory("a/x.jpg", fmt="JPEG"),
+        image_factory("a-b/y.png"),  # "-" sorts before "/" as text, after it as a path component
+        image_factory("b/c/y.JpEg", fmt="JPEG"),
+    ]
+    image_factory(".hidden/skip.png")
+    image_factory("b/._resource.png")
+    (tmp_path / "b" / "readme.txt").write_text("not an image")
+    got = resolve_inputs(tmp_path.as_uri())
+    assert got == [f"file://{p}" for p in list_images(tmp_path)]
+    assert got == [f"file://{p}" for p in sorted(made)]
+    with fsspec.open(got[0]) as f:
+        assert Image.open(f).size == (40, 40)
+
+
+def test_memory_folder_uri_recursive_hidden_skipped_sorted(memfs):
+    for name in ["d/b/z.PNG", "d/a.jpg", "d/b/c/y.webp", "d/.hidden/skip.png", "d/b/._fork.png"]:
+        memfs.pipe(f"memory://{name}", _png_bytes())
+    memfs.pipe("memory://d/notes.txt", b"not an image")
+    memfs.pipe("memory://other/e.png", _png_bytes())
+    got = resolve_inputs("memory://d")
+    assert got == ["memory:///d/a.jpg", "memory:///d/b/c/y.webp", "memory:///d/b/z.PNG"]
+    with fsspec.open(got[0]) as f:
+        assert Image.open(f).size == (8, 8)
+    memfs.pipe("memory://empty/a.txt", b"x")
+    with pytest.raises(ValueError, match=r"^memory://empty: no image files found \(extensions: "):
+        resolve_inputs("memory://empty")
+    with pytest.raises(ValueError, match=r"^memory://nothing: input does not exist \(give an image folder"):
+        resolve_inputs("memory://nothing")
+    with pytest.raises(ValueError, match=r"^memory://d/a\.jpg: input is neither a folder nor a manifest"):
+        resolve_inputs("memory://d/a.jpg")
+
+
+EXPECTED_MEMORY = [
+    "memory:///data/lists/imgs/a.png",  # relative: joined to the manifest's folder URI
+    "/abs/b.jpg",  # absolute local path: kept
+    "s3://bucket/c.png",  # another URI: kept
+    "memory:///data/d.png",  # "..": resolved, object stores do not
+]
+
+
+def test_memory_manifests_txt_csv_parquet(memfs):
+    with fsspec.open("memory://data/lists/in.txt", "w", encoding="utf-8") as f:
+        f.write("# images\nimgs/a.png\n\n  /abs/b.jpg \ns3://bucket/c.png\r\n../d.png")
+    with fsspec.open("memory://data/lists/in.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["label", "path"])
+        writer.writerows([["x", "imgs/a.png"], ["y", "/abs/b.jpg"], ["z", "s3://bucket/c.png"], ["w", "../d.png"]])
+    with fsspec.open("memory://data/lists/in.parquet", "wb") as f:
+        pq.write_table(pa.table({"path": ["imgs/a.png", "/abs/b.jpg", "s3://bucket/c.png", "../d.png"]}), f)
+    for suffix in ("txt", "csv", "parquet"):
+        assert resolve_inputs(f"memory://data/lists/in.{suffix}") == EXPECTED_MEMORY, suffix
+        assert read_path_list(f"memory://data/lists/in.{suffix}") == EXPECTED_MEMORY, suffix
+
+
+def test_memory_manifest_errors_name_uri_and_field(memfs):
+    memfs.pipe("memory://m/nocol.csv", b"file,label\na.png,cat\n")
+    with pytest.raises(ValueError) as e:
+        resolve_inputs("memory://m/nocol.csv")
+    assert str(e.value) == "memory://m/nocol.csv: field 'path': column missing; columns: file, label"
+    with fsspec.open("memory://m/blank.parquet", "wb") as f:
+        pq.write_table(pa.table({"path": ["a.png", " "]}), f)
+    with pytest.raises(ValueError, match=r"^memory://m/blank\.parquet: field 'path': empty in row 1$"):
+        read_path_list("memory://m/blank.parquet")
+    memfs.pipe("memory://m/garbage.parquet", b"not parquet")
+    with pytest.raises(ValueError, match=r"^memory://m/garbage\.parquet: not a readable Parquet file \("):
+        read_path_list("memory://m/garbage.parquet")
+    memfs.pipe("memory://m/empty.txt", b"# nothing\n\n")
+    with pytest.raises(ValueError, match=r"^memory://m/empty\.txt: manifest lists no images$"):
+        read_path_list("memory://m/empty.txt")
+    with pytest.raises(ValueError, match=r"^memory://m/missing\.txt: manifest file does not exist$"):
+        resolve_inputs("memory://m/missing.txt")
+    with pytest.raises(ValueError, match=r"^memory://m/x\.json: unknown manifest type '\.json'"):
+        read_path_list("memory://m/x.json")
+
+
+def test_unknown_protocol_or_missing_backend_is_one_line():
+    with pytest.raises(ValueError) as e:
+        resolve_inputs("nosuchproto://bucket/images")
+    assert str(e.value) == "nosuchproto://bucket/images: unknown fsspec protocol 'nosuchproto'"
+    try:
+        import s3fs  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError) as e:
+            resolve_inputs("s3://bucket/images")
+        # fsspec names the package to install; we pass it on, on one line.
+        assert str(e.value) == "s3://bucket/images: no fsspec backend for protocol 's3' (Install s3fs to access S3)"
+
+
+def test_local_manifest_keeps_uri_entries(tmp_path):
+    manifest = tmp_path / "in.txt"
+    manifest.write_text("a.png\ns3://bucket/b.png\nmemory://c/d.png\n")
+    assert read_path_list(manifest) == [str(tmp_path / "a.png"), "s3://bucket/b.png", "memory://c/d.png"]
+    csv_manifest = tmp_path / "in.csv"
+    csv_manifest.write_text("path\ngs://bucket/e.png\n")
+    assert resolve_inputs(csv_manifest) == ["gs://bucket/e.png"]
+
+
+def test_txt_manifest_bom_and_decode_error_offset(tmp_path):
+    manifest = tmp_path / "bom.txt"
+    manifest.write_bytes(b"\xef\xbb\xbfa.png\r\nb.png\n")
+    assert read_path_list(manifest) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"a.png\nb\xff.png\n")
+    with pytest.raises(ValueError, match=f"^{bad}: not UTF-8 text \\(invalid start byte at byte 7\\)$"):
+        read_path_list(bad)
