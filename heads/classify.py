@@ -1,167 +1,129 @@
 """Bulk classification: the trunk once per image, every head of a release, Parquet out.
 
-The output folder is a contract (DESIGN.md, "Bulk classification output")::
+The output folder and its guarantees are described in :mod:`heads.shards`. One row per
+input: ``path``, ``sha256`` (null when unreadable), ``error`` (null when decoded), then
+per head in sorted name order ``<head>_label`` (string) and ``<head>_score`` (float32,
+the softmax probability of the label), both null on error.
 
-    _JOB.json            written first: the job's fingerprint, release, heads, shard size
-    part-00000.parquet   rows 0 .. rows_per_shard-1 of the input list, in input order
-    part-00001.parquet   ...
-    _SUCCESS.json        written last: release, counts, errors by reason, throughput
+Exactly once. Shard k always holds the same inputs (the input list is cut by position)
+and is cut into the same batches, so its rows depend only on the job; it appears whole or
+not at all and is committed at most once (:func:`heads.shards.commit_once`). A job
+killed at any moment and run again skips the shards on disk and computes the rest; a
+finished job (``_SUCCESS.json`` with the same fingerprint) writes nothing. Two jobs on
+one folder may both compute a shard, but only one commits it.
 
-One row per input: ``path``, ``sha256`` (null when unreadable), ``error`` (null when
-decoded), then per head in sorted name order ``<head>_label`` (string) and
-``<head>_score`` (float32, the softmax probability of the label), both null on error.
+Speed. Decoding runs in loader worker processes (JPEGs in Pillow's draft mode), a
+few batches ahead of the trunk; pixels are pinned for an overlapped copy when the trunk is
+on a GPU; finished shards are encoded and fsynced by a writer thread while the next
+batches run. ``backend="ray"`` runs the same per-batch code on Ray Data instead
+(:mod:`heads.classify_ray`).
 
-Restarts are safe because shard k always holds the same inputs (the input list is cut
-by position) and only ever appears whole: it is written to a dot-prefixed temp file,
-fsynced, renamed into place and the folder fsynced. Each shard is decoded and batched on
-its own, so a resumed shard sees exactly the batches a clean run gives it, and a killed
-job rerun ends with the rows a clean run writes. A finished job (``_SUCCESS.json`` with
-the same fingerprint) is not touched again. One job writes to a folder at a time.
-
-No MLflow here: the registry resolves the release and passes it in as a plain dict.
+No MLflow here: the registry resolves the release once and passes it in as a plain dict.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
 from heads.bank import HeadBank
-from trunk.cache import fsync_dir
+from heads.predict import BatchPredictor, batch_rows, empty_columns
+from heads.shards import (
+    JOB_FILE, SHARD_GLOB, SUCCESS_FILE, TEMP_GLOB, commit_json, commit_table, error_reason, job_fingerprint,
+    output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_name,
+)
 from trunk.device import resolve_device
 from trunk.loader import iter_decoded
-from trunk.preprocess import eval_transform
+from trunk.preprocess import decode_side, eval_transform
 
-JOB_FILE = "_JOB.json"
-SUCCESS_FILE = "_SUCCESS.json"
-SHARD_GLOB = "part-*.parquet"
+BACKENDS = ("local", "ray")
+# The _JOB.json fields that decide a shard's rows, named in a refusal when they differ.
+JOB_FIELDS = ("release", "heads", "rows_per_shard", "images", "settings")
 
-
-def shard_name(k: int) -> str:
-    """File name of shard ``k``."""
-    return f"part-{k:05d}.parquet"
+__all__ = ["classify", "plan_batches", "BatchJob", "BACKENDS", "JOB_FILE", "SUCCESS_FILE", "shard_name",
+           "output_schema", "job_fingerprint", "error_reason"]
 
 
-def output_schema(head_names: Sequence[str]) -> pa.Schema:
-    """The Parquet schema of a classification shard, heads in sorted name order.
+@dataclass(frozen=True)
+class BatchJob:
+    """Batch ``j`` of shard ``k``: the positions of its inputs in the job's input list."""
 
-    Args:
-        head_names: the bank's head names.
-    """
-    fields = [pa.field("path", pa.string(), nullable=False),
-              pa.field("sha256", pa.string()),
-              pa.field("error", pa.string())]
-    for name in sorted(head_names):
-        fields += [pa.field(f"{name}_label", pa.string()), pa.field(f"{name}_score", pa.float32())]
-    return pa.schema(fields)
+    shard: int
+    batch: int
+    indices: list[int]
 
 
-def job_fingerprint(paths: Sequence[str], release: Mapping[str, Any], rows_per_shard: int,
-                    head_names: Sequence[str]) -> str:
-    """sha256 naming one job: its inputs in order, its release, shard size and heads.
+def plan_batches(n_inputs: int, rows_per_shard: int, batch_size: int, shards: Sequence[int]) -> list[BatchJob]:
+    """The batches of the given shards, none straddling two shards, in input order.
 
     Args:
-        paths: the input paths as strings, in order.
-        release: the release dict (name, version, trunk, heads, ...).
-        rows_per_shard: rows per Parquet shard.
-        head_names: the bank's head names.
+        n_inputs: length of the job's input list.
+        rows_per_shard: inputs per shard.
+        batch_size: inputs per batch; a shard's last batch may be shorter.
+        shards: which shards to plan.
     """
-    h = hashlib.sha256()
-    header = {"release": release, "rows_per_shard": int(rows_per_shard),
-              "heads": sorted(head_names), "images": len(paths)}
-    h.update(json.dumps(header, sort_keys=True, default=str).encode())
-    # NUL-separated: the one byte a file path cannot contain, so the list is unambiguous.
-    for p in paths:
-        h.update(b"\0")
-        h.update(p.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+    jobs = []
+    for k in shards:
+        start, stop = k * rows_per_shard, min((k + 1) * rows_per_shard, n_inputs)
+        for j, s in enumerate(range(start, stop, batch_size)):
+            jobs.append(BatchJob(k, j, list(range(s, min(s + batch_size, stop)))))
+    return jobs
 
 
-def error_reason(error: str) -> str:
-    """The stable reason phrase of an ``error`` cell (``"not an image: a.jpg"`` -> ``"not an image"``)."""
-    return error.split(": ", 1)[0]
+class _Assembler:
+    """Collects per-batch columns, in any arrival order, into whole shards."""
 
+    def __init__(self, jobs: Sequence[BatchJob], head_names: Sequence[str]) -> None:
+        self.expected = Counter(job.shard for job in jobs)
+        self.parts: dict[int, dict[int, dict[str, list]]] = {}
+        self.head_names = head_names
 
-# -- durable writes ---------------------------------------------------------------------
-def _publish(directory: Path, name: str, write) -> None:
-    """Write ``directory/name`` through a dot-prefixed temp file so it appears whole or not at all."""
-    tmp = directory / f".{name}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, directory / name)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    fsync_dir(directory)
-
-
-def _write_json(directory: Path, name: str, content: Mapping[str, Any]) -> None:
-    blob = (json.dumps(content, indent=2, default=str) + "\n").encode()
-    _publish(directory, name, lambda f: f.write(blob))
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}); remove the output folder or choose another") from None
-
-
-# -- shards -------------------------------------------------------------------------------
-def _existing_shard_errors(path: Path, schema: pa.Schema, rows: int) -> list[str | None] | None:
-    """The ``error`` column of a complete shard, or None when it must be (re)written."""
-    if not path.is_file():
-        return None
-    try:
-        meta = pq.read_metadata(path)
-        if meta.num_rows != rows or not meta.schema.to_arrow_schema().equals(schema):
+    def add(self, shard: int, batch: int, columns: dict[str, list]) -> dict[str, list] | None:
+        """Store one batch; return the shard's columns when it is complete."""
+        parts = self.parts.setdefault(shard, {})
+        if batch in parts:
+            raise RuntimeError(f"shard {shard} batch {batch} arrived twice")
+        parts[batch] = columns
+        if len(parts) < self.expected[shard]:
             return None
-        return pq.read_table(path, columns=["error"]).column("error").to_pylist()
-    except (pa.ArrowException, OSError):
-        return None  # unreadable: a clean rewrite is the only way to its true content
+        whole = empty_columns(self.head_names)
+        for j in sorted(parts):
+            for key, values in parts[j].items():
+                whole[key] += values
+        del self.parts[shard]
+        return whole
 
 
-def _classify_shard(trunk, bank: HeadBank, paths: list[str], transform, device: torch.device,
-                    batch_size: int, num_workers: int, bar) -> dict[str, list]:
-    columns: dict[str, list] = {"path": [], "sha256": [], "error": []}
-    for name in bank.names:
-        columns[f"{name}_label"] = []
-        columns[f"{name}_score"] = []
-    for batch in iter_decoded(paths, transform, batch_size=batch_size, num_workers=num_workers):
-        ok = batch.ok
-        predictions: dict[str, tuple[list[str], torch.Tensor]] = {}
-        if ok:
-            with torch.inference_mode():
-                features = trunk(batch.pixels.to(device, non_blocking=True), bank.taps)
-                predictions = bank.predict(features)
-        row_of = {pos: row for row, pos in enumerate(ok)}
-        columns["path"] += batch.paths
-        columns["sha256"] += batch.shas
-        columns["error"] += batch.errors
-        for name in bank.names:
-            labels, scores = predictions.get(name, ([], torch.empty(0)))
-            score_list = scores.tolist()
-            for pos in range(len(batch)):
-                row = row_of.get(pos)
-                columns[f"{name}_label"].append(None if row is None else labels[row])
-                columns[f"{name}_score"].append(None if row is None else score_list[row])
-        bar.update(len(batch))
-    return columns
+def _local_batches(trunk, bank: HeadBank, names: list[str], jobs: list[BatchJob], transform, draft_side,
+                   device: torch.device, num_workers: int, amp: bool | None) -> Iterator[tuple[int, int, dict]]:
+    predictor = BatchPredictor(trunk, bank, device, amp=amp)
+    decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
+                           draft_side=draft_side, pin_memory=device.type == "cuda")
+    for job, batch in zip(jobs, decoded, strict=True):
+        columns = empty_columns(bank.names)
+        batch_rows(batch, predictor(batch.pixels), columns)
+        yield job.shard, job.batch, columns
+
+
+def _refusal(path: Path, on_disk: Mapping[str, Any], ours: Mapping[str, Any]) -> ValueError:
+    """A one-line refusal naming the file and the first field that differs."""
+    differing = [f for f in JOB_FIELDS if json.dumps(on_disk.get(f), sort_keys=True, default=str)
+                 != json.dumps(ours.get(f), sort_keys=True, default=str)]
+    what = f"field '{differing[0]}' differs" if differing else "the input list differs"
+    if differing == ["settings"]:
+        what = f"field 'settings' is {on_disk.get('settings')} there, {ours.get('settings')} here"
+    return ValueError(f"{path}: holds another job's output ({what}); use a new output folder")
 
 
 def classify(
@@ -176,31 +138,40 @@ def classify(
     device: str | torch.device = "cpu",
     rows_per_shard: int = 10000,
     progress: bool = True,
+    draft: bool = True,
+    amp: bool | None = None,
+    backend: str = "local",
+    ray_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Classify images with every head of a release into a resumable Parquet folder.
 
     Args:
-        trunk: a :class:`trunk.model.Trunk`; it is moved to ``device`` and run once per
-            batch for ``bank.taps`` only.
+        trunk: a :class:`trunk.model.Trunk`; run once per batch for ``bank.taps`` only.
         bank: the release's heads.
-        paths: image files, in the order their rows are written; bad files become rows
-            with an ``error``, never a failed job.
-        output: the output folder (created if missing). It must be empty or hold this
-            same job: a folder holding another job's output is refused.
+        paths: image files or fsspec URIs, in the order their rows are written; bad
+            files become rows with an ``error``, never a failed job.
+        output: the output folder (created if missing), on a POSIX file system. It must
+            be empty or hold this same job: a folder holding another job's output is
+            refused.
         release: what is being run, as the registry resolved it (name, version, trunk
-            version, trunk_id, heads ``{name: version}``); copied into ``_SUCCESS.json``.
-            When it has a ``trunk_id``, it must be the trunk's.
+            version, trunk_id, heads ``{name: version}``); copied into ``_JOB.json`` and
+            ``_SUCCESS.json``. When it has a ``trunk_id``, it must be the trunk's.
         batch_size: images per trunk forward.
-        num_workers: decoding processes (0: decode in this process).
+        num_workers: decoding processes (0: decode in this process). Ray ignores it.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a ``torch.device``.
         rows_per_shard: inputs per Parquet shard.
-        progress: show a tqdm bar counting images.
+        progress: show a bar with images/s and ETA.
+        draft: decode JPEGs in Pillow's draft mode, no smaller than the trunk needs.
+        amp: bf16 autocast + channels_last; None: on CUDA only.
+        backend: ``local`` (this process plus loader workers) or ``ray`` (Ray Data).
+        ray_options: for ``backend="ray"``, see :func:`heads.classify_ray.ray_batches`.
 
     Returns:
         The ``_SUCCESS.json`` content: ``release``, ``fingerprint``, ``counts``
         (``images``, ``ok``, ``errors``, ``shards``), ``errors_by_reason``,
-        ``images_per_s``, ``seconds`` (both for the work this call did), ``heads``,
-        ``schema`` (column names) and ``shards_reused``.
+        ``images_per_s``, ``seconds`` (both for the work the committing call did),
+        ``heads``, ``schema`` (column names), ``settings``, ``backend``,
+        ``shards_reused`` and ``shards_written``.
 
     Raises:
         ValueError: one line, for bad arguments, a release for another trunk, or a
@@ -211,66 +182,100 @@ def classify(
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
     trunk_id = release.get("trunk_id")
     if trunk_id and trunk_id != trunk.trunk_id:
         raise ValueError(f"release field 'trunk_id' is {trunk_id} but the trunk given is {trunk.trunk_id}")
     for tap in bank.taps:
         trunk.tap(tap)  # raises a one-line TrunkError naming the valid taps
 
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    amp = device.type == "cuda" if amp is None else bool(amp)
     names = [str(p) for p in paths]
     release = json.loads(json.dumps(dict(release), default=str))  # a plain, JSON-safe copy
-    heads = list(bank.names)
+    heads = sorted(bank.names)
     schema = output_schema(heads)
-    fingerprint = job_fingerprint(names, release, rows_per_shard, heads)
+    draft_side = decode_side(trunk.data_config) if draft else None
+    # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
+    settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
+    fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
+    job = {"fingerprint": fingerprint, "release": release, "heads": heads, "rows_per_shard": rows_per_shard,
+           "images": len(names), "settings": settings, "schema": schema.names}
     out = Path(output)
-    refusal = f"{out}: holds another job's output (different inputs, release, heads or shard size); " \
-              f"use a new output folder"
 
     success_path, job_path = out / SUCCESS_FILE, out / JOB_FILE
     if success_path.is_file():
-        done = _read_json(success_path)
+        done = read_json(success_path)
         if done.get("fingerprint") != fingerprint:
-            raise ValueError(refusal)
+            raise _refusal(success_path, done, job)
         return done  # finished before: write nothing
-    if job_path.is_file():
-        if _read_json(job_path).get("fingerprint") != fingerprint:
-            raise ValueError(refusal)
-    elif out.is_dir() and any(out.glob(SHARD_GLOB)):
+    if not job_path.is_file() and out.is_dir() and any(out.glob(SHARD_GLOB)):
         raise ValueError(f"{out}: holds Parquet shards but no {JOB_FILE}; use a new output folder")
-
     n_shards = math.ceil(len(names) / rows_per_shard)
+    job["shards"] = n_shards
     out.mkdir(parents=True, exist_ok=True)
-    if not job_path.is_file():
-        _write_json(out, JOB_FILE, {"fingerprint": fingerprint, "release": release, "heads": heads,
-                                    "rows_per_shard": rows_per_shard, "images": len(names),
-                                    "shards": n_shards, "schema": schema.names})
-    for stale in out.glob(".part-*.tmp"):
-        stale.unlink()  # left by a killed run; never visible as a shard
+    if not commit_json(out, JOB_FILE, job):  # another run wrote it: it must be this same job
+        on_disk = read_json(job_path)
+        if on_disk.get("fingerprint") != fingerprint:
+            raise _refusal(job_path, on_disk, job)
+    remove_stale_temps(out)
 
-    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    trunk.to(device).eval()
-    bank.to(device).eval()
+    # Which shards are already on disk, whole and well-formed.
+    errors_of: dict[int, list[str | None]] = {}
+    for k in range(n_shards):
+        rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+        existing = shard_errors(out / shard_name(k), schema, rows)
+        if existing is not None:
+            errors_of[k] = existing
+        elif (out / shard_name(k)).exists():
+            set_aside(out, shard_name(k))  # damaged (not by us: commits are whole): recompute it
+    reused = len(errors_of)
+    pending = [k for k in range(n_shards) if k not in errors_of]
+    jobs = plan_batches(len(names), rows_per_shard, batch_size, pending)
+
     transform = eval_transform(trunk.data_config)
+    if backend == "ray":
+        from heads.classify_ray import ray_batches
 
-    errors: list[str | None] = []
-    reused = processed = 0
-    with tqdm(total=len(names), unit="img", desc="classify", disable=not progress) as bar:
-        for k in range(n_shards):
-            shard_paths = names[k * rows_per_shard:(k + 1) * rows_per_shard]
-            shard_path = out / shard_name(k)
-            existing = _existing_shard_errors(shard_path, schema, len(shard_paths))
-            if existing is not None:
-                errors += existing
-                reused += 1
-                bar.update(len(shard_paths))
+        batches = ray_batches(trunk, bank, names, jobs, transform, draft_side, device=device, amp=amp,
+                              options=ray_options or {})
+    else:
+        batches = _local_batches(trunk, bank, names, jobs, transform, draft_side, device, num_workers, amp)
+
+    written = processed = 0
+    assembler = _Assembler(jobs, heads)
+    commits: list[tuple[int, Future]] = []
+    done_rows = sum(len(v) for v in errors_of.values())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
+            tqdm(total=len(names), initial=done_rows, unit="img", desc="classify", disable=not progress,
+                 dynamic_ncols=True) as bar:
+        for k, j, columns in batches:
+            n = len(columns["path"])
+            processed += n
+            bar.update(n)
+            whole = assembler.add(k, j, columns)
+            if whole is None:
                 continue
-            columns = _classify_shard(trunk, bank, shard_paths, transform, device, batch_size, num_workers, bar)
-            table = pa.Table.from_pydict(columns, schema=schema)
-            _publish(out, shard_name(k), lambda f, t=table: pq.write_table(t, f))
-            errors += columns["error"]
-            processed += len(shard_paths)
+            errors_of[k] = whole["error"]
+            table = pa.Table.from_pydict(whole, schema=schema)
+            commits.append((k, writer.submit(commit_table, out, shard_name(k), table)))
+            # Surface a failed write now rather than after the whole input.
+            for _, future in commits:
+                if future.done():
+                    future.result()
+        for k, future in commits:
+            if future.result():
+                written += 1
+            else:  # another job committed it first; its rows are the same by construction
+                rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+                errors_of[k] = shard_errors(out / shard_name(k), schema, rows) or errors_of[k]
+    missing = [k for k in range(n_shards) if k not in errors_of]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")
 
     seconds = time.perf_counter() - start
+    errors = [e for k in range(n_shards) for e in errors_of[k]]
     reasons = Counter(error_reason(e) for e in errors if e is not None)
     n_errors = sum(reasons.values())
     summary = {
@@ -282,7 +287,13 @@ def classify(
         "seconds": round(seconds, 3),
         "heads": heads,
         "schema": schema.names,
+        "settings": settings,
+        "backend": backend,
         "shards_reused": reused,
+        "shards_written": written,
     }
-    _write_json(out, SUCCESS_FILE, summary)
+    if not commit_json(out, SUCCESS_FILE, summary):
+        return read_json(success_path)  # a concurrent run of this job finished first
+    for tmp in out.glob(TEMP_GLOB):
+        tmp.unlink(missing_ok=True)  # every shard is committed: leftovers of killed runs are garbage
     return summary

@@ -4,7 +4,10 @@ One bad file never stops a job and is never replaced by another image: each batc
 per input, its content hash (when the bytes could be read) and why it failed (when it
 did), and holds pixel rows only for the files that decoded. The work runs in a
 ``torch.utils.data.DataLoader`` so decoding can use worker processes while the trunk
-runs; batches come back in input order whatever the number of workers.
+runs; batches come back in the order they were asked for whatever the number of workers.
+
+:func:`decode_batch` is the same per-batch work as one plain function call, for engines
+that schedule batches themselves (the Ray backend of bulk classification).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -42,6 +45,12 @@ class DecodedBatch:
     errors: list[str | None]
     pixels: torch.Tensor
 
+    def pin_memory(self) -> "DecodedBatch":
+        """Page-locked pixels, so the copy to the GPU can overlap compute (DataLoader calls this)."""
+        if self.pixels.numel():
+            self.pixels = self.pixels.pin_memory()
+        return self
+
     @property
     def ok(self) -> list[int]:
         """Positions within this batch whose error is None (row i of pixels is ok[i])."""
@@ -55,39 +64,64 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-class _ImageFiles(Dataset):
-    """Item i: ``(i, path, sha, error, tensor_or_None)``; never raises for a bad file."""
+Item = tuple[int, str, Optional[str], Optional[str], Optional[torch.Tensor]]
 
-    def __init__(self, paths: Sequence[str], transform: Transform) -> None:
+
+def decode_one(i: int, path: str, transform: Transform, draft_side: int | None = None) -> Item:
+    """Read, hash, decode and preprocess one file: ``(i, path, sha, error, tensor_or_None)``.
+
+    Never raises for a bad file: the reason goes in ``error``.
+    """
+    try:
+        data = read_bytes(path)
+    except ImageError as e:
+        return i, path, None, _one_line(str(e)), None
+    except OSError as e:  # read_bytes maps the usual ones; be safe about the rest
+        return i, path, None, _one_line(f"unreadable file: {path}: {e}"), None
+    sha = sha256_bytes(data)
+    try:
+        image = decode_image(data, path, draft_side=draft_side)
+    except (ImageError, OSError) as e:
+        return i, path, sha, _one_line(str(e)), None
+    del data
+    try:
+        pixels = transform(image)
+    except Exception as e:  # a transform that chokes on one image must not end the job
+        return i, path, sha, _one_line(f"preprocess failed: {path}: {type(e).__name__}: {e}"), None
+    if not isinstance(pixels, torch.Tensor):
+        return i, path, sha, f"preprocess failed: {path}: transform returned {type(pixels).__name__}", None
+    return i, path, sha, None, pixels
+
+
+class _ImageFiles(Dataset):
+    """Item i: :func:`decode_one` of ``paths[i]``."""
+
+    def __init__(self, paths: Sequence[str], transform: Transform, draft_side: int | None = None) -> None:
         self.paths = paths
         self.transform = transform
+        self.draft_side = draft_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[int, str, str | None, str | None, torch.Tensor | None]:
-        path = self.paths[i]
-        try:
-            data = read_bytes(path)
-        except ImageError as e:
-            return i, path, None, _one_line(str(e)), None
-        except OSError as e:  # read_bytes maps the usual ones; be safe about the rest
-            return i, path, None, _one_line(f"unreadable file: {path}: {e}"), None
-        sha = sha256_bytes(data)
-        try:
-            image = decode_image(data, path)
-        except (ImageError, OSError) as e:
-            return i, path, sha, _one_line(str(e)), None
-        try:
-            pixels = self.transform(image)
-        except Exception as e:  # a transform that chokes on one image must not end the job
-            return i, path, sha, _one_line(f"preprocess failed: {path}: {type(e).__name__}: {e}"), None
-        if not isinstance(pixels, torch.Tensor):
-            return i, path, sha, f"preprocess failed: {path}: transform returned {type(pixels).__name__}", None
-        return i, path, sha, None, pixels
+    def __getitem__(self, i: int) -> Item:
+        return decode_one(i, self.paths[i], self.transform, self.draft_side)
 
 
-def _collate(items: list[tuple[int, str, str | None, str | None, Any]]) -> DecodedBatch:
+def decode_batch(indices: Sequence[int], paths: Sequence[str], transform: Transform,
+                 draft_side: int | None = None) -> DecodedBatch:
+    """One batch, decoded in this process: what a loader worker does for one batch.
+
+    Args:
+        indices: positions of the inputs in the job's input list.
+        paths: the inputs, one per index.
+        transform: as for :func:`iter_decoded`.
+        draft_side: as for :func:`iter_decoded`.
+    """
+    return _collate([decode_one(i, p, transform, draft_side) for i, p in zip(indices, paths, strict=True)])
+
+
+def _collate(items: list[Item]) -> DecodedBatch:
     items = sorted(items, key=lambda item: item[0])
     tensors = [item[4] for item in items if item[3] is None]
     if tensors:
@@ -108,7 +142,7 @@ def _collate(items: list[tuple[int, str, str | None, str | None, Any]]) -> Decod
     )
 
 
-def _reject_odd_shapes(items: list[tuple[int, str, str | None, str | None, Any]]) -> DecodedBatch:
+def _reject_odd_shapes(items: list[Item]) -> DecodedBatch:
     shapes = [tuple(item[4].shape) for item in items if item[3] is None]
     common = max(set(shapes), key=shapes.count)
     fixed = []
@@ -125,19 +159,30 @@ def iter_decoded(
     *,
     batch_size: int = 64,
     num_workers: int = 0,
+    batches: Sequence[Sequence[int]] | None = None,
+    draft_side: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
 ) -> Iterator[DecodedBatch]:
-    """Read, hash, decode and preprocess files, in input order, in batches.
+    """Read, hash, decode and preprocess files in batches, in order.
 
     Args:
         paths: image files; unreadable or undecodable ones become error entries.
         transform: PIL RGB image -> ``(C, H, W)`` tensor (e.g.
             :func:`trunk.preprocess.eval_transform`); it must be picklable when
             ``num_workers > 0``.
-        batch_size: inputs per batch (good and bad together).
+        batch_size: inputs per batch (good and bad together), when ``batches`` is None.
         num_workers: decoding processes; 0 decodes in the calling process.
+        batches: explicit batches as lists of positions in ``paths``, yielded in this
+            order (e.g. batches that never straddle an output shard); None cuts
+            ``paths`` into consecutive runs of ``batch_size``.
+        draft_side: let JPEG decoding downscale (Pillow's draft mode) while keeping the
+            shorter side at least this long; None decodes at full size.
+        pin_memory: page-locked pixel tensors, for a fast overlapped copy to a GPU.
+        prefetch_factor: batches each worker decodes ahead of the consumer.
 
     Yields:
-        One :class:`DecodedBatch` per ``batch_size`` inputs, the last one possibly shorter.
+        One :class:`DecodedBatch` per batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -146,14 +191,18 @@ def iter_decoded(
     names = [str(p) for p in paths]
     if not names:
         return
+    if batches is None:
+        batches = [range(s, min(s + batch_size, len(names))) for s in range(0, len(names), batch_size)]
+    if not batches:
+        return
     loader = DataLoader(
-        _ImageFiles(names, transform),
-        batch_size=batch_size,
-        shuffle=False,
+        _ImageFiles(names, transform, draft_side),
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,
-        # Keep a couple of batches decoding ahead of the consumer, no more.
-        prefetch_factor=2 if num_workers > 0 else None,
+        pin_memory=pin_memory,
+        # Keep a few batches decoding ahead of the consumer, no more.
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
     )
     yield from loader

@@ -150,11 +150,11 @@ def test_foreign_job_is_refused(tmp_path, tiny_trunk, bank, inputs, release):
     out = tmp_path / "out"
     run(tiny_trunk, bank, inputs, out, release)
     other = {**release, "version": "4"}
-    with pytest.raises(ValueError, match=f"{out}: holds another job's output"):
+    with pytest.raises(ValueError, match=rf"{out / SUCCESS_FILE}: holds another job's output \(field 'release'"):
         run(tiny_trunk, bank, inputs, out, other)
     (out / SUCCESS_FILE).unlink()  # an unfinished job is just as foreign
     before = listing(out)
-    with pytest.raises(ValueError, match="holds another job's output"):
+    with pytest.raises(ValueError, match=rf"{out / JOB_FILE}: holds another job's output \(field 'images'"):
         run(tiny_trunk, bank, inputs[:-1], out, release)
     assert listing(out) == before
 
