@@ -1,0 +1,96 @@
+"""backend=ray on a real local Ray cluster (2 CPUs): the same rows as the local backend.
+
+One Ray per module: starting it costs seconds. The cluster is started by the test, as a
+user's script would (``ray.init(num_cpus=2)``), and :func:`heads.classify.classify` uses
+the Ray it finds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from heads.classify import SUCCESS_FILE, classify
+from heads.shards import JOB_FILE
+from tests.badcorpus import make_bad_corpus, make_good_images
+from tests.heads.classify_driver import make_bank
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    good = [str(p) for p in make_good_images(tmp_path / "good", 30, size=40, seed=5)]
+    bad = [str(c.path) for c in make_bad_corpus(tmp_path / "bad") if c.kind in ("html_as_jpg", "truncated_jpeg",
+                                                                                 "vanished", "exif_rotated")]
+    return good[:10] + bad[:2] + good[10:25] + bad[2:] + good[25:]
+
+
+def _run(trunk, bank, paths, out, backend, **kw):
+    return classify(trunk, bank, paths, out, release={"version": "2", "trunk_id": trunk.trunk_id}, batch_size=4,
+                    rows_per_shard=9, progress=False, backend=backend, num_workers=0,
+                    ray_options={"actors": 2, "decode_cpus": 0.5, "actor_cpus": 0.5}, **kw)
+
+
+def _table(out):
+    return pq.read_table(out).to_pylist()
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> None:
+    """Same paths, hashes, errors and labels; scores equal up to float rounding.
+
+    Same batches and same code, but the actors' torch runs with its own thread count, and
+    a convolution split over other threads may round its last bits differently.
+    """
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for key in x:
+            if key.endswith("_score") and x[key] is not None:
+                assert x[key] == pytest.approx(y[key], abs=1e-6), key
+            else:
+                assert x[key] == y[key], key
+
+
+def test_ray_backend_writes_the_local_rows(local_ray, tmp_path, tiny_trunk, inputs):
+    bank = make_bank(tiny_trunk)
+    local = _run(tiny_trunk, bank, inputs, tmp_path / "local", "local")
+    remote = _run(tiny_trunk, bank, inputs, tmp_path / "ray", "ray")
+    _same_rows(_table(tmp_path / "ray"), _table(tmp_path / "local"))
+    assert sorted(p.name for p in (tmp_path / "ray").iterdir()) == sorted(p.name for p in (tmp_path / "local").iterdir())
+    for key in ("fingerprint", "counts", "errors_by_reason", "schema", "release"):
+        assert remote[key] == local[key]
+    assert remote["backend"] == "ray" and remote["shards_written"] == remote["counts"]["shards"]
+
+
+def test_ray_resumes_what_another_run_left(local_ray, tmp_path, tiny_trunk, inputs):
+    bank = make_bank(tiny_trunk)
+    out = tmp_path / "out"
+    _run(tiny_trunk, bank, inputs, out, "local")
+    clean = _table(out)
+    # As if the job had been killed: two shards and _SUCCESS.json never made it.
+    for name in ("part-00001.parquet", "part-00003.parquet", SUCCESS_FILE):
+        (out / name).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    resumed = _run(tiny_trunk, bank, inputs, out, "ray")
+    assert resumed["shards_written"] == 2 and resumed["shards_reused"] == resumed["counts"]["shards"] - 2
+    _same_rows(_table(out), clean)
+    assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
+    assert json.loads((out / SUCCESS_FILE).read_text())["fingerprint"] == json.loads((out / JOB_FILE).read_text())["fingerprint"]
+    # Finished: a rerun on either backend writes nothing.
+    again = _run(tiny_trunk, bank, inputs, out, "ray")
+    assert again == resumed
+
+
+def test_bad_ray_option_is_one_line(tmp_path, tiny_trunk, inputs):
+    with pytest.raises(ValueError, match=r"field 'ray.actor': unknown"):
+        classify(tiny_trunk, make_bank(tiny_trunk), inputs, tmp_path / "out", release={"version": "1"},
+                 backend="ray", ray_options={"actor": 2}, progress=False)
