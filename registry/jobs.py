@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 
 from heads.bank import HeadBank
 from heads.classify import classify as classify_paths
+from heads.shards import JOB_FILE, read_json
 from heads.cost import measure_in_bank
 from heads.data import LabelledData, load_labelled_data
 from heads.branch_train import fit_branch_head
@@ -30,7 +31,9 @@ from heads.result import HeadResult
 from heads.spec import HeadConfigError, HeadSpec
 from heads.store import LoadedHead
 from registry.heads import load_head_version, register_head
-from registry.releases import Release, ReleaseError, create_release, get_release, load_release, promote_head
+from registry.releases import (
+    Release, ReleaseError, create_release, get_release, load_release, production_version, promote_head, read_release,
+)
 from registry.trunks import find_trunk_version_by_tag, get_trunk_version, load_trunk, register_trunk
 from registry.workspace import Workspace
 from trunk.cache import FeatureCache
@@ -260,24 +263,60 @@ def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, r
 
 
 # -- bulk classification -----------------------------------------------------------------
-def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *, batch_size: int, num_workers: int,
-                 device: str, progress: bool, rows_per_shard: int = 10000) -> dict[str, Any]:
-    """Classify a folder or manifest with every head of ``release@production``.
+def release_for_output(client: MlflowClient, output: str | Path, release: str | int | None = None) -> Release:
+    """The release a classification job into ``output`` runs, resolved once.
 
-    The release is resolved once, here, so a promotion during the job cannot mix versions.
+    Args:
+        client: the registry.
+        output: the job's output folder.
+        release: a release version, ``production`` (the alias), or None: the release the
+            unfinished job already in ``output`` started with (so a job restarted after a
+            promotion does not mix versions), else production.
+
+    Raises:
+        JobError: no production release, or ``release`` contradicts the job in ``output``.
     """
-    release = get_release(client, PRODUCTION)
-    if release is None:
-        raise JobError("there is no production release: train and promote heads first (python -m tools.demo)")
-    trunk, heads = load_release(client, release)
+    job_path = Path(output) / JOB_FILE
+    started = None
+    if job_path.is_file():
+        started = read_json(job_path).get("release", {}).get("version")
+    if release is None and started is not None:
+        current = production_version(client)
+        if current is not None and int(current) != int(started):
+            log.warning("resuming %s with release v%s, the release it started with (production is now v%s)",
+                        output, started, current)
+        return read_release(client, int(started))
+    if release is None or str(release) == PRODUCTION:
+        found = get_release(client, PRODUCTION)
+        if found is None:
+            raise JobError("there is no production release: train and promote heads first (python -m tools.demo)")
+        return found
+    try:
+        return read_release(client, int(release))
+    except ValueError:
+        raise JobError(f"release '{release}' is neither a version number nor '{PRODUCTION}'") from None
+
+
+def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *, batch_size: int, num_workers: int,
+                 device: str, progress: bool, rows_per_shard: int = 10000, release: str | int | None = None,
+                 backend: str = "local", draft: bool = True,
+                 ray_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Classify a folder, manifest or fsspec URI with every head of one release.
+
+    The release is resolved once, here (see :func:`release_for_output`), and its trunk and
+    heads are loaded by version, so a promotion during the job cannot mix versions.
+    """
+    chosen = release_for_output(client, output, release)
+    trunk, heads = load_release(client, chosen)
     if not heads:
-        raise JobError(f"release v{release.version} (production) has no heads; promote one with tools.train_head")
+        raise JobError(f"release v{chosen.version} has no heads; promote one with tools.train_head")
     paths = resolve_inputs(input)
-    return classify_paths(trunk, HeadBank(heads), paths, output, release=release.as_dict(), batch_size=batch_size,
-                          num_workers=num_workers, device=device, rows_per_shard=rows_per_shard, progress=progress)
+    return classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
+                          num_workers=num_workers, device=device, rows_per_shard=rows_per_shard, progress=progress,
+                          draft=draft, backend=backend, ray_options=ray_options)
 
 
 __all__ = [
     "JobError", "HeadConfigError", "resolve_trunk", "adopt_trunk", "train_trunk_job", "extract_job",
-    "features_for", "train_head_job", "classify_job", "TrunkJobResult", "HeadJobResult",
+    "features_for", "train_head_job", "classify_job", "release_for_output", "TrunkJobResult", "HeadJobResult",
 ]

@@ -46,11 +46,15 @@ def extract_lines(summary: dict[str, Any]) -> list[str]:
 def classify_lines(success: dict[str, Any], output: str) -> list[str]:
     c = success["counts"]
     rel = success["release"]
+    heads = rel.get("heads") or {}
     lines = [
-        f"classified {c['images']} images ({c['ok']} ok, {c['errors']} errors) with release "
-        f"v{rel.get('version')} into {output}",
-        f"  {success.get('images_per_s', 0):.1f} images/s; heads: {', '.join(success.get('heads', []))}",
+        f"classified {c['images']} images ({c['ok']} ok, {c['errors']} errors) into {output}",
+        f"  release v{rel.get('version')}: trunk v{rel.get('trunk_version')}, heads "
+        + ", ".join(f"{name} v{version}" for name, version in sorted(heads.items())),
+        f"  {success.get('images_per_s', 0):.1f} images/s over {success.get('seconds', 0):.1f} s "
+        f"({success.get('backend', 'local')}); shards {c.get('shards')}: "
+        f"{success.get('shards_written', 0)} written, {success.get('shards_reused', 0)} already there",
     ]
-    for reason, n in sorted(success.get("errors_by_reason", {}).items(), key=lambda kv: -kv[1]):
+    for reason, n in sorted(success.get("errors_by_reason", {}).items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  error {reason}: {n}")
     return lines

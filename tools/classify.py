@@ -1,11 +1,14 @@
-"""Classify a folder or manifest with every head of release@production; write Parquet.
+"""Classify a folder, manifest or fsspec URI with every head of one release; write Parquet.
 
     python -m tools.classify input=/data/new_images output=/data/predictions/2026-11-23
+    python -m tools.classify input=s3://bucket/images.parquet output=/mnt/out backend=ray ray.address=auto
 """
 
 from __future__ import annotations
 
-from tools.common import client, device, tool, workspace
+from omegaconf import OmegaConf
+
+from tools.common import client, device, num_workers, tool, workspace
 
 
 @tool("classify")
@@ -14,9 +17,11 @@ def main(cfg) -> None:
     from registry.summary import classify_lines
 
     ws = workspace(cfg)
+    ray_options = OmegaConf.to_container(cfg.ray, resolve=True) if cfg.backend == "ray" else None
     success = classify_job(client(cfg, ws), cfg.input, cfg.output, batch_size=cfg.batch_size,
-                           num_workers=cfg.num_workers, device=device(cfg), progress=cfg.progress,
-                           rows_per_shard=cfg.rows_per_shard)
+                           num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress,
+                           rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
+                           draft=cfg.draft, ray_options=ray_options)
     print("\n".join(classify_lines(success, str(cfg.output))))
 
 

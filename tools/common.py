@@ -110,3 +110,17 @@ def as_list(value: Any) -> list:
     if isinstance(value, str):
         return [v for v in value.split(",") if v]
     return list(OmegaConf.to_container(value, resolve=True)) if not isinstance(value, list) else value
+
+
+def num_workers(cfg: DictConfig) -> int:
+    """``num_workers`` from the config; ``auto``: one decoding process per core but one, at least 1, at most 16."""
+    value = cfg.num_workers
+    if str(value).strip().lower() == "auto":
+        return max(1, min(16, (os.cpu_count() or 2) - 1))
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"field 'num_workers': '{value}' is not a number or 'auto'") from None
+    if n < 0:
+        raise ValueError(f"field 'num_workers': must be 0 or more, got {n}")
+    return n

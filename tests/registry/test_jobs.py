@@ -114,3 +114,42 @@ def test_branch_head_trains_releases_and_classifies(client, workspace, shapes, t
     table = pq.read_table(tmp_path / "out").to_pydict()
     assert success["release"]["heads"] == {"colour": pooled.version, "count": branch.version}
     assert len(table["path"]) == 80 and all(label is not None for label in table["count_label"])
+
+
+def test_classify_resolves_the_release_once_and_a_restart_keeps_it(client, workspace, shapes, tmp_path):
+    import pyarrow.parquet as pq
+
+    from heads.shards import SUCCESS_FILE
+    from registry.jobs import classify_job
+
+    ws = Workspace.at(workspace)
+    adopt_trunk(client, register_trunk(client, Trunk("test_resnet", data_config=SMALL)))
+    colour = train_head_job(client, spec_for(tmp_path, shapes, "colour"), workspace=ws, **JOB)
+    first = colour.release.version
+    run = {"batch_size": 16, "num_workers": 0, "device": "cpu", "progress": False, "rows_per_shard": 30}
+    out = tmp_path / "out"
+    clean = classify_job(client, shapes.root / "images", out, **run)
+    assert clean["release"]["version"] == first and clean["counts"]["shards"] == 3
+    # As if killed before its last shard, and production moved on meanwhile.
+    (out / "part-00002.parquet").unlink()
+    (out / SUCCESS_FILE).unlink()
+    shape = train_head_job(client, spec_for(tmp_path, shapes, "shape"), workspace=ws, **JOB)
+    assert get_release(client).version == shape.release.version != first
+
+    resumed = classify_job(client, shapes.root / "images", out, **run)
+    assert resumed["release"]["version"] == first and resumed["shards_written"] == 1
+    table = pq.read_table(out)
+    assert "shape_label" not in table.column_names and table.num_rows == 80  # no version mixing
+
+    newer = classify_job(client, shapes.root / "images", tmp_path / "new", **run)
+    assert newer["release"]["version"] == shape.release.version
+    assert {"colour_label", "shape_label"} <= set(pq.read_table(tmp_path / "new").column_names)
+    # Asking for production on the old job's folder would mix versions: refused, one line.
+    (out / SUCCESS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"_JOB.json: holds another job's output \(field 'release' differs\)"):
+        classify_job(client, shapes.root / "images", out, release="production", **run)
+    # A release by number, into a new folder.
+    pinned = classify_job(client, shapes.root / "images", tmp_path / "pinned", release=first, **run)
+    assert pinned["release"]["version"] == first
+    with pytest.raises(JobError, match="release 'latest' is neither a version number nor 'production'"):
+        classify_job(client, shapes.root / "images", tmp_path / "x", release="latest", **run)
