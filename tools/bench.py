@@ -2,6 +2,7 @@
 
     python -m tools.bench
     python -m tools.bench model=resnet50 device=cuda batch_size=64 repeats=20
+    python -m tools.bench suite=pipeline
 """
 
 from __future__ import annotations
@@ -11,17 +12,21 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from tools.common import as_list, device, tool
+from tools.common import as_list, device, num_workers, tool
 
 
 def run(cfg: DictConfig) -> dict:
-    """Run :func:`heads.benchmark.run_benchmark` as configured, print the table, write the JSON."""
+    """Run the configured suite, print its table, write its JSON."""
     import torch
-
-    from heads.benchmark import format_table, run_benchmark, write_result
 
     if cfg.threads is not None:
         torch.set_num_threads(int(cfg.threads))
+    if cfg.suite == "pipeline":
+        return run_pipeline(cfg)
+    if cfg.suite != "heads":
+        raise ValueError(f"field 'suite': '{cfg.suite}' is not one of: heads, pipeline")
+    from heads.benchmark import format_table, run_benchmark, write_result
+
     dev = device(cfg)
     result = run_benchmark(
         str(cfg.model), image_size=int(cfg.image_size), batch_size=int(cfg.batch_size),
@@ -36,6 +41,27 @@ def run(cfg: DictConfig) -> dict:
     result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     path = write_result(result, cfg.output or Path("bench") / f"{result['device']}.json")
     print(format_table(result))
+    print(f"wrote {path}")
+    return result
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """Run :func:`heads.bench_pipeline.run_pipeline_benchmark`, print its table, write its JSON."""
+    from heads.bench_pipeline import format_pipeline_table, run_pipeline_benchmark
+    from heads.benchmark import write_result
+
+    p = cfg.pipeline
+    result = run_pipeline_benchmark(
+        str(cfg.model), image_size=int(cfg.image_size), n_images=int(p.n_images),
+        photo_size=tuple(int(v) for v in p.photo_size), batch_size=int(p.batch_size),
+        num_workers=num_workers(p), n_heads=int(p.n_heads), warmup=int(cfg.warmup), repeats=int(p.repeats),
+        device=device(cfg), seed=int(cfg.seed), images_dir=p.images_dir,
+        model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True),
+    )
+    result["command"] = " ".join(["python -m tools.bench", *_overrides()])
+    result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    path = write_result(result, cfg.output or Path("bench") / f"{result['device']}-pipeline.json")
+    print(format_pipeline_table(result))
     print(f"wrote {path}")
     return result
 

@@ -192,3 +192,18 @@ def test_tool_config_composes_and_runs(tmp_path, capsys):
     assert json.loads(out.read_text())["goals"] == json.loads(json.dumps(result["goals"]))
     assert result["command"] == "python -m tools.bench" and result["created"].endswith("Z")
     assert f"wrote {out}" in capsys.readouterr().out
+
+
+def test_pipeline_benchmark_measures_every_stage_on_the_same_files(tmp_path):
+    from heads.bench_pipeline import format_pipeline_table, run_pipeline_benchmark, write_photos
+
+    result = run_pipeline_benchmark("test_resnet", image_size=32, n_images=8, photo_size=(96, 64), batch_size=4,
+                                    num_workers=0, n_heads=3, warmup=0, repeats=2, images_dir=tmp_path / "img")
+    ips = result["images_per_s"]
+    assert set(ips) == {"decode", "decode_full", "trunk", "end_to_end"} and all(v > 0 for v in ips.values())
+    assert result["goal"]["value"] == result["end_to_end_vs_slowest_stage"] > 0
+    assert result["bottleneck"] in ("decode", "trunk") and result["n_heads"] == 3
+    assert "end to end (files -> Parquet)" in format_pipeline_table(result)
+    # The generated files are kept and reused.
+    files = sorted((tmp_path / "img").iterdir())
+    assert len(files) == 8 and write_photos(tmp_path / "img", 8, size=(96, 64)) == files
