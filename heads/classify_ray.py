@@ -35,7 +35,8 @@ from trunk.loader import decode_batch
 
 log = logging.getLogger(__name__)
 
-DEFAULTS = {"address": None, "actors": 1, "gpus_per_actor": None, "decode_cpus": 1, "actor_cpus": 1}
+DEFAULTS = {"address": None, "actors": 1, "gpus_per_actor": None, "decode_cpus": 1, "actor_cpus": 1,
+            "decode_memory_mb": 1024, "batches_per_block": 4, "actor_start_timeout_s": 600}
 
 
 def _decode(row: dict[str, Any], transform, draft_side: int | None) -> dict[str, Any]:
@@ -64,7 +65,8 @@ def _options(options: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"field 'ray.{unknown[0]}': unknown; known: {', '.join(DEFAULTS)}")
     merged = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    for key in ("actors", "decode_cpus", "actor_cpus"):
+    for key in ("actors", "decode_cpus", "actor_cpus", "decode_memory_mb", "batches_per_block",
+                "actor_start_timeout_s"):
         if float(merged[key]) <= 0:
             raise ValueError(f"field 'ray.{key}': must be positive, got {merged[key]}")
     return merged
@@ -79,12 +81,48 @@ def _connect(address: str | None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         if address is None:
-            ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+            # A private single-machine cluster (address="local" never joins a running one);
+            # nothing but this process talks to it, so no auth token file is written.
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         else:
             ray.init(address=str(address), logging_level=logging.WARNING)
-    except ConnectionError as e:
-        raise ValueError(f"field 'ray.address': cannot connect to Ray at '{address}': {e}") from None
+    except (ConnectionError, ValueError, RuntimeError) as e:
+        hint = ' (ray:// needs pip install "ray[client]")' if str(address).startswith("ray://") else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"field 'ray.address': cannot connect to Ray at '{address}': {first}{hint}") from None
     return True
+
+
+def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
+                  gpus: float, amp: bool, options: Mapping[str, Any]):
+    """The two-stage Ray Dataset over the planned batches (lazy: nothing runs until iterated).
+
+    Each output row: ``shard``, ``batch`` and ``columns`` (pickled output columns).
+    Arguments as for :func:`ray_batches`; ``gpus`` per actor; ``options`` already merged
+    with :data:`DEFAULTS`.
+    """
+    import ray.data
+
+    opts = options
+    items = [{"shard": job.shard, "batch": job.batch, "indices": job.indices,
+              "paths": [names[i] for i in job.indices]} for job in jobs]
+    # A few batches per block: each block costs Ray Data tens of ms per stage.
+    n_blocks = -(-len(items) // int(opts["batches_per_block"]))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+    # Decoding reserves memory, the model actors do not: Ray Data fuses a task stage into
+    # the next actor stage when their resource requests match, which would decode inside
+    # the model actors; different requests keep decoding a CPU stage of its own that
+    # scales apart from the model copies.
+    ds = ds.map(_decode, fn_kwargs={"transform": transform, "draft_side": draft_side},
+                num_cpus=float(opts["decode_cpus"]), memory=float(opts["decode_memory_mb"]) * 2**20)
+    # A GPU actor reserves one CPU by default; asking for CPUs too is "experimental" in Ray.
+    resources = {"num_gpus": float(gpus)} if gpus else {"num_cpus": float(opts["actor_cpus"])}
+    ds = ds.map(_Predict, fn_constructor_kwargs={"trunk": trunk.cpu(), "bank": bank.cpu(),
+                                                 "device": "cuda" if gpus else "cpu", "amp": amp,
+                                                 "threads": max(1, int(opts["actor_cpus"]))},
+                compute=ray.data.ActorPoolStrategy(size=int(opts["actors"])), **resources)
+    return ds
 
 
 def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
@@ -101,9 +139,12 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         device: ``cuda`` gives each actor one GPU (unless ``gpus_per_actor`` says
             otherwise); ``cpu`` runs actors on CPUs.
         amp: bf16 autocast + channels_last in the actors.
-        options: ``address`` (None: start a local Ray; ``auto``; ``ray://host:10001``),
-            ``actors`` (model copies), ``gpus_per_actor``, ``decode_cpus``,
-            ``actor_cpus``. A Ray already initialised in this process is used as is.
+        options: ``address`` (None: start a private local Ray; ``auto``: join the
+            cluster of this machine; ``ray://host:10001``: Ray Client), ``actors`` (model
+            copies), ``gpus_per_actor``, ``decode_cpus``, ``actor_cpus``,
+            ``decode_memory_mb`` (reserved per decoding task), ``batches_per_block``,
+            ``actor_start_timeout_s``. A Ray already initialised in this process is used
+            as is.
 
     Raises:
         ValueError: one line, for a bad option or an unreachable cluster.
@@ -121,23 +162,13 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         gpus = 1 if device.type == "cuda" else 0
     started = _connect(opts["address"])
     try:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False  # the job's own bar counts images
         ctx.execution_options.preserve_order = False  # shards are assembled by (shard, batch)
-        items = [{"shard": job.shard, "batch": job.batch, "indices": job.indices,
-                  "paths": [names[i] for i in job.indices]} for job in jobs]
-        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 1000))
-        # Distinct scheduling strategies keep Ray Data from fusing the two stages into one
-        # actor (it fuses task -> actor maps whose remote args match): decoding stays a
-        # CPU stage of its own, spread over the cluster, and scales apart from the models.
-        ds = ds.map(_decode, fn_kwargs={"transform": transform, "draft_side": draft_side},
-                    compute=ray.data.TaskPoolStrategy(), num_cpus=float(opts["decode_cpus"]),
-                    scheduling_strategy="SPREAD")
-        ds = ds.map(_Predict, fn_constructor_kwargs={"trunk": trunk.cpu(), "bank": bank.cpu(),
-                                                     "device": "cuda" if gpus else "cpu", "amp": amp,
-                                                     "threads": int(opts["actor_cpus"])},
-                    compute=ray.data.ActorPoolStrategy(size=int(opts["actors"])),
-                    num_cpus=float(opts["actor_cpus"]), num_gpus=float(gpus), scheduling_strategy="DEFAULT")
+        ctx.raise_original_map_exception = True  # a failing stage raises its own exception type
+        # Fail rather than wait forever for actors the cluster cannot place (e.g. GPUs it lacks).
+        ctx.wait_for_min_actors_s = int(opts["actor_start_timeout_s"])
+        ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts)
         for row in ds.iter_rows():
             yield int(row["shard"]), int(row["batch"]), pickle.loads(row["columns"])
     finally:

@@ -244,7 +244,7 @@ def _vanished(folder: Path, size: int, rng: np.random.Generator) -> BadCase:
 
 def _folder(folder: Path, size: int, rng: np.random.Generator) -> BadCase:
     path = folder / "folder.jpg"
-    path.mkdir()
+    path.mkdir(exist_ok=True)
     return BadCase("folder", path, "is a directory")
 
 

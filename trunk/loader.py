@@ -12,6 +12,7 @@ that schedule batches themselves (the Ray backend of bulk classification).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,13 @@ class DecodedBatch:
         return len(self.indices)
 
 
+_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+>")
+
+
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """One line, with no per-process detail (``<_io.BytesIO object at 0x7f..>``), so a
+    rerun or another backend writes the very same ``error`` cell."""
+    return _ADDRESS.sub(">", " ".join(str(text).split()))
 
 
 Item = tuple[int, str, Optional[str], Optional[str], Optional[torch.Tensor]]

@@ -94,3 +94,21 @@ def test_bad_ray_option_is_one_line(tmp_path, tiny_trunk, inputs):
     with pytest.raises(ValueError, match=r"field 'ray.actor': unknown"):
         classify(tiny_trunk, make_bank(tiny_trunk), inputs, tmp_path / "out", release={"version": "1"},
                  backend="ray", ray_options={"actor": 2}, progress=False)
+
+
+def test_decoding_is_a_stage_of_its_own(local_ray, tiny_trunk, inputs):
+    from heads.classify import plan_batches
+    from heads.classify_ray import DEFAULTS, build_dataset
+    from trunk.preprocess import eval_transform
+
+    bank = make_bank(tiny_trunk)
+    jobs = plan_batches(len(inputs), 9, 4, [0, 1])
+    opts = {**DEFAULTS, "decode_cpus": 0.5, "actor_cpus": 0.5, "actors": 1}
+    ds = build_dataset(tiny_trunk, bank, inputs, jobs, eval_transform(tiny_trunk.data_config), None,
+                       gpus=0, amp=False, options=opts)
+    rows = ds.take_all()
+    assert sorted((r["shard"], r["batch"]) for r in rows) == [(j.shard, j.batch) for j in jobs]
+    stats = ds.stats()
+    # Not fused into "Map(_decode)->Map(_Predict)": decoding runs as tasks, the model in actors.
+    assert "Map(_decode)->Map(_Predict)" not in stats
+    assert "Map(_decode)" in stats and "Map(_Predict)" in stats
