@@ -14,9 +14,12 @@ the same JPEG files per round, interleaved with a rotating order
   included.
 
 The ratio is the median over rounds of ``end_to_end images/s / min(decode, trunk)``
-within the round. On a CPU-only machine both stages share the same cores, so the bound
-is ``1 / (1 + slow/fast)`` of the slower stage, not 1: the closer the two stages' speeds,
-the lower the reachable ratio. On a GPU machine they use different hardware and overlap.
+within the round. On a CPU-only machine both stages run on the same cores, so what the
+pipeline can reach is ``1 / (1/decode + 1/trunk)`` images/s (each image costs its decode
+time plus its trunk time of the same cores), not the slower stage's rate: the ratio
+reaches the 0.85 goal only when one stage is much faster than the other. The result
+also reports end-to-end against that shared-cores bound. On a GPU machine the stages
+run on different hardware and overlap.
 """
 
 from __future__ import annotations
@@ -148,6 +151,8 @@ def run_pipeline_benchmark(
 
     ips = {name: [n_images / (ms / 1000.0) for ms in series] for name, series in times.items()}
     per_round = [e / min(d, t) for e, d, t in zip(ips["end_to_end"], ips["decode"], ips["trunk"])]
+    # When both stages share the same cores, one image costs 1/d + 1/t of them: the bound.
+    shared = [e * (1 / d + 1 / t) for e, d, t in zip(ips["end_to_end"], ips["decode"], ips["trunk"])]
     draft_speedup = statistics.median(f / d for f, d in zip(times["decode_full"], times["decode"]))
     median = {name: float(statistics.median(v)) for name, v in ips.items()}
     ratio = float(statistics.median(per_round))
@@ -170,6 +175,8 @@ def run_pipeline_benchmark(
         "images_per_s": median,
         "bottleneck": "decode" if median["decode"] < median["trunk"] else "trunk",
         "end_to_end_vs_slowest_stage": ratio,
+        "shared_cores_bound": 1 / (1 / median["decode"] + 1 / median["trunk"]),
+        "end_to_end_vs_shared_cores_bound": float(statistics.median(shared)),
         "draft_decode_speedup": float(draft_speedup),
         "goal": {"what": "end-to-end / min(decode-only, trunk-only)", "op": ">=", "bound": GOAL,
                  "value": ratio, "passed": ratio >= GOAL},
@@ -190,6 +197,9 @@ def format_pipeline_table(result: Mapping[str, Any]) -> str:
         f"{'decode only (full size)':<34}{ips['decode_full']:>10.1f}",
         f"{'trunk + heads only (in memory)':<34}{ips['trunk']:>10.1f}",
         f"{'end to end (files -> Parquet)':<34}{ips['end_to_end']:>10.1f}",
+        "",
+        f"{'if both stages share the cores':<34}{result['shared_cores_bound']:>10.1f}"
+        f"  (end to end = {result['end_to_end_vs_shared_cores_bound']:.2f}x this)",
         "",
         f"bottleneck: {result['bottleneck']}; draft mode decodes {result['draft_decode_speedup']:.2f}x faster",
     ]

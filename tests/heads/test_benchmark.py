@@ -202,6 +202,7 @@ def test_pipeline_benchmark_measures_every_stage_on_the_same_files(tmp_path):
     ips = result["images_per_s"]
     assert set(ips) == {"decode", "decode_full", "trunk", "end_to_end"} and all(v > 0 for v in ips.values())
     assert result["goal"]["value"] == result["end_to_end_vs_slowest_stage"] > 0
+    assert 0 < result["shared_cores_bound"] < min(ips["decode"], ips["trunk"])
     assert result["bottleneck"] in ("decode", "trunk") and result["n_heads"] == 3
     assert "end to end (files -> Parquet)" in format_pipeline_table(result)
     # The generated files are kept and reused.
