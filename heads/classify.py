@@ -184,6 +184,10 @@ def classify(
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
+    if backend == "ray":
+        from heads.classify_ray import check_options
+
+        check_options(ray_options or {})  # before anything is written
     trunk_id = release.get("trunk_id")
     if trunk_id and trunk_id != trunk.trunk_id:
         raise ValueError(f"release field 'trunk_id' is {trunk_id} but the trunk given is {trunk.trunk_id}")

@@ -60,7 +60,8 @@ class _Predict:
         return {"shard": row["shard"], "batch": row["batch"], "columns": pickle.dumps(columns, protocol=5)}
 
 
-def _options(options: Mapping[str, Any]) -> dict[str, Any]:
+def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` merged with :data:`DEFAULTS`; a one-line ``ValueError`` for an unknown or bad one."""
     unknown = sorted(set(options) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"field 'ray.{unknown[0]}': unknown; known: {', '.join(DEFAULTS)}")
@@ -154,7 +155,7 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         import ray.data
     except ImportError:
         raise ValueError('backend=ray needs Ray Data: pip install "vision-trunk-platform[ray]"') from None
-    opts = _options(options)
+    opts = check_options(options)
     if not jobs:
         return
     gpus = opts["gpus_per_actor"]

@@ -25,7 +25,7 @@ def run(cfg: DictConfig) -> dict:
         return run_pipeline(cfg)
     if cfg.suite != "heads":
         raise ValueError(f"field 'suite': '{cfg.suite}' is not one of: heads, pipeline")
-    from heads.benchmark import format_table, run_benchmark, write_result
+    from heads.benchmark import format_table, run_benchmark
 
     dev = device(cfg)
     result = run_benchmark(
@@ -37,18 +37,12 @@ def run(cfg: DictConfig) -> dict:
         num_classes=int(cfg.num_classes), n_models=int(cfg.n_models), train_epochs=int(cfg.train_epochs),
         device=dev, seed=int(cfg.seed), model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True),
     )
-    result["command"] = " ".join(["python -m tools.bench", *_overrides()])
-    result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    path = write_result(result, cfg.output or Path("bench") / f"{result['device']}.json")
-    print(format_table(result))
-    print(f"wrote {path}")
-    return result
+    return _publish(cfg, result, format_table(result), f"{result['device']}.json")
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
     """Run :func:`heads.bench_pipeline.run_pipeline_benchmark`, print its table, write its JSON."""
     from heads.bench_pipeline import format_pipeline_table, run_pipeline_benchmark
-    from heads.benchmark import write_result
 
     p = cfg.pipeline
     result = run_pipeline_benchmark(
@@ -58,10 +52,17 @@ def run_pipeline(cfg: DictConfig) -> dict:
         device=device(cfg), seed=int(cfg.seed), images_dir=p.images_dir,
         model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True),
     )
+    return _publish(cfg, result, format_pipeline_table(result), f"{result['device']}-pipeline.json")
+
+
+def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:
+    """Stamp the result with how to reproduce it, write its JSON, print its table."""
+    from heads.benchmark import write_result
+
     result["command"] = " ".join(["python -m tools.bench", *_overrides()])
     result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    path = write_result(result, cfg.output or Path("bench") / f"{result['device']}-pipeline.json")
-    print(format_pipeline_table(result))
+    path = write_result(result, cfg.output or Path("bench") / default_name)
+    print(table)
     print(f"wrote {path}")
     return result
 

@@ -94,6 +94,10 @@ def test_bad_ray_option_is_one_line(tmp_path, tiny_trunk, inputs):
     with pytest.raises(ValueError, match=r"field 'ray.actor': unknown"):
         classify(tiny_trunk, make_bank(tiny_trunk), inputs, tmp_path / "out", release={"version": "1"},
                  backend="ray", ray_options={"actor": 2}, progress=False)
+    with pytest.raises(ValueError, match=r"field 'ray.actors': must be positive, got 0"):
+        classify(tiny_trunk, make_bank(tiny_trunk), inputs, tmp_path / "out", release={"version": "1"},
+                 backend="ray", ray_options={"actors": 0}, progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
 def test_decoding_is_a_stage_of_its_own(local_ray, tiny_trunk, inputs):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -37,3 +39,29 @@ def test_target_outside_the_platform_is_refused():
 def test_as_list_takes_lists_and_comma_strings():
     assert as_list(OmegaConf.create({"x": ["a", "b"]}).x) == ["a", "b"]
     assert as_list("a,b") == ["a", "b"] and as_list(None) == []
+
+
+def test_bench_pipeline_suite_runs_from_its_config(tmp_path, capsys):
+    from tools.bench import run
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="bench", overrides=[
+            "suite=pipeline", "model=test_resnet", "image_size=32", "warmup=0", "device=cpu", "pipeline.n_images=4",
+            "pipeline.photo_size=[64,48]", "pipeline.batch_size=2", "pipeline.num_workers=0", "pipeline.repeats=1",
+            f"pipeline.images_dir={tmp_path / 'img'}", f"output={tmp_path / 'out.json'}"])
+    result = run(cfg)
+    assert json.loads((tmp_path / "out.json").read_text())["images_per_s"] == result["images_per_s"]
+    assert "end to end (files -> Parquet)" in capsys.readouterr().out
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        bad = compose(config_name="bench", overrides=["suite=nope"])
+    with pytest.raises(ValueError, match="field 'suite': 'nope' is not one of: heads, pipeline"):
+        run(bad)
+
+
+def test_num_workers_auto_and_bad_values():
+    from tools.common import num_workers
+
+    assert num_workers(OmegaConf.create({"num_workers": "auto"})) >= 1
+    assert num_workers(OmegaConf.create({"num_workers": 3})) == 3
+    with pytest.raises(ValueError, match="field 'num_workers': 'many' is not a number or 'auto'"):
+        num_workers(OmegaConf.create({"num_workers": "many"}))
