@@ -14,6 +14,8 @@ from typing import Any
 
 GATE_KEYS = ("min_val_accuracy", "max_added_gflops", "max_added_ms_per_image",
              "min_slice_accuracy", "min_slice_size")
+# The refresh cascade's contract (heads.contract) reads these; the gate itself ignores them.
+CONTRACT_KEYS = ("tolerance", "slice_tolerance", "golden")
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,9 @@ def check_gate(spec_gate: Mapping[str, Any], metrics: Mapping[str, Any],
         ValueError: the gate has a key this function does not know (a typo would
             otherwise silently disable a limit).
     """
-    unknown = sorted(set(spec_gate) - set(GATE_KEYS))
+    unknown = sorted(set(spec_gate) - set(GATE_KEYS) - set(CONTRACT_KEYS))
     if unknown:
-        raise ValueError(f"gate: unknown field(s) {', '.join(unknown)}; valid: {', '.join(GATE_KEYS)}")
+        raise ValueError(f"gate: unknown field(s) {', '.join(unknown)}; valid: {', '.join(GATE_KEYS + CONTRACT_KEYS)}")
     checks: list[Check] = []
     floor = spec_gate.get("min_val_accuracy")
     checks.append(_compare("val_accuracy", metrics.get("val_accuracy"), float(floor or 0.0), ">="))

@@ -77,6 +77,13 @@ class GateConfig:
     # Floor for every slice with at least min_slice_size validation examples.
     min_slice_accuracy: Optional[float] = None
     min_slice_size: int = 20
+    # The refresh cascade's contract against this head's production version (None: the
+    # platform default, conf/refresh.yaml): val accuracy may drop at most `tolerance`,
+    # each slice with at least min_slice_size examples at most `slice_tolerance`.
+    tolerance: Optional[float] = None
+    slice_tolerance: Optional[float] = None
+    # Images that must keep their labels on any new trunk: CSV/Parquet with path,label.
+    golden: Optional[str] = None
 
 
 @dataclass
@@ -270,6 +277,10 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
             raise HeadConfigError(source, f"train.{key}", f"{train[key]} must be at least 1")
     if train["lr"] <= 0:
         raise HeadConfigError(source, "train.lr", f"{train['lr']} must be positive")
+    for key in ("tolerance", "slice_tolerance"):
+        value = merged["gate"][key]
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise HeadConfigError(source, f"gate.{key}", f"{value} is not between 0 and 1")
     return HeadSpec(config=merged, source=source)
 
 
