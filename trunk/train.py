@@ -100,6 +100,14 @@ def _worker_init(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Peak learning rate decayed to 0 on a half cosine over ``steps`` optimizer steps."""
+    total_steps = max(1, steps)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    )
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -228,10 +236,7 @@ def train_trunk(
         )
         params = [*model.parameters(), *classifiers.parameters()]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        total_steps = max(1, epochs * len(loader))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
-        )
+        schedule = _cosine_schedule(optimizer, epochs * len(loader))
         loss_fn = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
 
         history: list[dict] = []

@@ -1,0 +1,267 @@
+"""Feature distillation: teach a smaller trunk to produce a bigger trunk's features.
+
+The student learns to match the teacher's ``pooled`` vector (and, optionally, the maps at
+some earlier taps that branch heads read) on unlabelled images. A small learned projector
+maps each student feature to the teacher's width (``nn.Linear`` for ``pooled``, a 1x1
+convolution for a map), and the loss is the mean squared error between the layer-normed
+projection and the layer-normed teacher feature. Layer norm makes the target
+scale-free: a teacher whose features are large or offset does not dominate the loss, and
+the loss of a perfect match up to scale and offset is 0. The projectors exist only to
+shape the student and are thrown away, like the task classifiers of :mod:`trunk.train`.
+
+Teacher and student must share one data config, so each step feeds both the very same
+augmented batch. The result is a new :class:`~trunk.model.Trunk` (a new ``trunk_id``);
+the input student and teacher are left untouched. Images that cannot be decoded are
+skipped with a warning and counted; one bad file never stops a run.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from trunk.augment import TrainTransform, build_train_transform
+from trunk.decode import ImageError, load_image
+from trunk.model import POOLED, Trunk, TrunkError
+from trunk.train import _cosine_schedule, _decodable, _resolve_device, _worker_init
+
+
+@dataclass
+class DistillResult:
+    """What :func:`distill_trunk` gives back.
+
+    Attributes:
+        trunk: the distilled student (a new object with a new ``trunk_id``).
+        history: one dict per epoch: ``epoch``, ``loss``, ``loss_pooled``, ``loss_<tap>``
+            per tap, ``cosine_pooled``, ``lr``, ``seconds``.
+        metrics: final figures: ``distill_loss``, ``distill_loss_pooled``,
+            ``distill_loss_<tap>``, ``cosine_pooled``, ``n_images``, ``skipped_images``,
+            ``distill_seconds``.
+        skipped: one line per image that could not be decoded (path and reason).
+    """
+
+    trunk: Trunk
+    history: list[dict]
+    metrics: dict[str, float]
+    skipped: list[str] = field(default_factory=list)
+
+
+class _Images(Dataset):
+    """Unlabelled images; undecodable ones come back as None."""
+
+    def __init__(self, paths: list[str], transform: TrainTransform) -> None:
+        self.paths = paths
+        # trunk.train._worker_init reseeds ``dataset.transform`` in each worker.
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor | None:
+        try:
+            image, _ = load_image(self.paths[i])
+        except ImageError:
+            # Files checked before training can still change under us; drop, never crash.
+            return None
+        return self.transform(image)
+
+
+def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor | None:
+    batch = [b for b in batch if b is not None]
+    return torch.stack(batch) if batch else None
+
+
+def _check_pair(teacher: Trunk, student: Trunk, taps: Sequence[str]) -> list[str]:
+    """The taps to distill besides ``pooled``, in order, or a one-line error."""
+    if student.data_config != teacher.data_config:
+        raise ValueError(
+            f"field 'data_config': the student's {student.data_config} differs from the teacher's "
+            f"{teacher.data_config}; build the student with data_config=teacher.data_config so both "
+            f"see the same preprocessed images"
+        )
+    if isinstance(taps, str):
+        raise ValueError(f"field 'taps': expected a list of tap names, got the string {taps!r}")
+    taps = list(dict.fromkeys(taps))
+    if POOLED in taps:
+        raise ValueError(f"field 'taps': '{POOLED}' is always distilled; list only earlier taps such as layer2")
+    for role, trunk in (("teacher", teacher), ("student", student)):
+        if taps and trunk.token_prefix:
+            raise ValueError(
+                f"field 'taps': the {role} '{trunk.model_name}' has token taps (B, tokens, C), and only "
+                f"map taps (B, C, H, W) can be distilled; use taps=[] to distill '{POOLED}' only"
+            )
+    shared = [t for t in teacher.taps if t in student.taps and t != POOLED]
+    for tap in taps:
+        for role, trunk in (("teacher", teacher), ("student", student)):
+            try:
+                trunk.tap(tap)
+            except TrunkError:
+                raise TrunkError(
+                    f"field 'taps': the {role} '{trunk.model_name}' has no tap '{tap}'; valid taps: "
+                    f"{', '.join(shared) or 'none shared by teacher and student'}"
+                ) from None
+    return taps
+
+
+def _map_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE of two ``(B, C, H, W)`` maps, each layer-normed over channels at every position."""
+    if projected.shape[-2:] != target.shape[-2:]:
+        # Different strides at the same tap name: compare on the teacher's grid.
+        projected = F.interpolate(projected, size=target.shape[-2:], mode="bilinear", align_corners=False)
+    channels = target.shape[1]
+    a = F.layer_norm(projected.permute(0, 2, 3, 1), (channels,))
+    b = F.layer_norm(target.permute(0, 2, 3, 1), (channels,))
+    return F.mse_loss(a, b)
+
+
+def distill_trunk(
+    teacher: Trunk,
+    student: Trunk,
+    paths: Sequence[str],
+    *,
+    taps: Sequence[str] = (),
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    augment_ops: Sequence[Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = True,
+) -> DistillResult:
+    """Train a copy of ``student`` to reproduce ``teacher``'s features on unlabelled images.
+
+    Args:
+        teacher: the trunk to imitate; frozen, run in eval mode, not modified.
+        student: the starting student; it is not modified. Must have the teacher's data
+            config (build it with ``data_config=teacher.data_config``).
+        paths: unlabelled image paths (or fsspec URIs).
+        taps: earlier map taps to distill as well as ``pooled`` (e.g. ``["layer2"]`` when
+            branch heads fork there); both trunks must have each one.
+        epochs: passes over the images.
+        batch_size: images per step.
+        lr: peak learning rate of AdamW, decayed to 0 on a cosine over all steps.
+        weight_decay: AdamW weight decay.
+        augment_ops: albumentations ops as config entries (see :mod:`trunk.augment`).
+        seed: seeds projector init, shuffling and augmentation; global RNGs are left as found.
+        device: ``cpu``, ``cuda`` or ``auto``.
+        num_workers: data-loader worker processes (0: decode in this process).
+        progress: a progress bar per epoch.
+
+    Returns:
+        The distilled trunk, per-epoch history and final metrics. The loss of a step is the
+        ``pooled`` loss plus the mean of the tap losses; ``cosine_pooled`` is the mean cosine
+        similarity between the layer-normed projected student and teacher ``pooled`` vectors
+        over the last epoch (1: the same features up to scale and offset, 0: unrelated).
+
+    Raises:
+        ValueError: mismatched data configs, a token tap, bad settings, or no image could
+            be decoded.
+        TrunkError: a tap one of the trunks lacks (a ``ValueError`` too), naming the valid taps.
+    """
+    if epochs < 1 or batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
+        )
+    taps = _check_pair(teacher, student, taps)
+    if isinstance(paths, str) or not paths:
+        raise ValueError("field 'paths': distill_trunk needs a non-empty list of image paths")
+    started = time.perf_counter()
+    paths = [str(p) for p in paths]
+    # _decodable keeps a label row per path; there are no labels here, only positions.
+    paths, _, skipped = _decodable(paths, torch.arange(len(paths)), progress)
+    if not paths:
+        raise ValueError(f"none of the {len(skipped)} distillation images could be decoded (first: {skipped[0]})")
+    dev = _resolve_device(device)
+    wanted = [POOLED, *taps]
+
+    cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda_ids):
+        torch.manual_seed(seed)
+        # A copy even of the teacher: .to(dev) and .eval() would otherwise change the caller's object.
+        frozen = copy.deepcopy(teacher).to(dev).eval().requires_grad_(False)
+        model = copy.deepcopy(student).to(dev).train()
+        # Lists, not ModuleDicts: tap names like 'stages.2' are not valid module names.
+        pooled_proj = nn.Linear(student.tap(POOLED).channels, teacher.tap(POOLED).channels).to(dev)
+        tap_projs = nn.ModuleList(
+            [nn.Conv2d(student.tap(t).channels, teacher.tap(t).channels, kernel_size=1) for t in taps]
+        ).to(dev)
+        transform = build_train_transform(teacher.data_config, augment_ops, seed=seed)
+        loader = DataLoader(
+            _Images(paths, transform),
+            batch_size=batch_size,
+            shuffle=True,
+            # A last batch of one image breaks batch norm; drop it when there is more than one batch.
+            drop_last=len(paths) > batch_size,
+            num_workers=num_workers,
+            collate_fn=_collate,
+            worker_init_fn=_worker_init if num_workers else None,
+            generator=torch.Generator().manual_seed(seed),
+            pin_memory=dev.type == "cuda",
+        )
+        params = [*model.parameters(), *pooled_proj.parameters(), *tap_projs.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        schedule = _cosine_schedule(optimizer, epochs * len(loader))
+        width = teacher.tap(POOLED).channels
+
+        history: list[dict] = []
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            # Sums weighted by images, so a short last batch counts for what it holds.
+            sums = {name: 0.0 for name in ["loss", *(f"loss_{t}" for t in wanted), "cosine_pooled"]}
+            n = 0
+            bar = tqdm(loader, desc=f"distill epoch {epoch}/{epochs}", unit="batch", disable=not progress,
+                       leave=False)
+            for x in bar:
+                if x is None:
+                    continue
+                x = x.to(dev, non_blocking=True)
+                with torch.no_grad():
+                    target = frozen(x, wanted)
+                feats = model(x, wanted)
+                projected = F.layer_norm(pooled_proj(feats[POOLED]), (width,))
+                goal = F.layer_norm(target[POOLED], (width,))
+                pooled_loss = F.mse_loss(projected, goal)
+                tap_losses = [_map_loss(proj(feats[t]), target[t]) for t, proj in zip(taps, tap_projs)]
+                loss = (pooled_loss + torch.stack(tap_losses).mean()) if tap_losses else pooled_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    b, step_loss = x.shape[0], float(loss.detach())
+                    n += b
+                    sums["loss"] += step_loss * b
+                    sums[f"loss_{POOLED}"] += float(pooled_loss.detach()) * b
+                    for t, tap_loss in zip(taps, tap_losses):
+                        sums[f"loss_{t}"] += float(tap_loss.detach()) * b
+                    sums["cosine_pooled"] += float(F.cosine_similarity(projected, goal, dim=1).sum())
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update({k: v / max(n, 1) for k, v in sums.items()})
+            row.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
+            history.append(row)
+            if progress:
+                tqdm.write(f"distill epoch {epoch}/{epochs}: loss {row['loss']:.4f}; "
+                           f"pooled cosine {row['cosine_pooled']:.3f}; {row['seconds']:.1f}s")
+
+    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+    new = Trunk(student.model_name, data_config=student.data_config, model_kwargs=student.model_kwargs,
+                state_dict=state)
+    last = history[-1]
+    metrics: dict[str, float] = {"distill_loss": float(last["loss"])}
+    for t in wanted:
+        metrics[f"distill_loss_{t}"] = float(last[f"loss_{t}"])
+    metrics.update(cosine_pooled=float(last["cosine_pooled"]), n_images=float(len(paths)),
+                   skipped_images=float(len(skipped)), distill_seconds=time.perf_counter() - started)
+    return DistillResult(trunk=new, history=history, metrics=metrics, skipped=skipped)
