@@ -1,22 +1,31 @@
-"""The production leaderboard: every head of release@production with accuracy and cost.
+"""The production leaderboard and the heads' trunk dependencies.
 
-``log_report`` writes the table (Markdown) and a PNG of accuracy against added cost into
-``<workspace>/reports/<time>/`` and logs both to the MLflow experiment ``reports``.
+The leaderboard is every head of release@production with accuracy and cost. The
+dependency view is every registered ``head.<name>``: its production version, its latest
+version and the trunk version that one was trained on, flagged ``STALE`` when that
+trunk's ``trunk_id`` is not production's (the head was retrained for another trunk, or
+production moved to a trunk the head has no version for); plus, per trunk version, the
+head versions trained on it.
+
+``log_report`` writes the table (Markdown), a PNG of accuracy against added cost and the
+dependencies (``dependencies.md``) into ``<workspace>/reports/<time>/`` and logs all
+three to the MLflow experiment ``reports``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
-from registry.heads import get_head_version
+from registry.heads import get_head_version, model_name
 from registry.releases import PRODUCTION, get_release
-from registry.tracking import experiment_id
-from registry.trunks import metrics_batch
+from registry.tracking import experiment_id, is_not_found
+from registry.trunks import TRUNK_MODEL, metrics_batch
 
 COLUMNS = ("head", "version", "owner", "tap", "val_accuracy", "added_gflops", "added_ms_per_image", "params")
 _FORMATS = {"val_accuracy": "{:.4f}", "added_gflops": "{:.4g}", "added_ms_per_image": "{:.4f}", "params": "{:,.0f}"}
@@ -104,6 +113,169 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> P
     return path
 
 
+DEPENDENCY_COLUMNS = ("head", "production", "latest", "latest on trunk", "stale")
+HEAD_PREFIX = model_name("")
+
+
+def _all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
+    """Every result of an MLflow search, across its pages (registered models come 100 a page)."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = search(filter_string, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _head_versions(client: MlflowClient) -> dict[str, list[Any]]:
+    """``{head name: its model versions, oldest first}`` for every registered ``head.<name>``."""
+    models = _all_pages(client.search_registered_models, f"name LIKE '{HEAD_PREFIX}%'")
+    out: dict[str, list[Any]] = {}
+    for model in sorted(models, key=lambda m: m.name):
+        if not model.name.startswith(HEAD_PREFIX):  # SQL LIKE ignores case
+            continue
+        versions = _all_pages(client.search_model_versions, f"name='{model.name}'")
+        out[model.name[len(HEAD_PREFIX):]] = sorted(versions, key=lambda mv: int(mv.version))
+    return out
+
+
+def _trunk_versions_by_id(client: MlflowClient) -> dict[str, int]:
+    """``{trunk_id: lowest trunk version}``, for head versions registered without a trunk_version tag."""
+    out: dict[str, int] = {}
+    for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'"):
+        trunk_id = mv.tags.get("trunk_id")
+        if trunk_id and (trunk_id not in out or int(mv.version) < out[trunk_id]):
+            out[trunk_id] = int(mv.version)
+    return out
+
+
+def _trunk_of(mv: Any, by_id: Mapping[str, int]) -> int | None:
+    tag = mv.tags.get("trunk_version")
+    if tag is not None and str(tag).isdigit():
+        return int(tag)
+    return by_id.get(mv.tags.get("trunk_id", ""))
+
+
+def trunk_aliases(client: MlflowClient) -> dict[int, list[str]]:
+    """``{trunk version: its aliases on the registered model trunk}`` (e.g. ``candidate``); {} when none."""
+    try:
+        aliases = client.get_registered_model(TRUNK_MODEL).aliases
+    except MlflowException as e:
+        if is_not_found(e):
+            return {}
+        raise
+    out: dict[int, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        out.setdefault(int(version), []).append(alias)
+    return dict(sorted(out.items()))
+
+
+def head_dependencies(client: MlflowClient) -> list[dict[str, Any]]:
+    """One row per registered ``head.<name>``: what production serves, what is newest, and on which trunk.
+
+    Returns:
+        Rows sorted by head name, with keys ``head``, ``production_version`` (the
+        version in release@production, None when not in it), ``latest_version`` (None
+        when the model has no versions), ``latest_trunk_version`` (the latest version's
+        tag ``trunk_version``), ``latest_trunk_id``, ``production_trunk_version`` (None
+        without a production release), ``stale`` (the latest version's trunk_id is not
+        production's; False when there is no production) and ``trunk_versions``
+        (``{trunk version: [head versions trained on it]}``, ascending).
+    """
+    release = get_release(client, PRODUCTION)
+    by_id = _trunk_versions_by_id(client)
+    rows = []
+    for name, versions in _head_versions(client).items():
+        latest = versions[-1] if versions else None
+        by_trunk: dict[int, list[int]] = {}
+        for mv in versions:
+            trunk_version = _trunk_of(mv, by_id)
+            if trunk_version is not None:
+                by_trunk.setdefault(trunk_version, []).append(int(mv.version))
+        latest_trunk_id = latest.tags.get("trunk_id") if latest is not None else None
+        rows.append({
+            "head": name,
+            "production_version": release.heads.get(name) if release else None,
+            "latest_version": int(latest.version) if latest is not None else None,
+            "latest_trunk_version": _trunk_of(latest, by_id) if latest is not None else None,
+            "latest_trunk_id": latest_trunk_id,
+            "production_trunk_version": release.trunk_version if release else None,
+            "stale": bool(release is not None and latest is not None and latest_trunk_id != release.trunk_id),
+            "trunk_versions": dict(sorted(by_trunk.items())),
+        })
+    return rows
+
+
+def _dependents(rows: Sequence[dict[str, Any]], trunks: Sequence[int] = ()) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {int(t): [] for t in trunks}
+    for row in sorted(rows, key=lambda r: r["head"]):
+        for trunk_version, versions in row["trunk_versions"].items():
+            out.setdefault(int(trunk_version), []).extend(f"{row['head']} v{v}" for v in versions)
+    return dict(sorted(out.items()))
+
+
+def trunk_dependents(client: MlflowClient) -> dict[int, list[str]]:
+    """For each ``trunk`` version, the head versions trained on it.
+
+    Returns:
+        ``{trunk version: ["colour v1", "shape v2", ...]}`` ascending, heads by name then
+        version (from each head version's tag ``trunk_version``); every registered trunk
+        version is a key, with an empty list when no head was trained on it.
+    """
+    trunks = [int(mv.version) for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'")]
+    return _dependents(head_dependencies(client), trunks)
+
+
+def _version(value: Any) -> str:
+    return "-" if value is None else f"v{value}"
+
+
+def _stale_flag(row: Mapping[str, Any], production_trunk: int | None) -> str:
+    if not row.get("stale"):
+        return "ok"
+    return f"STALE: latest on trunk {_version(row.get('latest_trunk_version'))}, production trunk " \
+           f"{_version(production_trunk)}"
+
+
+def format_dependencies(rows: Sequence[dict[str, Any]], production_trunk: int | None,
+                        aliases: Mapping[int, Sequence[str]] | None = None) -> str:
+    """The heads' trunk dependencies as plain text: a table, then the heads by trunk version.
+
+    Args:
+        rows: from :func:`head_dependencies`.
+        production_trunk: the trunk version of release@production (None: no production).
+        aliases: ``{trunk version: aliases}`` from :func:`trunk_aliases`, to label
+            trunks such as ``candidate``.
+
+    Returns:
+        A table ``head | production | latest | latest on trunk | stale`` (stale reads
+        ``STALE: latest on trunk vX, production trunk vY`` or ``ok``) and a section
+        ``heads by trunk version`` with one line per trunk that has heads, serves
+        production or carries an alias: ``trunk v1 (production): colour v1, shape v2``.
+    """
+    by_trunk = {int(k): list(v) for k, v in (aliases or {}).items()}
+    if rows:
+        body = [[row["head"], _version(row.get("production_version")), _version(row.get("latest_version")),
+                 _version(row.get("latest_trunk_version")), _stale_flag(row, production_trunk)] for row in rows]
+        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(DEPENDENCY_COLUMNS)]
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(s.ljust(w) for s, w in zip(cells, widths)).rstrip()
+
+        lines = [line(DEPENDENCY_COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in body)]
+    else:
+        lines = ["(no heads registered)"]
+    trunks = [t for t in (production_trunk,) if t is not None] + list(by_trunk)
+    lines += ["", "heads by trunk version"]
+    for trunk_version, heads in _dependents(rows, trunks).items():
+        labels = (["production"] if trunk_version == production_trunk else []) + \
+            [a for a in by_trunk.get(trunk_version, []) if a != "production" or trunk_version != production_trunk]
+        lines.append(f"trunk v{trunk_version} ({', '.join(labels) or '-'}): {', '.join(heads) or '(no heads)'}")
+    return "\n".join(lines)
+
+
 def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCTION) -> dict[str, Any]:
     """Build the production leaderboard and log it to the experiment ``reports``.
 
@@ -113,10 +285,17 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         alias: which release to report on.
 
     Returns:
-        ``{"rows", "table" (text), "markdown" (path), "png" (path), "run_id", "release"}``.
+        ``{"rows", "table" (text), "markdown" (path), "png" (path), "run_id", "release",
+        "dependencies" (rows of :func:`head_dependencies`), "dependencies_text",
+        "dependencies_markdown" (path)}``. The dependencies are always measured against
+        ``production``, the release that serves.
     """
     release = get_release(client, alias)
     rows = production_table(client, alias)
+    dependencies = head_dependencies(client)
+    served = release if alias == PRODUCTION else get_release(client, PRODUCTION)
+    dependencies_text = format_dependencies(dependencies, served.trunk_version if served else None,
+                                            trunk_aliases(client))
     out = Path(workspace) / "reports" / time.strftime("%Y%m%d-%H%M%S")
     suffix = 0
     while out.exists():  # two reports in one second must not overwrite each other
@@ -127,13 +306,19 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     markdown = out / "production_table.md"
     markdown.write_text(format_markdown(rows, title))
     png = plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png")
+    against = f"release v{served.version} (production), trunk v{served.trunk_version}" if served else "no production"
+    dependencies_md = out / "dependencies.md"
+    dependencies_md.write_text(f"# head dependencies, against {against}\n\n```\n{dependencies_text}\n```\n")
     tags = {"alias": alias}
     if release:
         tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
     run = client.create_run(experiment_id(client, "reports"), run_name=f"report-{alias}", tags=tags)
-    client.log_batch(run.info.run_id, metrics=metrics_batch({"heads": len(rows)}))
+    client.log_batch(run.info.run_id, metrics=metrics_batch(
+        {"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies)}))
     client.log_artifact(run.info.run_id, str(markdown))
     client.log_artifact(run.info.run_id, str(png))
+    client.log_artifact(run.info.run_id, str(dependencies_md))
     client.set_terminated(run.info.run_id, "FINISHED")
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
-            "run_id": run.info.run_id, "release": release}
+            "run_id": run.info.run_id, "release": release, "dependencies": dependencies,
+            "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md}

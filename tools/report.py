@@ -1,4 +1,4 @@
-"""Print the production release's leaderboard; log it and an accuracy-vs-cost PNG to MLflow.
+"""Print the production leaderboard and the heads' trunk dependencies; log both and a PNG to MLflow.
 
     python -m tools.report
 """
@@ -15,6 +15,9 @@ def main(cfg) -> None:
     ws = workspace(cfg)
     report = log_report(client(cfg, ws), ws.root)
     print(report["table"])
+    print()
+    print(report["dependencies_text"])
+    print()
     print(f"plot: {report['png']}  (MLflow experiment 'reports', run {report['run_id']})")
 
 

@@ -1,4 +1,4 @@
-"""Releases: manifests, the production alias, trunk_id refusal, compare-and-swap."""
+"""Releases: manifests, the production alias, trunk_id refusal, compare-and-swap, rollback."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import torch
 
 from registry.heads import register_head
 from registry.releases import (
-    ReleaseError, bootstrap_release, create_release, get_release, load_release, promote_head, read_release,
+    ReleaseError, bootstrap_release, create_release, find_releases_by_tag, get_release, load_release, move_alias,
+    promote_head, read_release, rollback,
 )
 from registry.trunks import register_trunk
 
@@ -167,3 +168,121 @@ def test_swap_refused_when_production_moves_during_release_creation(client, regi
     assert prod.version == 3 and prod.heads == {"colour": 1}
     versions = sorted(int(v.version) for v in client.search_model_versions("name='release'"))
     assert versions == [1, 3]  # our v2 was withdrawn, not left behind
+
+
+# -- previous_production, move_alias, rollback ---------------------------------------------
+@pytest.fixture
+def history(client, registered):
+    """Production history v1 (trunk a, no heads) -> v2 (+colour v1) -> v3 (+shape v1)."""
+    ta, _ = registered
+    bootstrap_release(client, ta)
+    promote_head(client, "colour", 1)
+    promote_head(client, "shape", 1)
+    return ta
+
+
+def release_tags(client, version: int) -> dict[str, str]:
+    return dict(client.get_model_version("release", str(version)).tags)
+
+
+def test_previous_production_and_extra_tags_are_recorded(client, history):
+    assert [release_tags(client, v)["previous_production"] for v in (1, 2, 3)] == ["none", "1", "2"]
+    r4 = create_release(client, history, {"colour": 1}, expected_production=3, tags={"cascade": "c-42"})
+    tags = release_tags(client, r4.version)
+    assert tags["previous_production"] == "3" and tags["cascade"] == "c-42"
+    assert client.get_run(client.get_model_version("release", "4").run_id).data.tags["cascade"] == "c-42"
+    # Only production's moves have a previous production.
+    cand = create_release(client, history, {}, expected_production=None, alias="candidate", tags={"cascade": "c-42"})
+    assert "previous_production" not in release_tags(client, cand.version)
+    assert find_releases_by_tag(client, "cascade", "c-42") == [4, 5]
+    assert find_releases_by_tag(client, "previous_production", "none") == [1]
+    assert find_releases_by_tag(client, "cascade", "it's") == []
+    with pytest.raises(ReleaseError, match="previous_production are set by the platform"):
+        create_release(client, history, {}, expected_production=4, tags={"previous_production": "1"})
+
+
+def test_find_releases_before_any_release_exists(client):
+    assert find_releases_by_tag(client, "cascade", "c-1") == []
+
+
+def test_rollback_restores_previous_release_then_goes_further_back(client, history, trunk_a):
+    source, target = rollback(client)
+    assert (source.version, target.version) == (3, 2)
+    assert get_release(client) == target and target.heads == {"colour": 1}
+    assert release_tags(client, 2)["rolled_back_from"] == "3"
+    trunk, heads = load_release(client, get_release(client))
+    assert trunk.trunk_id == trunk_a.trunk_id and sorted(heads) == ["colour"]
+
+    source, target = rollback(client)  # follows v2's own previous_production
+    assert (source.version, target.version) == (2, 1) and get_release(client).heads == {}
+    with pytest.raises(ReleaseError, match="release v1 was the first production release.*nothing to roll back to"):
+        rollback(client)
+    assert get_release(client).version == 1
+
+
+def test_rollback_to_a_named_version_and_refusals(client, history):
+    with pytest.raises(ReleaseError, match="release v3 is production already"):
+        rollback(client, to=3)
+    with pytest.raises(ReleaseError, match="release v9 does not exist"):
+        rollback(client, to=9)
+    source, target = rollback(client, to=1)
+    assert (source.version, target.version) == (3, 1) and get_release(client).version == 1
+    source, target = rollback(client, to=3)  # a rollback is undone the same way
+    assert (source.version, target.version) == (1, 3) and release_tags(client, 3)["rolled_back_from"] == "1"
+
+
+def test_rollback_without_production_refuses(client):
+    with pytest.raises(ReleaseError, match="there is no production release, so there is nothing to roll back"):
+        rollback(client)
+
+
+def test_rollback_without_previous_production_tag_takes_newest_consistent_older(client, history):
+    # Releases made before previous_production existed: v3 lacks it, and v2's head is gone bad.
+    client.delete_model_version_tag("release", "3", "previous_production")
+    client.set_model_version_tag("head.colour", "1", "trunk_id", "someone-elses")
+    source, target = rollback(client)
+    assert (source.version, target.version) == (3, 1)
+
+
+def test_move_alias_refuses_when_production_moved(client, history):
+    seen = get_release(client).version
+    promote_head(client, "colour", 1)  # v4, someone else's promotion
+    with pytest.raises(ReleaseError, match=f"production moved from v{seen} to v4 since you began; nothing changed"):
+        move_alias(client, 2, expected=seen)
+    assert get_release(client).version == 4
+    assert move_alias(client, 2, expected=4, note="bad colour").version == 2
+    assert get_release(client).version == 2 and release_tags(client, 2)["production_note"] == "bad colour"
+
+
+def test_move_alias_refuses_a_release_whose_head_is_on_another_trunk(client, history, trunk_a):
+    client.set_model_version_tag("head.colour", "1", "trunk_id", "someone-elses")
+    with pytest.raises(ReleaseError) as info:
+        move_alias(client, 2, expected=3)
+    assert str(info.value) == (f"release v2 is not consistent: head.colour v1 was trained on trunk_id someone-elses "
+                               f"but the release's trunk is {trunk_a.trunk_id}; retrain it on trunk v{history}")
+    assert get_release(client).version == 3
+    with pytest.raises(ReleaseError, match="cannot roll back from release v3 to its previous production v2: release "
+                                           "v2 is not consistent"):
+        rollback(client)
+    assert get_release(client).version == 3 and "rolled_back_from" not in release_tags(client, 2)
+
+
+def test_rollback_refused_when_production_moves_meanwhile(client, history, workspace):
+    """Another writer promotes while the rollback is choosing its target: production stays theirs."""
+    from mlflow import MlflowClient
+
+    from registry.tracking import connect
+
+    other = connect(workspace)
+
+    class RacedClient(MlflowClient):
+        def get_model_version(self, name, version):
+            mv = super().get_model_version(name, version)
+            if name == "release" and str(version) == "3" and get_release(other).version == 3:
+                promote_head(other, "colour", 1)
+            return mv
+
+    uri = f"sqlite:///{workspace.resolve()}/mlflow.db"
+    with pytest.raises(ReleaseError, match="production moved from v3 to v4 since you began"):
+        rollback(RacedClient(tracking_uri=uri, registry_uri=uri))
+    assert get_release(client).version == 4 and "rolled_back_from" not in release_tags(client, 2)

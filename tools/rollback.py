@@ -1,0 +1,32 @@
+"""Move production back to the previous release (or to release ``to=N``), by compare-and-swap.
+
+    python -m tools.rollback
+    python -m tools.rollback to=2
+"""
+
+from __future__ import annotations
+
+from tools.common import client, tool, workspace
+
+
+def describe(release) -> str:
+    """``v2 (trunk v1; heads colour v1, shape v2)`` for a :class:`registry.releases.Release`."""
+    heads = ", ".join(f"{name} v{version}" for name, version in sorted(release.heads.items()))
+    return f"v{release.version} (trunk v{release.trunk_version}; {'heads ' + heads if heads else 'no heads'})"
+
+
+@tool("rollback")
+def main(cfg) -> None:
+    from registry.releases import rollback
+
+    ws = workspace(cfg)
+    try:
+        to = None if cfg.to is None else int(cfg.to)
+    except (TypeError, ValueError):
+        raise ValueError(f"field 'to': '{cfg.to}' is not a release version number") from None
+    source, target = rollback(client(cfg, ws), to=to)
+    print(f"production: release v{source.version} -> {describe(target)}")
+
+
+if __name__ == "__main__":
+    main()
