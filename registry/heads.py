@@ -105,7 +105,8 @@ def gate_for(result: HeadResult) -> GateReport:
 
 
 def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: int,
-                  gate_report: GateReport | None = None) -> int:
+                  gate_report: GateReport | None = None, tags: Mapping[str, str] | None = None,
+                  metrics: Mapping[str, float] | None = None, artifacts: Mapping[str, str] | None = None) -> int:
     """Register a trained head as a new version of ``head.<name>``.
 
     Args:
@@ -114,6 +115,9 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
         trunk_version: the ``trunk`` version whose features it was trained on; its
             ``trunk_id`` must equal the result's.
         gate_report: the gate's verdict; checked here from the head's config when None.
+        tags: extra version tags (the refresh cascade marks its versions with ``cascade``).
+        metrics: extra run metrics (e.g. the golden set's result).
+        artifacts: extra text files for the run, ``{file name: contents}``.
 
     Returns:
         The new version number. A head that failed its gate is registered too (its
@@ -128,12 +132,12 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
     if trunk_id != result.trunk_id:
         raise RegistryError(f"head '{result.name}' was trained on trunk_id {result.trunk_id} but trunk "
                             f"v{trunk_version} is trunk_id {trunk_id}; pass the trunk version it was trained on")
-    metrics = head_run_metrics(result)
+    metrics = {**head_run_metrics(result), **{safe_key(k): float(v) for k, v in (metrics or {}).items()}}
     gate = gate_report if gate_report is not None else gate_for(result)
     name = model_name(result.name)
     tags = {"trunk_id": result.trunk_id, "tap": result.tap, "config_sha": result.spec.config_sha,
             "data_sha": result.data_sha, "owner": result.spec.owner, "trunk_version": str(int(trunk_version)),
-            "gate": "passed" if gate.passed else "failed"}
+            "gate": "passed" if gate.passed else "failed", **dict(tags or {})}
     ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
     run = client.create_run(experiment_id(client, "heads"), run_name=result.name,
                             tags={"head": result.name, **tags})
@@ -145,6 +149,8 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
         client.log_batch(run_id, metrics=metrics_batch(metrics), params=params_batch(params))
         with tempfile.TemporaryDirectory(prefix="head-") as tmp:
             _write_artifacts(result, gate, f"{name} (trunk v{trunk_version})", Path(tmp))
+            for file_name, text in (artifacts or {}).items():
+                (Path(tmp) / file_name).write_text(text)
             client.log_artifacts(run_id, tmp)
         mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
                                          run_id=run_id, tags=tags,

@@ -199,8 +199,29 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     copied layers after the tap and the classifier learn, with the config's augmentation.
     """
     trunk, tv = resolve_trunk(client, trunk_version)
+    result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
+                                          num_workers=num_workers, device=device, progress=progress)
+    version = register_head(client, result, trunk_version=tv, gate_report=gate)
+    job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
+    if gate.passed and promote:
+        try:
+            job.release = promote_head(client, spec.name, version)
+        except ReleaseError as e:
+            job.refused = str(e)
+    return job
+
+
+def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_version: int, *, workspace: Workspace,
+                  batch_size: int, num_workers: int, device: str, progress: bool,
+                  data: LabelledData | None = None) -> tuple[HeadResult, GateReport, dict[str, Any]]:
+    """Train, evaluate and cost one head on one trunk, and check its own gate; registers nothing.
+
+    Returns:
+        ``(result, gate, extraction summary)``.
+    """
+    tv = trunk_version
     spec.check_tap(trunk.taps)
-    data = load_labelled_data(spec)
+    data = data if data is not None else load_labelled_data(spec)
     out_dir = workspace.run_dir("head", spec.name)
     if spec.tap == POOLED:
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
@@ -230,14 +251,7 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     slice_sizes = {k: v["n"] for k, v in result.slice_accuracy.items()}
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
-    version = register_head(client, result, trunk_version=tv, gate_report=gate)
-    job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
-    if gate.passed and promote:
-        try:
-            job.release = promote_head(client, spec.name, version)
-        except ReleaseError as e:
-            job.refused = str(e)
-    return job
+    return result, gate, summary
 
 
 def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, result: HeadResult,
@@ -318,5 +332,5 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
 
 __all__ = [
     "JobError", "HeadConfigError", "resolve_trunk", "adopt_trunk", "train_trunk_job", "extract_job",
-    "features_for", "train_head_job", "classify_job", "release_for_output", "TrunkJobResult", "HeadJobResult",
+    "features_for", "train_head_job", "train_head_on", "classify_job", "release_for_output", "TrunkJobResult", "HeadJobResult",
 ]

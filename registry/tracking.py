@@ -21,7 +21,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-EXPERIMENTS = ("trunks", "heads", "releases", "reports")
+EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades")
 
 # Schema migrations and store set-up log at INFO on every fresh database; users
 # running a tool want their own summary, not alembic's.

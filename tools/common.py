@@ -32,10 +32,13 @@ EXIT_USAGE = 2
 
 
 def _platform_errors() -> tuple[type[BaseException], ...]:
+    from registry.cascade import CascadeError
     from registry.jobs import JobError
     from registry.releases import ReleaseError
+    from registry.tracking import RegistryError
 
-    return (HeadConfigError, HeadArtifactError, TrunkError, JobError, ReleaseError, FileNotFoundError, ValueError)
+    return (HeadConfigError, HeadArtifactError, TrunkError, JobError, ReleaseError, CascadeError, RegistryError,
+            FileNotFoundError, ValueError)
 
 
 def tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:

@@ -1,0 +1,71 @@
+"""``python -m tools.refresh`` as users run it: a distilled candidate, the cascade, the verdict, the exit code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.registry import cascade_state as cs
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """A workspace with a production release: random-init test_resnet at 32 px and three heads."""
+    from mlflow import MlflowClient
+
+    from trunk.model import Trunk
+
+    old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
+    root = tmp_path_factory.mktemp("refresh")
+    template = root / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    manifests = cs.generate(root / "data")
+    cs.build(root / "ws", template, root / "cache", manifests, Trunk("test_resnet", data_config=cs.SMALL), None)
+    os.environ.update(old)
+    return root / "ws"
+
+
+def test_bad_candidate_method_is_one_line_naming_the_field(ws):
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=bogus")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: field 'candidate': 'bogus' is not one of")
+
+
+def test_no_candidate_alias_says_how_to_make_one(ws):
+    proc = run_tool("refresh", f"workspace={ws}")
+    assert proc.returncode == 2
+    assert "no trunk version has the alias 'candidate'" in proc.stderr
+
+
+def test_distill_then_cascade_prints_speedup_report_and_verdict(ws):
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=distill", "distill.epochs=2", "progress=false")
+    out = proc.stdout
+    assert proc.returncode in (0, 1), proc.stderr
+    assert "candidate trunk v" in out and "distill, built" in out
+    assert "student vs teacher:" in out and "fewer GFLOPs (same batches, one run)" in out
+    for name in cs.HEADS:
+        assert f"\n{name} " in out  # one report row per production head
+    report = next(line for line in out.splitlines() if line.startswith("report: "))
+    assert Path(report.split()[1]).is_file()
+    if proc.returncode == 0:
+        assert "PROMOTED: production is release v" in out
+    else:
+        assert "BLOCKED by" in out and "blocks: " in out
+
+    # Building the same candidate again reuses it (same recipe), then re-gates against production.
+    again = run_tool("refresh", f"workspace={ws}", "candidate=distill", "distill.epochs=2", "progress=false",
+                     "cascade=false")
+    if proc.returncode == 1:
+        assert again.returncode == 0 and "distill, reused (same recipe)" in again.stdout
