@@ -64,7 +64,7 @@ def head_rows(result) -> list[dict[str, Any]]:
     return rows
 
 
-def trunk_comparison(client: MlflowClient, result, *, device: str = "cpu", batch_size: int = 32) -> dict[str, Any]:
+def trunk_comparison(client: MlflowClient, result, *, device: str = "cpu", batch_size: int = 64) -> dict[str, Any]:
     """Production trunk vs candidate: GFLOPs, parameters and speed on the same batch, side by side.
 
     Speed is compared only when both trunks take the same input size (the same batch must
