@@ -204,3 +204,20 @@ def test_killed_cascade_resumes_and_a_kill_during_promotion_leaves_production_co
         run_cascade(client, ws, progress=False, echo=lambda _: None)
     assert cascade_releases(client, cid) == orphan
     assert "candidate" not in client.get_registered_model("trunk").aliases
+
+
+def test_a_head_that_cannot_be_retrained_on_the_candidate_blocks_by_name(world, tmp_path):
+    from registry.cascade import run_cascade
+    from registry.releases import get_release
+    from trunk.model import Trunk
+
+    # A new architecture without the tap the branch head forks at.
+    other = Trunk("test_efficientnet", data_config=cs.SMALL)
+    client, ws, start = build(world, tmp_path, world["t0"], other)
+    result = run_cascade(client, ws, progress=False, echo=lambda _: None)
+    branch = result.outcomes["count_branch"]
+    assert branch.status == "failed" and branch.candidate_version is None
+    assert "layer2" in branch.reason and [c.name for c in branch.contract.failed] == ["head"]
+    assert "count_branch" in result.blocked and result.verdict == "blocked"
+    assert {result.outcomes[n].status for n in ("shape", "colour")} == {"trained"}  # the others still ran
+    assert get_release(client) == start

@@ -69,3 +69,17 @@ def test_distill_then_cascade_prints_speedup_report_and_verdict(ws):
                      "cascade=false")
     if proc.returncode == 1:
         assert again.returncode == 0 and "distill, reused (same recipe)" in again.stdout
+
+
+def test_timm_candidate_is_registered_with_alias_candidate_only(ws):
+    from mlflow import MlflowClient
+
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=timm", "trunk.seed=7",
+                    "trunk.data_config.input_size=[3,32,32]", "cascade=false")
+    assert proc.returncode == 0, proc.stderr
+    assert "timm, built" in proc.stdout
+    version = int(proc.stdout.split("candidate trunk v")[1].split()[0])
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db", registry_uri=f"sqlite:///{ws}/mlflow.db")
+    assert int(client.get_registered_model("trunk").aliases["candidate"]) == version
+    production = client.get_model_version_by_alias("release", "production")
+    assert production.tags["trunk_version"] != str(version)  # building a candidate never moves production
