@@ -25,7 +25,6 @@ import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from mlflow import MlflowClient
 
+from heads.contract import Tolerances
 from heads.data import load_labelled_data
 from heads.spec import HeadSpec
 from heads.trunk_speed import compare_trunks
@@ -34,7 +35,6 @@ from registry.cascade import CANDIDATE, CascadeError, CascadeResult, run_cascade
 from registry.releases import PRODUCTION, get_release
 from registry.trunks import TRUNK_MODEL, find_trunk_version_by_tag, load_trunk, register_trunk
 from registry.workspace import Workspace
-from heads.contract import Tolerances
 from trunk.distill import distill_trunk
 from trunk.images import resolve_inputs
 from trunk.model import POOLED, Trunk
@@ -42,7 +42,6 @@ from trunk.model import POOLED, Trunk
 log = logging.getLogger(__name__)
 
 DISTILL_RECIPE_TAG = "distill_recipe"
-METHODS = ("alias", "multitask", "timm", "distill")
 
 
 @dataclass

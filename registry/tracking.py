@@ -93,8 +93,8 @@ def connect(workspace: str | Path, uri: str | None = None) -> MlflowClient:
     """A client for the platform's registry, with its experiments in place.
 
     Sets MLflow's global tracking and registry URI (so MLflow's own helpers agree with
-    the client) and creates the experiments ``trunks``, ``heads``, ``releases`` and
-    ``reports`` if missing. With a local store their artifacts go to
+    the client) and creates the experiments ``trunks``, ``heads``, ``releases``, ``reports`` and
+    ``cascades`` if missing. With a local store their artifacts go to
     ``<workspace>/mlartifacts/<experiment>``; with a server, the server decides.
 
     Args:
