@@ -10,10 +10,12 @@ bit for bit on the same hardware. Two stages:
    (one GPU per actor when the job runs on CUDA) and runs
    :class:`heads.predict.BatchPredictor` and :func:`heads.predict.batch_rows`.
 
-Only paths go out and only predictions come back to the driver; the driver assembles
-whole shards and commits them exactly as the local backend does, so output folder,
-schema and exactly-once guarantees are the same (a job may even be started on one
-backend and finished on the other).
+Only paths go out and only predictions come back to the driver. Between the stages a
+batch travels as JSON (paths, hashes, errors) plus the raw bytes of its pixel tensor, and
+predictions as JSON: nothing a worker sends is unpickled by this code. The driver
+assembles whole shards and commits them exactly as the local backend does, so output
+folder, schema and exactly-once guarantees are the same (a job may even be started on
+one backend and finished on the other).
 
 Ray is imported here only, so the platform runs without it (``pip install
 "vision-trunk-platform[ray]"``).
@@ -21,9 +23,9 @@ Ray is imported here only, so the platform runs without it (``pip install
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,7 +33,7 @@ import torch
 
 from heads.bank import HeadBank
 from heads.predict import BatchPredictor, batch_rows, empty_columns
-from trunk.loader import decode_batch
+from trunk.loader import DecodedBatch, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,40 @@ DEFAULTS = {"address": None, "actors": 1, "gpus_per_actor": None, "decode_cpus":
             "decode_memory_mb": 1024, "batches_per_block": 4, "actor_start_timeout_s": 600}
 
 
+# Pixel dtypes a decoded batch may carry between stages (the eval transform gives float32).
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "uint8": torch.uint8}
+
+
+def pack_batch(batch: DecodedBatch) -> dict[str, Any]:
+    """A decoded batch as plain data: ``meta`` (JSON) and ``pixels`` (the tensor's raw bytes)."""
+    pixels = batch.pixels.contiguous()
+    dtype = str(pixels.dtype).removeprefix("torch.")
+    if dtype not in _DTYPES:
+        raise ValueError(f"decoded pixels of dtype {dtype} cannot be sent between stages; "
+                         f"known: {', '.join(_DTYPES)}")
+    meta = {"indices": list(batch.indices), "paths": list(batch.paths), "shas": list(batch.shas),
+            "errors": list(batch.errors), "shape": list(pixels.shape), "dtype": dtype}
+    return {"meta": json.dumps(meta), "pixels": pixels.numpy().tobytes()}
+
+
+def unpack_batch(meta: str, pixels: bytes) -> DecodedBatch:
+    """The inverse of :func:`pack_batch`."""
+    m = json.loads(meta)
+    dtype = _DTYPES[m["dtype"]]
+    shape = [int(n) for n in m["shape"]]
+    tensor = (torch.frombuffer(bytearray(pixels), dtype=dtype).reshape(shape) if pixels
+              else torch.empty(shape, dtype=dtype))
+    return DecodedBatch(indices=m["indices"], paths=m["paths"], shas=m["shas"], errors=m["errors"], pixels=tensor)
+
+
 def _decode(row: dict[str, Any], transform, draft_side: int | None) -> dict[str, Any]:
-    """Ray Data ``map`` task: one planned batch of paths -> a pickled :class:`DecodedBatch`."""
+    """Ray Data ``map`` task: one planned batch of paths -> the decoded batch, packed."""
     batch = decode_batch(list(row["indices"]), list(row["paths"]), transform, draft_side)
-    return {"shard": row["shard"], "batch": row["batch"], "decoded": pickle.dumps(batch, protocol=5)}
+    return {"shard": row["shard"], "batch": row["batch"], **pack_batch(batch)}
 
 
 class _Predict:
-    """Ray Data actor: one trunk + bank copy; a pickled batch -> pickled output columns."""
+    """Ray Data actor: one trunk + bank copy; a packed batch -> output columns as JSON."""
 
     def __init__(self, trunk, bank: HeadBank, device: str, amp: bool, threads: int) -> None:
         torch.set_num_threads(max(1, int(threads)))
@@ -54,10 +82,11 @@ class _Predict:
         self.names = list(bank.names)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        batch = pickle.loads(row["decoded"])
+        batch = unpack_batch(row["meta"], row["pixels"])
         columns = empty_columns(self.names)
         batch_rows(batch, self.predictor(batch.pixels), columns)
-        return {"shard": row["shard"], "batch": row["batch"], "columns": pickle.dumps(columns, protocol=5)}
+        # JSON keeps every float32 score exactly (repr of its float64 widening round-trips).
+        return {"shard": row["shard"], "batch": row["batch"], "columns": json.dumps(columns)}
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -99,7 +128,7 @@ def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, t
                   gpus: float, amp: bool, options: Mapping[str, Any]):
     """The two-stage Ray Dataset over the planned batches (lazy: nothing runs until iterated).
 
-    Each output row: ``shard``, ``batch`` and ``columns`` (pickled output columns).
+    Each output row: ``shard``, ``batch`` and ``columns`` (the output columns as JSON).
     Arguments as for :func:`ray_batches`; ``gpus`` per actor; ``options`` already merged
     with :data:`DEFAULTS`.
     """
@@ -171,7 +200,7 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         ctx.wait_for_min_actors_s = int(opts["actor_start_timeout_s"])
         ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts)
         for row in ds.iter_rows():
-            yield int(row["shard"]), int(row["batch"]), pickle.loads(row["columns"])
+            yield int(row["shard"]), int(row["batch"]), json.loads(row["columns"])
     finally:
         if started:
             ray.shutdown()

@@ -116,3 +116,23 @@ def test_decoding_is_a_stage_of_its_own(local_ray, tiny_trunk, inputs):
     # Not fused into "Map(_decode)->Map(_Predict)": decoding runs as tasks, the model in actors.
     assert "Map(_decode)->Map(_Predict)" not in stats
     assert "Map(_decode)" in stats and "Map(_Predict)" in stats
+
+
+def test_batches_cross_stages_as_plain_data_exactly(tiny_trunk, inputs):
+    import torch
+
+    from heads.classify_ray import pack_batch, unpack_batch
+    from trunk.loader import decode_batch
+    from trunk.preprocess import eval_transform
+
+    transform = eval_transform(tiny_trunk.data_config)
+    for indices in ([0, 1, 10, 11, 12], [10, 11]):  # good and bad mixed; bad only (no pixels)
+        batch = decode_batch(indices, [inputs[i] for i in indices], transform)
+        packed = pack_batch(batch)
+        assert set(packed) == {"meta", "pixels"} and isinstance(packed["pixels"], bytes)
+        back = unpack_batch(packed["meta"], packed["pixels"])
+        assert (back.indices, back.paths, back.shas, back.errors) == \
+            (batch.indices, batch.paths, batch.shas, batch.errors)
+        assert back.pixels.dtype == batch.pixels.dtype and torch.equal(back.pixels, batch.pixels)
+    with pytest.raises(KeyError):  # an unknown dtype is refused, never interpreted
+        unpack_batch(json.dumps({**json.loads(packed["meta"]), "dtype": "object"}), b"")
