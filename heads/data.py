@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from heads.spec import HeadSpec
+from heads.spec import HeadConfigError, HeadSpec
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val")
@@ -140,8 +140,12 @@ def _rows_from_root(spec: HeadSpec, root: Path) -> list[_Row]:
 
 
 # -- manifests ----------------------------------------------------------------------------
-def _read_table(spec: HeadSpec, manifest: Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """``(column names, records)`` of a CSV or Parquet manifest."""
+def read_table(manifest: Path, source: str, field_name: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """``(column names, records)`` of a CSV or Parquet file a head config names.
+
+    Raises:
+        HeadConfigError: the file cannot be read, naming ``source`` and ``field_name``.
+    """
     try:
         if manifest.suffix.lower() in PARQUET_SUFFIXES:
             import pyarrow.parquet as pq
@@ -153,7 +157,7 @@ def _read_table(spec: HeadSpec, manifest: Path) -> tuple[list[str], list[dict[st
             records = list(reader)
             return list(reader.fieldnames or []), records
     except Exception as e:  # pyarrow and csv raise many kinds for a malformed file
-        raise spec.error("data.manifest", f"{manifest} cannot be read: {str(e).splitlines()[0]}") from None
+        raise HeadConfigError(source, field_name, f"{manifest} cannot be read: {str(e).splitlines()[0]}") from None
 
 
 def _absolute(path: Path) -> Path:
@@ -171,7 +175,7 @@ def _text(value: Any) -> str | None:
 def _rows_from_manifest(spec: HeadSpec, manifest: Path) -> list[_Row]:
     if not manifest.is_file():
         raise spec.error("data.manifest", f"{manifest}: no such file")
-    columns, table = _read_table(spec, manifest)
+    columns, table = read_table(manifest, spec.source, "data.manifest")
     for col in REQUIRED_COLUMNS:
         if col not in columns:
             raise spec.error("data.manifest", f"{manifest}: missing column '{col}' (has: {', '.join(columns) or 'none'})")

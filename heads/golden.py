@@ -8,7 +8,6 @@ image that no longer decodes, blocks the refresh.
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 
 from heads.bank import HeadBank
 from heads.contract import GoldenResult
+from heads.data import read_table
 from heads.predict import BatchPredictor
 from heads.spec import HeadConfigError
 from heads.store import LoadedHead
@@ -40,19 +40,7 @@ def read_golden(path: str | Path, classes: list[str], source: str) -> list[tuple
     path = Path(path)
     if not path.is_file():
         raise HeadConfigError(source, FIELD, f"{path}: no such file")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(path)
-            columns, records = list(table.column_names), table.to_pylist()
-        else:
-            with path.open(newline="", encoding="utf-8-sig") as f:
-                reader = csv.DictReader(f)
-                records = list(reader)
-                columns = list(reader.fieldnames or [])
-    except Exception as e:  # pyarrow and csv raise many kinds for a malformed file
-        raise HeadConfigError(source, FIELD, f"{path} cannot be read: {str(e).splitlines()[0]}") from None
+    columns, records = read_table(path, source, FIELD)
     for column in ("path", "label"):
         if column not in columns:
             raise HeadConfigError(source, FIELD, f"{path}: missing column '{column}' (has: {', '.join(columns)})")

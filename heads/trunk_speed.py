@@ -28,6 +28,15 @@ def _gflops(trunk: Trunk, image: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
+def trunk_size(trunk: Trunk) -> dict[str, float]:
+    """GFLOPs per image (at the trunk's own input size) and parameters of one trunk."""
+    image = torch.zeros(1, *trunk.data_config["input_size"])
+    probe = copy.deepcopy(trunk).cpu().eval()
+    with torch.inference_mode():
+        gflops = _gflops(probe, image)
+    return {"gflops": gflops, "params": int(sum(p.numel() for p in trunk.parameters()))}
+
+
 def compare_trunks(
     teacher: Trunk,
     student: Trunk,

@@ -37,7 +37,11 @@ from heads.gate import GateReport
 from heads.golden import check_golden, read_golden
 from heads.spec import HeadConfigError, HeadSpec, validate
 from heads.store import HeadArtifactError, LoadedHead
-from registry.heads import get_head_version, head_metrics, load_head_version, model_name, register_head
+from registry.cascade_report import log_cascade_report
+from registry.heads import (
+    get_head_version, head_metrics, head_run_metrics, load_head_version, model_name, register_head,
+)
+from registry.jobs import train_head_on
 from registry.releases import (
     PRODUCTION, Release, ReleaseError, create_release, find_releases_by_tag, get_release, move_alias,
 )
@@ -199,8 +203,6 @@ def _golden(spec: HeadSpec, trunk: Trunk, head: LoadedHead, device: str, batch_s
 def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: str, *, workspace: Workspace,
              production_metrics: dict[str, float], tolerances: Tolerances, batch_size: int, num_workers: int,
              device: str, progress: bool) -> tuple[int, str, GoldenResult | None, GateReport]:
-    from registry.jobs import train_head_on
-
     data = load_labelled_data(spec)
     done = _existing_version(client, spec.name, trunk.trunk_id, spec.config_sha, data.data_sha)
     if done is not None:
@@ -213,8 +215,6 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
                                     num_workers=num_workers, device=device, progress=progress, data=data)
     golden = _golden(spec, trunk, LoadedHead(result.module, result.meta()), device, batch_size)
     # The same flattening MLflow gets, so the contract reads what a resumed cascade will read.
-    from registry.heads import head_run_metrics
-
     contract = check_contract(production_metrics, head_run_metrics(result), tolerances=tolerances,
                               own_gate_passed=gate.passed, golden=golden)
     extra = {} if golden is None else {"golden_total": golden.total, "golden_wrong": len(golden.wrong)}
@@ -247,8 +247,6 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
     Raises:
         CascadeError: no production release, no candidate, or the candidate already serves.
     """
-    from registry.cascade_report import log_cascade_report
-
     production = get_release(client, PRODUCTION)
     if production is None:
         raise CascadeError("there is no production release, so there is nothing to cascade: promote heads first")

@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from heads.contract import worst_slice
-from heads.trunk_speed import compare_trunks
+from heads.trunk_speed import compare_trunks, trunk_size
 from registry.trunks import load_trunk, metrics_batch
 from registry.tracking import experiment_id
 
@@ -72,17 +72,14 @@ def trunk_comparison(client: MlflowClient, result, *, device: str = "cpu", batch
     """
     production = load_trunk(client, result.production.trunk_version)
     candidate = result.candidate
-    same_input = list(production.data_config["input_size"]) == list(candidate.data_config["input_size"])
-    pixels = torch.randn(batch_size, *production.data_config["input_size"],
-                         generator=torch.Generator().manual_seed(0))
-    if same_input:
+    if list(production.data_config["input_size"]) == list(candidate.data_config["input_size"]):
+        pixels = torch.randn(batch_size, *production.data_config["input_size"],
+                             generator=torch.Generator().manual_seed(0))
         return {"same_input": True, **compare_trunks(production, candidate, pixels, device=device)}
-    own = torch.randn(batch_size, *candidate.data_config["input_size"], generator=torch.Generator().manual_seed(0))
-    a = compare_trunks(production, production, pixels, device=device, repeats=3)
-    b = compare_trunks(candidate, candidate, own, device=device, repeats=3)
-    return {"same_input": False, "teacher_gflops": a["teacher_gflops"], "student_gflops": b["teacher_gflops"],
-            "teacher_params": a["teacher_params"], "student_params": b["teacher_params"],
-            "flops_ratio": a["teacher_gflops"] / max(b["teacher_gflops"], 1e-12)}
+    a, b = trunk_size(production), trunk_size(candidate)
+    return {"same_input": False, "teacher_gflops": a["gflops"], "student_gflops": b["gflops"],
+            "teacher_params": a["params"], "student_params": b["params"],
+            "flops_ratio": a["gflops"] / max(b["gflops"], 1e-12)}
 
 
 def trunk_line(result, cost: dict[str, Any]) -> str:

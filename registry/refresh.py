@@ -32,8 +32,10 @@ from heads.data import load_labelled_data
 from heads.spec import HeadSpec
 from heads.trunk_speed import compare_trunks
 from registry.cascade import CANDIDATE, CascadeError, CascadeResult, run_cascade, stored_spec
+from registry.heads import head_tags
+from registry.jobs import train_trunk_job
 from registry.releases import PRODUCTION, get_release
-from registry.trunks import TRUNK_MODEL, find_trunk_version_by_tag, load_trunk, register_trunk
+from registry.trunks import TRUNK_MODEL, find_trunk_version_by_tag, get_trunk_version, load_trunk, register_trunk
 from registry.workspace import Workspace
 from trunk.distill import distill_trunk
 from trunk.images import resolve_inputs
@@ -81,8 +83,6 @@ def multitask_candidate(client: MlflowClient, workspace: Workspace, *, base: Tru
                         batch_size: int, lr: float, weight_decay: float, augment_ops: list | None, seed: int,
                         device: str, num_workers: int, progress: bool) -> Candidate:
     """Retrain ``base`` (default: the production trunk) on the union of the production heads' data."""
-    from registry.jobs import train_trunk_job
-
     release, specs = production_specs(client, workspace)
     base = base if base is not None else load_trunk(client, release.trunk_version)
     job = train_trunk_job(client, base, specs, workspace=workspace, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -102,8 +102,6 @@ def timm_candidate(client: MlflowClient, trunk: Trunk) -> Candidate:
 
 def branch_taps(client: MlflowClient, release) -> list[str]:
     """The taps the release's branch heads fork at (every tap but ``pooled``)."""
-    from registry.heads import head_tags
-
     return sorted({head_tags(client, n, v).get("tap") for n, v in release.heads.items()} - {POOLED, None})
 
 
@@ -145,7 +143,7 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
     done = find_trunk_version_by_tag(client, DISTILL_RECIPE_TAG, recipe)
     if done is not None:
         mark_candidate(client, done)
-        metrics = client.get_run(client.get_model_version(TRUNK_MODEL, str(done)).run_id).data.metrics
+        metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
         return Candidate(done, load_trunk(client, done), "distill", "reused (same recipe)", dict(metrics))
     result = distill_trunk(teacher, student, paths, taps=taps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,

@@ -54,3 +54,13 @@ def test_bad_pixels_are_refused(pair):
     teacher, student = pair
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         compare_trunks(teacher, student, torch.randn(3, 32, 32))
+
+
+def test_trunk_size_counts_one_trunk_at_its_own_input_size():
+    from heads.trunk_speed import compare_trunks, trunk_size
+
+    small = Trunk("test_resnet", data_config={"input_size": [3, 32, 32], "crop_pct": 1.0})
+    big = Trunk("test_resnet", data_config={"input_size": [3, 64, 64], "crop_pct": 1.0})
+    same = compare_trunks(small, small, torch.zeros(2, 3, 32, 32), repeats=1, warmup=0)
+    assert trunk_size(small) == {"gflops": same["teacher_gflops"], "params": same["teacher_params"]}
+    assert trunk_size(big)["gflops"] == pytest.approx(4 * trunk_size(small)["gflops"], rel=0.05)
