@@ -26,13 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from trunk.augment import TrainTransform, build_train_transform
 from trunk.decode import ImageError, load_image
 from trunk.model import POOLED, Trunk, TrunkError
-from trunk.train import _cosine_schedule, _decodable, _resolve_device, _worker_init
+from trunk.train import _cosine_schedule, _decodable, _resolve_device, _shuffled_loader
 
 
 @dataclass
@@ -197,18 +197,8 @@ def distill_trunk(
             [nn.Conv2d(student.tap(t).channels, teacher.tap(t).channels, kernel_size=1) for t in taps]
         ).to(dev)
         transform = build_train_transform(teacher.data_config, augment_ops, seed=seed)
-        loader = DataLoader(
-            _Images(paths, transform),
-            batch_size=batch_size,
-            shuffle=True,
-            # A last batch of one image breaks batch norm; drop it when there is more than one batch.
-            drop_last=len(paths) > batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if num_workers else None,
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=dev.type == "cuda",
-        )
+        loader = _shuffled_loader(_Images(paths, transform), _collate, batch_size=batch_size,
+                                  num_workers=num_workers, seed=seed, device=dev)
         params = [*model.parameters(), *pooled_proj.parameters(), *tap_projs.parameters()]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         schedule = _cosine_schedule(optimizer, epochs * len(loader))

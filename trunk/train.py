@@ -100,6 +100,23 @@ def _worker_init(worker_id: int) -> None:
     info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
 
 
+def _shuffled_loader(dataset: Dataset, collate_fn, *, batch_size: int, num_workers: int, seed: int,
+                     device: torch.device) -> DataLoader:
+    """Seeded, shuffled training batches of augmented images, each worker with its own augmentation stream."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        # A last batch of one image breaks batch norm; drop it when there is more than one batch.
+        drop_last=len(dataset) > batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        worker_init_fn=_worker_init if num_workers else None,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=device.type == "cuda",
+    )
+
+
 def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Peak learning rate decayed to 0 on a half cosine over ``steps`` optimizer steps."""
     total_steps = max(1, steps)
@@ -222,18 +239,8 @@ def train_trunk(
         # A list, not a ModuleDict: task names need not be valid attribute names.
         classifiers = nn.ModuleList([nn.Linear(width, len(t.classes)) for t in tasks]).to(dev).train()
         transform = build_train_transform(trunk.data_config, augment_ops, seed=seed)
-        loader = DataLoader(
-            _MultiLabelImages(paths, labels, transform),
-            batch_size=batch_size,
-            shuffle=True,
-            # A last batch of one image breaks batch norm; drop it when there is more than one batch.
-            drop_last=len(paths) > batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate,
-            worker_init_fn=_worker_init if num_workers else None,
-            generator=torch.Generator().manual_seed(seed),
-            pin_memory=dev.type == "cuda",
-        )
+        loader = _shuffled_loader(_MultiLabelImages(paths, labels, transform), _collate, batch_size=batch_size,
+                                  num_workers=num_workers, seed=seed, device=dev)
         params = [*model.parameters(), *classifiers.parameters()]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         schedule = _cosine_schedule(optimizer, epochs * len(loader))
