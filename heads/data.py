@@ -11,6 +11,19 @@ Two layouts, as a head config's ``data`` block names them:
 Without a ``split`` column the validation split is seeded and stratified. Every problem is
 a :class:`heads.spec.HeadConfigError` naming the head config, the field and, for a
 manifest, the file and row.
+
+Which files a head's data may make the platform read (head configs and manifests come
+from other teams; the platform may run with more rights than they have):
+
+- a manifest's rows may point only inside its *data folder*: the manifest's own folder,
+  or the folder above it when the manifest sits in a folder named ``manifests``
+  (``ds/manifests/x.csv`` listing ``../images/1.png``, the layout trunk/synthetic.py
+  writes); a ``data.root`` tree's files only inside ``data.root``;
+- ``data.allow_roots`` (absolute folders, in the head config, so a reviewer sees it) adds
+  folders rows may point into, for relative and absolute paths alike;
+- the test is on the *real* path (symlinks resolved), so neither ``../../etc/shadow`` nor
+  a symlink out of the folder gets through; a refused row is one line naming the
+  manifest, row and column, before the file is opened or hashed.
 """
 
 from __future__ import annotations
@@ -30,6 +43,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 SPLITS = ("train", "val")
 REQUIRED_COLUMNS = ("path", "label")
 PARQUET_SUFFIXES = (".parquet", ".pq")
+# A manifest in a folder of this name lists the images of the folder above (../images/...).
+MANIFESTS_FOLDER = "manifests"
 
 
 @dataclass(frozen=True)
@@ -125,9 +140,38 @@ def load_labelled_data(spec: HeadSpec) -> LabelledData:
 
 
 # -- class folders ------------------------------------------------------------------------
+# -- which files rows may name -------------------------------------------------------------
+def manifest_folder(manifest: str | Path) -> Path:
+    """The data folder of a manifest (or golden) file: its folder, or the one above ``manifests/``."""
+    folder = _absolute(Path(manifest)).parent
+    return folder.parent if folder.name == MANIFESTS_FOLDER else folder
+
+
+def data_roots(spec: HeadSpec) -> list[Path]:
+    """The folders a head's data rows may point into: its data folder plus ``data.allow_roots``."""
+    data = spec.data
+    own = _absolute(Path(data["root"])) if data.get("root") else manifest_folder(data["manifest"])
+    return [own, *(_absolute(Path(r)) for r in data.get("allow_roots") or ())]
+
+
+def outside_roots(path: Path, roots: list[Path]) -> bool:
+    """Whether ``path``'s real location (symlinks resolved) is outside every one of ``roots``."""
+    real = os.path.realpath(path)
+    for root in roots:
+        top = os.path.realpath(root)
+        if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
+            return False
+    return True
+
+
+def describe_roots(roots: list[Path]) -> str:
+    return ", ".join(str(r) for r in roots)
+
+
 def _rows_from_root(spec: HeadSpec, root: Path) -> list[_Row]:
     if not root.is_dir():
         raise spec.error("data.root", f"{root} is not a folder")
+    roots = data_roots(spec)
     rows = []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         images = sorted(p for p in class_dir.rglob("*")
@@ -135,6 +179,10 @@ def _rows_from_root(spec: HeadSpec, root: Path) -> list[_Row]:
                         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts))
         if not images:
             raise spec.error("data", f"class '{class_dir.name}' has no training images in {class_dir}")
+        for p in images:
+            if outside_roots(p, roots):
+                raise spec.error("data.root", f"{p} links to {os.path.realpath(p)}, outside {describe_roots(roots)}; "
+                                              f"add its folder to data.allow_roots to read it")
         rows += [_Row(_absolute(p), p.relative_to(root).as_posix(), class_dir.name, None, None) for p in images]
     return rows
 
@@ -180,6 +228,7 @@ def _rows_from_manifest(spec: HeadSpec, manifest: Path) -> list[_Row]:
         if col not in columns:
             raise spec.error("data.manifest", f"{manifest}: missing column '{col}' (has: {', '.join(columns) or 'none'})")
     base = _absolute(manifest).parent
+    roots = data_roots(spec)
     rows: list[_Row] = []
     seen: dict[Path, int] = {}
     # Rows are numbered from 1, not counting a CSV header.
@@ -195,6 +244,10 @@ def _rows_from_manifest(spec: HeadSpec, manifest: Path) -> list[_Row]:
             raise spec.error("data.manifest", f"{where}: column 'split' is {split!r}; use 'train' or 'val'")
         path = Path(raw_path)
         path = _absolute(path if path.is_absolute() else base / path)
+        # Before the file is looked at: a row may not reach outside the team's data.
+        if outside_roots(path, roots):
+            raise spec.error("data.manifest", f"{where}: column 'path': {raw_path} is outside the data folders "
+                                              f"({describe_roots(roots)}); add its folder to data.allow_roots")
         if not path.is_file():
             raise spec.error("data.manifest", f"{where}: column 'path': {raw_path} does not exist")
         if path in seen:

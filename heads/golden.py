@@ -4,6 +4,10 @@ A head's config may name one in ``gate.golden``: a CSV or Parquet file with ``pa
 ``label`` columns (relative paths are relative to the file). The refresh cascade runs the
 retrained head on every golden image through the candidate trunk; one wrong label, or one
 image that no longer decodes, blocks the refresh.
+
+Rows may point only inside the golden file's data folder, the head's own data folders and
+``data.allow_roots`` (the rule of :mod:`heads.data`, on real paths); any other row is
+refused, naming the file, row and column, before the image is read.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 
 from heads.bank import HeadBank
 from heads.contract import GoldenResult
-from heads.data import read_table
+from heads.data import describe_roots, manifest_folder, outside_roots, read_table
 from heads.predict import BatchPredictor
 from heads.spec import HeadConfigError
 from heads.store import LoadedHead
@@ -25,17 +29,21 @@ from trunk.preprocess import eval_transform
 FIELD = "gate.golden"
 
 
-def read_golden(path: str | Path, classes: list[str], source: str) -> list[tuple[str, str]]:
+def read_golden(path: str | Path, classes: list[str], source: str,
+                allow_roots: list[str | Path] | tuple = ()) -> list[tuple[str, str]]:
     """``[(absolute path, required label)]`` from a golden file.
 
     Args:
         path: the CSV or Parquet file.
         classes: the head's classes; every required label must be one of them.
         source: the head config's name, for messages.
+        allow_roots: folders rows may point into besides the golden file's data folder
+            (the head's :func:`heads.data.data_roots`).
 
     Raises:
         HeadConfigError: the file is missing, unreadable, lacks a column, has an empty
-            cell or a label the head does not know (naming the file, row and field).
+            cell, a label the head does not know or a path outside the allowed folders
+            (naming the file, row and field).
     """
     path = Path(path)
     if not path.is_file():
@@ -45,6 +53,7 @@ def read_golden(path: str | Path, classes: list[str], source: str) -> list[tuple
         if column not in columns:
             raise HeadConfigError(source, FIELD, f"{path}: missing column '{column}' (has: {', '.join(columns)})")
     base = Path(os.path.abspath(path)).parent
+    roots = [manifest_folder(path), *(Path(os.path.abspath(r)) for r in allow_roots)]
     items = []
     for number, record in enumerate(records, start=1):
         image, label = str(record.get("path") or "").strip(), str(record.get("label") or "").strip()
@@ -55,7 +64,12 @@ def read_golden(path: str | Path, classes: list[str], source: str) -> list[tuple
             raise HeadConfigError(source, FIELD, f"{path}: row {number}: column 'label': '{label}' is not one of the "
                                                  f"head's classes ({', '.join(classes)})")
         full = Path(image)
-        items.append((os.path.abspath(full if full.is_absolute() else base / full), label))
+        full = Path(os.path.abspath(full if full.is_absolute() else base / full))
+        if outside_roots(full, roots):
+            raise HeadConfigError(source, FIELD, f"{path}: row {number}: column 'path': {image} is outside the data "
+                                                 f"folders ({describe_roots(roots)}); add its folder to "
+                                                 f"data.allow_roots")
+        items.append((str(full), label))
     return items
 
 

@@ -5,6 +5,21 @@ A product team describes a head in one file, ``conf/heads/<name>.yaml`` (or
 file is a :class:`HeadConfigError` whose message is one line naming the file and the
 field, e.g. ``conf/heads/count.yaml: field 'train.epochs': Value 'ten' could not be
 converted to Integer``.
+
+Head configs come from other teams, so they are untrusted input:
+
+- the file is at most :data:`MAX_CONFIG_BYTES` and YAML aliases (``*name``) are refused, so
+  neither a huge file nor a billion-laughs document can stall the platform;
+- a value may interpolate only ``${workspace}``-style keys the platform provides (and
+  ``${head.<field>}``); resolvers such as ``${oc.env:HOME}`` or ``${oc.decode:...}`` are
+  refused before anything is resolved, so a config cannot read the environment;
+- ``module._target_`` must be one of :data:`HEAD_MODULE_CLASSES` (an allowlist of classes,
+  matched exactly, checked before anything is imported or called), and every
+  ``augment`` target, at any depth, a public albumentations transform class
+  (:func:`trunk.augment.check_ops`); ``_args_``, ``_partial_`` and other ``_`` keys are refused.
+
+Configs a head version stored in MLflow go through the same checks (:func:`read_config_file`,
+:func:`validate`).
 """
 
 from __future__ import annotations
@@ -14,18 +29,29 @@ import importlib
 import inspect
 import json
 import re
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf._utils import get_yaml_loader  # the loader OmegaConf.load uses (its float rules)
 from omegaconf.errors import OmegaConfBaseException
 
 NAME_RE = re.compile(r"^[a-z0-9_]+$")
 POOLED = "pooled"  # the pre-logits tap, trunk.model.POOLED
 # Team-supplied configs may only instantiate the platform's own head modules.
 ALLOWED_TARGET_PREFIXES = ("heads.",)
+# The allowlist: the only classes a head config's `module._target_` may name, matched
+# exactly before anything is imported. A new head type is added here.
+HEAD_MODULE_CLASSES = ("heads.modules.LinearHead", "heads.modules.MLPHead", "heads.branch.BranchHead")
+# A head config is a page of YAML; 64 KiB is ~50x the largest real one, and the pure-Python
+# YAML parser reads it in well under a second (1 MiB takes ~10 s on a busy core).
+MAX_CONFIG_BYTES = 64 * 1024
+# ${key} or ${key.sub}: plain interpolation, no resolver (`oc.env:`), no nesting.
+_PLAIN_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 # Arguments the platform fills in itself when it builds a head module.
 PLATFORM_ARGS = ("in_features", "num_classes")
 
@@ -49,6 +75,9 @@ class DataConfig:
     # Used when the data has no split column: a seeded, stratified validation split.
     val_fraction: float = 0.2
     split_seed: int = 0
+    # Absolute folders, besides the data's own folder, that manifest (and golden) rows may
+    # point into. Rows outside them are refused before the file is opened (heads/data.py).
+    allow_roots: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -145,7 +174,11 @@ class HeadSpec:
     @property
     def config_sha(self) -> str:
         """Hash of the resolved config (MLflow tag ``config_sha``)."""
-        blob = json.dumps(self.config, sort_keys=True, default=str).encode()
+        config = self.config
+        if not config.get("data", {}).get("allow_roots", True):
+            # Unset, the newer field is left out: heads registered before it keep their sha.
+            config = {**config, "data": {k: v for k, v in config["data"].items() if k != "allow_roots"}}
+        blob = json.dumps(config, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def error(self, field_name: str, message: str) -> HeadConfigError:
@@ -199,18 +232,58 @@ def list_heads(dirs: Sequence[Path]) -> list[str]:
 
 
 # -- validation -----------------------------------------------------------------------
+def resolve_head_class(target: Any, where: str = "module._target_") -> type:
+    """The head module class ``target`` names, if it is on the allowlist; nothing else is imported.
+
+    Args:
+        target: a ``module._target_`` (head config) or a stored ``head.json``'s ``target``.
+        where: the field, for messages.
+
+    Raises:
+        trunk.targets.TargetError: ``target`` is not one of :data:`HEAD_MODULE_CLASSES`.
+    """
+    from trunk.targets import TargetError
+
+    allowed = ", ".join(HEAD_MODULE_CLASSES)
+    if not isinstance(target, str) or target not in HEAD_MODULE_CLASSES:
+        why = ("is outside the platform's packages" if not str(target).startswith(ALLOWED_TARGET_PREFIXES)
+               else "does not exist or is not a head class")
+        raise TargetError(where, f"{target!r} {why}; allowed head classes: {allowed}")
+    # The module name comes from our own list, never from the config's string.
+    mod_name, _, attr = target.rpartition(".")
+    module = sys.modules.get(mod_name) or importlib.import_module(mod_name)
+    cls = vars(module).get(attr)
+    if not isinstance(cls, type) or f"{cls.__module__}.{cls.__qualname__}" != target:
+        raise TargetError(where, f"'{target}' is not a head class")  # the allowlist itself is wrong
+    return cls
+
+
+def _check_plain_arguments(source: str, node: Any, where: str) -> None:
+    """Module arguments are plain values: nothing nested is instantiated, no `_` keys."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if isinstance(key, str) and key.startswith("_"):
+                raise HeadConfigError(source, f"{where}.{key}", f"'{key}' is not allowed in head module arguments "
+                                                                f"(plain values only)")
+            _check_plain_arguments(source, value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_plain_arguments(source, value, f"{where}[{i}]")
+
+
 def _check_module(source: str, module: Mapping[str, Any], tap: str) -> None:
+    from trunk.targets import TargetError
+
     target = module.get("_target_")
     if not isinstance(target, str) or not target:
         raise HeadConfigError(source, "module._target_", "missing; name a head class such as heads.modules.LinearHead")
-    if not target.startswith(ALLOWED_TARGET_PREFIXES):
-        raise HeadConfigError(source, "module._target_",
-                              f"'{target}' is outside the platform's packages ({', '.join(ALLOWED_TARGET_PREFIXES)})")
-    mod_name, _, attr = target.rpartition(".")
+    for key, value in module.items():
+        if key != "_target_":
+            _check_plain_arguments(source, {key: value}, "module")
     try:
-        cls = getattr(importlib.import_module(mod_name), attr)
-    except (ImportError, AttributeError):
-        raise HeadConfigError(source, "module._target_", f"'{target}' does not exist") from None
+        cls = resolve_head_class(target)
+    except TargetError as e:
+        raise HeadConfigError(source, e.field, e.reason) from None
     params = inspect.signature(cls).parameters
     # A module class may declare more arguments the platform fills in (a branch's trunk).
     reserved = PLATFORM_ARGS + tuple(getattr(cls, "platform_args", ()))
@@ -243,6 +316,10 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
     """
     if not isinstance(raw, (dict, DictConfig)):
         raise HeadConfigError(source, "<root>", "a head config must be a mapping")
+    if isinstance(raw, DictConfig):
+        raw = OmegaConf.to_container(raw, resolve=False)
+    # Before anything is resolved: a value may not call a resolver (oc.env reads the environment).
+    _check_interpolations(source, raw, "", sorted({*(context or {}), "head"}))
     try:
         root = OmegaConf.create(dict(context or {}))
         root["head"] = OmegaConf.merge(OmegaConf.structured(HeadConfig), raw)
@@ -266,11 +343,17 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
     if not isinstance(merged["module"], dict):
         raise HeadConfigError(source, "module", "must be a mapping with a _target_")
     _check_module(source, merged["module"], merged["attach"]["tap"])
-    for i, op in enumerate(merged["augment"] or []):
-        target = op.get("_target_") if isinstance(op, dict) else None
-        if not isinstance(target, str) or not target.startswith("albumentations."):
-            raise HeadConfigError(source, f"augment[{i}]._target_",
-                                  f"'{target}' is not an albumentations transform (albumentations.<Name>)")
+    if merged["augment"]:
+        from trunk.augment import check_ops  # albumentations loads only for configs that augment
+        from trunk.targets import TargetError
+
+        try:
+            check_ops(merged["augment"])
+        except TargetError as e:
+            raise HeadConfigError(source, e.field, e.reason) from None
+    for i, root_dir in enumerate(data["allow_roots"]):
+        if not Path(root_dir).is_absolute():
+            raise HeadConfigError(source, f"data.allow_roots[{i}]", f"'{root_dir}' must be an absolute folder")
     train = merged["train"]
     for key in ("epochs", "batch_size"):
         if train[key] < 1:
@@ -284,15 +367,77 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
     return HeadSpec(config=merged, source=source)
 
 
+def _check_interpolations(source: str, node: Any, where: str, known: Sequence[str]) -> None:
+    """Refuse any ``${...}`` other than plain interpolation of ``known`` root keys."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _check_interpolations(source, value, f"{where}.{key}" if where else str(key), known)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _check_interpolations(source, value, f"{where}[{i}]", known)
+    elif isinstance(node, str) and "${" in node:
+        field_name = where or "<root>"
+        allowed = ", ".join(f"${{{k}}}" for k in known)
+        for match in _PLAIN_INTERPOLATION.finditer(node):
+            if match.group(1).split(".")[0] not in known:
+                raise HeadConfigError(source, field_name, f"'${{{match.group(1)}}}' is not a key the platform "
+                                                          f"provides; a head config may use {allowed}")
+        if "${" in _PLAIN_INTERPOLATION.sub("", node):
+            raise HeadConfigError(source, field_name, f"{node!r}: only plain interpolation ({allowed}) is allowed; "
+                                                      f"resolvers such as oc.env may not read the environment")
+
+
+class _NoAliasLoader(get_yaml_loader()):  # type: ignore[misc]
+    """OmegaConf's YAML loader, refusing aliases: a billion-laughs file fails at its first ``*``."""
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"line {event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not "
+                                 f"allowed in a head config; write the value out")
+        return super().compose_node(parent, index)
+
+
+def read_config_file(path: str | Path, source: str | None = None) -> Any:
+    """Parse a head config file safely: size-checked before reading, no YAML aliases.
+
+    Args:
+        path: the YAML file.
+        source: the name for messages (defaults to ``path``).
+
+    Returns:
+        The plain YAML value (a dict for a well-formed head config).
+
+    Raises:
+        HeadConfigError: a missing file, one over :data:`MAX_CONFIG_BYTES`, or YAML that
+            does not parse or uses aliases (field ``<file>``).
+    """
+    path = Path(path)
+    source = source or str(path)
+    too_big = f"is larger than {MAX_CONFIG_BYTES // 1024} KiB; a head config is a page of YAML"
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise HeadConfigError(source, "<file>", too_big)
+        with path.open("rb") as f:
+            # Read at most one byte past the limit: a file that grows, or a device, is caught too.
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        raise HeadConfigError(source, "<file>", "no such file") from None
+    except OSError as e:
+        raise HeadConfigError(source, "<file>", f"cannot be read: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise HeadConfigError(source, "<file>", too_big)
+    try:
+        return yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)
+    except Exception as e:  # YAML syntax errors, bad UTF-8, too deep nesting
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise HeadConfigError(source, "<file>", f"not valid YAML: {first}") from None
+
+
 def load_head_spec(path: str | Path, context: Mapping[str, Any] | None = None) -> HeadSpec:
     """Read and validate one head config file."""
     path = Path(path)
-    try:
-        raw = OmegaConf.load(path)
-    except FileNotFoundError:
-        raise HeadConfigError(str(path), "<file>", "no such file") from None
-    except Exception as e:  # YAML syntax errors
-        raise HeadConfigError(str(path), "<file>", f"not valid YAML: {str(e).splitlines()[0]}") from None
+    raw = read_config_file(path)
     return validate(raw, str(path), context=context, expected_name=path.stem)
 
 

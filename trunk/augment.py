@@ -1,8 +1,12 @@
 """Training-time augmentation: albumentations ops from config, then the trunk's own resize and normalisation.
 
-Ops come from the ``augment`` config group as a list of ``{_target_: albumentations.X, ...}``
-entries. Only ``albumentations.`` targets are accepted (checked at every nesting level,
-e.g. inside ``OneOf``), so a config can never make the platform import arbitrary code.
+Ops come from the ``augment`` config group (or a branch head's ``augment`` list) as a list of
+``{_target_: albumentations.X, ...}`` entries. Every ``_target_``, at any nesting level (e.g.
+inside ``OneOf``), is resolved to the class it names by walking albumentations' own modules
+(:mod:`trunk.targets`), and must be a public albumentations transform class, before any
+constructor runs: ``albumentations.os.write`` (the standard library reached through
+albumentations' ``import os``) is refused, not called. ``_args_``, ``_partial_`` and other
+``_`` keys are refused; transforms are built with keyword arguments only.
 After the ops every image is resized to the data config's input size and normalised with
 its mean and std, so training sees the same geometry and statistics as evaluation.
 """
@@ -17,11 +21,16 @@ import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from PIL import Image
 
+from trunk.targets import TARGET_KEY, TargetError, build, check_private_keys, resolve_allowed_class, targets
+
 ALLOWED_PREFIX = "albumentations."
+# Public albumentations transforms that take callables or read files a config could name
+# (reference images by path, a user function): a config must not reach those through them.
+REFUSED_TRANSFORMS = frozenset({"Lambda", "FDA", "HistogramMatching", "PixelDistributionAdaptation", "TextImage"})
+HINT = "augmentation ops must be albumentations transform classes, e.g. albumentations.HorizontalFlip"
 # timm's interpolation names -> OpenCV's.
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -60,25 +69,58 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _check_targets(node: Any, where: str) -> None:
-    """Refuse any ``_target_`` outside albumentations, at any depth."""
-    if isinstance(node, Mapping):
-        target = node.get("_target_")
-        if "_target_" in node and (not isinstance(target, str) or not target.startswith(ALLOWED_PREFIX)):
-            raise ValueError(
-                f"field '{where}._target_': {target!r} is not allowed; augmentation ops must be "
-                f"'{ALLOWED_PREFIX}*' transforms"
-            )
-        for key, value in node.items():
-            if key != "_target_":
-                _check_targets(value, f"{where}.{key}")
-    elif isinstance(node, (list, tuple)):
-        for i, value in enumerate(node):
-            _check_targets(value, f"{where}[{i}]")
+def _allowed_transform(cls: type) -> bool:
+    """albumentations' own public transform classes, and only those."""
+    return (
+        issubclass(cls, (A.BasicTransform, A.BaseCompose))
+        and cls.__module__.startswith(ALLOWED_PREFIX)
+        # Public: reachable as albumentations.<Name>, the names the docs list.
+        and vars(A).get(cls.__name__) is cls
+        and cls.__name__ not in REFUSED_TRANSFORMS
+    )
+
+
+def resolve_op(target: Any, where: str) -> type:
+    """The albumentations transform class ``target`` names; nothing is imported or called.
+
+    Raises:
+        TargetError: ``target`` is not a public albumentations transform class (e.g.
+            ``albumentations.os.write``, a function, or a class outside albumentations).
+    """
+    return resolve_allowed_class(target, A, _allowed_transform, where, hint=HINT)
+
+
+def check_ops(ops: Any, where: str = "augment") -> list[dict[str, Any]]:
+    """Check augmentation ops without calling anything: every ``_target_`` at any depth is
+    an allowed class and no ``_`` key other than ``_target_`` appears.
+
+    Args:
+        ops: a list of ``{"_target_": "albumentations.X", ...}`` entries (or None).
+        where: the field the list sits at, for messages.
+
+    Returns:
+        The ops as plain lists and dicts.
+
+    Raises:
+        TargetError: one line naming the field.
+    """
+    ops = _plain(ops) or []
+    if not isinstance(ops, (list, tuple)):
+        raise TargetError(where, f"expected a list of ops, got {type(ops).__name__}")
+    for i, op in enumerate(ops):
+        if not isinstance(op, Mapping) or TARGET_KEY not in op:
+            raise TargetError(f"{where}[{i}]", f"expected a mapping with a _target_, got {op!r}")
+    check_private_keys(ops, where)
+    for field_name, target in targets(ops, where):
+        resolve_op(target, field_name)
+    return list(ops)
 
 
 def build_ops(ops: Sequence[Mapping[str, Any]] | None) -> list[A.BasicTransform]:
     """Instantiate config entries as albumentations transforms.
+
+    Every target in the list, nested ones included, is resolved and checked by
+    :func:`check_ops` before the first constructor runs.
 
     Args:
         ops: entries like ``{"_target_": "albumentations.HorizontalFlip", "p": 0.5}``.
@@ -89,23 +131,15 @@ def build_ops(ops: Sequence[Mapping[str, Any]] | None) -> list[A.BasicTransform]
     Raises:
         ValueError: one line naming the field (``augment[i]._target_``, ``augment[i]``).
     """
-    ops = _plain(ops) or []
-    if not isinstance(ops, (list, tuple)):
-        raise ValueError(f"field 'augment': expected a list of ops, got {type(ops).__name__}")
+    ops = check_ops(ops)
     built: list[A.BasicTransform] = []
     for i, op in enumerate(ops):
         where = f"augment[{i}]"
-        if not isinstance(op, Mapping) or "_target_" not in op:
-            raise ValueError(f"field '{where}': expected a mapping with a _target_, got {op!r}")
-        _check_targets(op, where)
         try:
-            # _convert_="all": albumentations validates arguments and wants plain lists, not ListConfig.
-            transform = instantiate(dict(op), _convert_="all")
-        except Exception as e:  # hydra wraps import and argument errors in several types
+            transform = build(op, resolve_op, where)
+        except Exception as e:  # albumentations validates arguments with pydantic and raises many kinds
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ValueError(f"field '{where}': cannot build {op['_target_']}: {first}") from None
-        if not isinstance(transform, (A.BasicTransform, A.BaseCompose)):
-            raise ValueError(f"field '{where}._target_': {op['_target_']} is not an albumentations transform")
+            raise ValueError(f"field '{where}': cannot build {op[TARGET_KEY]}: {first}") from None
         built.append(transform)
     return built
 

@@ -205,3 +205,83 @@ def test_class_without_training_images_is_named(tmp_path):
     (root / "purple").mkdir()
     e = _error(tmp_path, {"root": str(root)})
     assert e.field == "data" and "class 'purple'" in str(e)
+
+
+# -- rows may not make the platform read files outside the team's data ----------------------------
+def _outside_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "elsewhere" / "secret.png"
+    write_image(secret, (1, 2, 3), size=8, seed=0)
+    return secret
+
+
+@pytest.mark.parametrize("row_path", [
+    "../elsewhere/secret.png",                  # relative, climbing out of the manifest's folder
+    "img/../../elsewhere/secret.png",
+    "../../../../../../../../etc/shadow",       # refused for being outside, before any existence check
+    "{secret}",                                 # absolute
+])
+def test_manifest_row_outside_the_data_folder_is_refused_before_it_is_read(tmp_path, monkeypatch, row_path):
+    secret = _outside_file(tmp_path)
+    base = tmp_path / "ds"
+    rows = manifest_rows(base)
+    rows[3]["path"] = row_path.format(secret=secret)
+    manifest = write_csv(base / "m.csv", rows)
+    hashed = []
+    monkeypatch.setattr("heads.data._file_sha256", lambda p: hashed.append(p) or "0" * 64)
+    e = _error(tmp_path, {"manifest": str(manifest)})
+    assert e.field == "data.manifest"
+    assert f"{manifest}: row 4: column 'path': {rows[3]['path']} is outside the data folders ({base})" in str(e)
+    assert hashed == []
+
+
+def test_allow_roots_lets_rows_reach_a_named_folder(tmp_path):
+    secret = _outside_file(tmp_path)
+    base = tmp_path / "ds"
+    rows = manifest_rows(base)
+    rows[3]["path"] = str(secret)
+    rows[4]["path"] = "../elsewhere/secret.png"
+    rows[4]["label"] = rows[3]["label"]
+    manifest = write_csv(base / "m.csv", rows)
+    e = _error(tmp_path, {"manifest": str(manifest), "allow_roots": [str(tmp_path / "other")]})
+    assert "row 4: column 'path'" in str(e) and f"({base}, {tmp_path / 'other'})" in str(e)
+    # The same path, relative or absolute, is one file: listed twice.
+    e = _error(tmp_path, {"manifest": str(manifest), "allow_roots": [str(tmp_path / "elsewhere")]})
+    assert "row 5: column 'path': ../elsewhere/secret.png is already listed at row 4" in str(e)
+    rows[4] = manifest_rows(base)[4]
+    manifest = write_csv(base / "m.csv", rows)
+    d = load_labelled_data(head_spec(tmp_path, {"manifest": str(manifest), "allow_roots": [str(tmp_path / "elsewhere")]}))
+    assert str(secret) in {s.path for s in d.train + d.val}
+
+
+def test_a_symlink_out_of_the_data_folder_is_refused(tmp_path):
+    secret = _outside_file(tmp_path)
+    base = tmp_path / "ds"
+    rows = manifest_rows(base)
+    (base / "img" / "link.png").symlink_to(secret)
+    (base / "img" / "inner.png").symlink_to(base / "img" / "red_0.png")  # inside: fine
+    (base / "escape").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    rows += [{**rows[1], "path": "img/inner.png"}]
+    assert load_labelled_data(head_spec(tmp_path, {"manifest": str(write_csv(base / "m.csv", rows))}))
+    for link in ("img/link.png", "escape/secret.png"):
+        rows[-1] = {**rows[1], "path": link}
+        e = _error(tmp_path, {"manifest": str(write_csv(base / "m.csv", rows))})
+        assert f"row {len(rows)}: column 'path': {link} is outside the data folders" in str(e)
+    # Class folders: a file linked out of data.root is refused too.
+    root = class_folders(tmp_path / "folders")
+    (root / "red" / "x.png").symlink_to(secret)
+    e = _error(tmp_path, {"root": str(root)})
+    assert e.field == "data.root" and f"{root / 'red' / 'x.png'} links to {secret}, outside {root}" in str(e)
+
+
+def test_a_manifest_in_a_manifests_folder_reads_its_data_sets_images(tmp_path):
+    # The platform's own layout (trunk/synthetic.py): ds/manifests/x.csv lists ../images/...
+    ds = tmp_path / "ds"
+    rows = manifest_rows(ds)
+    for r in rows:
+        r["path"] = f"../{r['path']}"
+    manifest = write_csv(ds / "manifests" / "x.csv", rows)
+    assert len(load_labelled_data(head_spec(tmp_path, {"manifest": str(manifest)})).train) == 9
+    _outside_file(tmp_path)
+    rows[0]["path"] = "../../elsewhere/secret.png"
+    e = _error(tmp_path, {"manifest": str(write_csv(ds / "manifests" / "x.csv", rows))})
+    assert f"row 1: column 'path': ../../elsewhere/secret.png is outside the data folders ({ds})" in str(e)

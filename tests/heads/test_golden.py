@@ -71,3 +71,24 @@ def test_check_golden_lists_every_wrong_label_and_undecodable_image(tmp_path, im
     assert result.total == 5 and result.correct == 3
     assert result.wrong[0] == (items[0][0], items[0][1], predicted[0])
     assert result.wrong[1][0] == str(empty) and result.wrong[1][2].startswith("error: empty file")
+
+
+def test_golden_rows_outside_the_allowed_folders_are_refused(tmp_path, images):
+    secret = tmp_path / "elsewhere" / "s.png"
+    secret.parent.mkdir()
+    secret.write_bytes(images[0].read_bytes())
+    golden = tmp_path / "g" / "golden.csv"
+    golden.parent.mkdir()
+    golden.write_text(f"path,label\n../img/0.png,dark\n")
+    with pytest.raises(HeadConfigError, match=r"^tone.yaml: field 'gate.golden': .*golden.csv: row 1: column 'path': "
+                                              r"\.\./img/0\.png is outside the data folders"):
+        read_golden(golden, CLASSES, "tone.yaml")
+    # The head's own data folders (heads.data.data_roots) are allowed, real paths compared.
+    assert read_golden(golden, CLASSES, "tone.yaml", allow_roots=[tmp_path / "img"]) == [(str(images[0]), "dark")]
+    golden.write_text(f"path,label\n{secret},dark\n")
+    with pytest.raises(HeadConfigError, match=r"row 1: column 'path': .*s\.png is outside"):
+        read_golden(golden, CLASSES, "tone.yaml", allow_roots=[tmp_path / "img"])
+    (tmp_path / "img" / "link.png").symlink_to(secret)
+    golden.write_text("path,label\n../img/link.png,dark\n")
+    with pytest.raises(HeadConfigError, match=r"row 1: column 'path': \.\./img/link\.png is outside"):
+        read_golden(golden, CLASSES, "tone.yaml", allow_roots=[tmp_path / "img"])
