@@ -40,10 +40,11 @@ from tqdm.auto import tqdm
 from heads.bank import HeadBank
 from heads.predict import BatchPredictor, batch_rows, empty_columns
 from heads.shards import (
-    JOB_FILE, SHARD_GLOB, SUCCESS_FILE, TEMP_GLOB, commit_json, commit_table, error_reason, job_fingerprint,
-    output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_name,
+    JOB_FILE, SHARD_GLOB, SUCCESS_FILE, commit_json, commit_table, error_reason, foreign_files, job_fingerprint,
+    job_id, job_temps, output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_name,
 )
 from trunk.device import resolve_device
+from trunk.images import path_text
 from trunk.loader import iter_decoded
 from trunk.preprocess import decode_side, eval_transform
 
@@ -142,6 +143,7 @@ def classify(
     amp: bool | None = None,
     backend: str = "local",
     ray_options: Mapping[str, Any] | None = None,
+    allow_foreign_files: bool = False,
 ) -> dict[str, Any]:
     """Classify images with every head of a release into a resumable Parquet folder.
 
@@ -149,10 +151,12 @@ def classify(
         trunk: a :class:`trunk.model.Trunk`; run once per batch for ``bank.taps`` only.
         bank: the release's heads.
         paths: image files or fsspec URIs, in the order their rows are written; bad
-            files become rows with an ``error``, never a failed job.
+            files become rows with an ``error``, never a failed job. A name that is not
+            valid UTF-8 (``os.fsdecode``'s surrogates) is read as is; its ``path`` cell
+            is :func:`trunk.images.path_text` of it.
         output: the output folder (created if missing), on a POSIX file system. It must
             be empty or hold this same job: a folder holding another job's output is
-            refused.
+            refused, and so is one holding files the platform does not write.
         release: what is being run, as the registry resolved it (name, version, trunk
             version, trunk_id, heads ``{name: version}``); copied into ``_JOB.json`` and
             ``_SUCCESS.json``. When it has a ``trunk_id``, it must be the trunk's.
@@ -165,6 +169,8 @@ def classify(
         amp: bf16 autocast + channels_last; None: on CUDA only.
         backend: ``local`` (this process plus loader workers) or ``ray`` (Ray Data).
         ray_options: for ``backend="ray"``, see :func:`heads.classify_ray.ray_batches`.
+        allow_foreign_files: run in a folder that also holds files the platform did not
+            write; they are left untouched either way (the job removes only its own temps).
 
     Returns:
         The ``_SUCCESS.json`` content: ``release``, ``fingerprint``, ``counts``
@@ -175,7 +181,10 @@ def classify(
 
     Raises:
         ValueError: one line, for bad arguments, a release for another trunk, or a
-            folder holding another job's output.
+            folder holding another job's output or (without ``allow_foreign_files``)
+            files the platform did not write.
+        OSError: the folder cannot be written (read-only, disk full, ...), with its
+            ``filename`` set; rerun the same job once fixed: it resumes exactly.
     """
     start = time.perf_counter()
     if rows_per_shard < 1:
@@ -207,6 +216,13 @@ def classify(
     job = {"fingerprint": fingerprint, "release": release, "heads": heads, "rows_per_shard": rows_per_shard,
            "images": len(names), "settings": settings, "schema": schema.names}
     out = Path(output)
+    job_key = job_id(fingerprint)  # names this job's temp files: the only ones it ever removes
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: output is not a folder")
+    foreign = foreign_files(out)
+    if foreign and not allow_foreign_files:
+        raise ValueError(f"{out}: holds '{path_text(foreign[0])}', which the platform did not write; use an empty "
+                         "output folder, or allow_foreign_files=true to leave such files alone")
 
     success_path, job_path = out / SUCCESS_FILE, out / JOB_FILE
     if success_path.is_file():
@@ -219,11 +235,11 @@ def classify(
     n_shards = math.ceil(len(names) / rows_per_shard)
     job["shards"] = n_shards
     out.mkdir(parents=True, exist_ok=True)
-    if not commit_json(out, JOB_FILE, job):  # another run wrote it: it must be this same job
+    if not commit_json(out, JOB_FILE, job, job=job_key):  # another run wrote it: it must be this same job
         on_disk = read_json(job_path)
         if on_disk.get("fingerprint") != fingerprint:
             raise _refusal(job_path, on_disk, job)
-    remove_stale_temps(out)
+    remove_stale_temps(out, job_key)
 
     # Which shards are already on disk, whole and well-formed.
     errors_of: dict[int, list[str | None]] = {}
@@ -233,7 +249,7 @@ def classify(
         if existing is not None:
             errors_of[k] = existing
         elif (out / shard_name(k)).exists():
-            set_aside(out, shard_name(k))  # damaged (not by us: commits are whole): recompute it
+            set_aside(out, shard_name(k), job=job_key)  # damaged (not by us: commits are whole): recompute it
     reused = len(errors_of)
     pending = [k for k in range(n_shards) if k not in errors_of]
     jobs = plan_batches(len(names), rows_per_shard, batch_size, pending)
@@ -262,8 +278,10 @@ def classify(
             if whole is None:
                 continue
             errors_of[k] = whole["error"]
+            # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
+            whole["path"] = [path_text(p) for p in whole["path"]]
             table = pa.Table.from_pydict(whole, schema=schema)
-            commits.append((k, writer.submit(commit_table, out, shard_name(k), table)))
+            commits.append((k, writer.submit(commit_table, out, shard_name(k), table, job=job_key)))
             # Surface a failed write now rather than after the whole input.
             for _, future in commits:
                 if future.done():
@@ -296,8 +314,8 @@ def classify(
         "shards_reused": reused,
         "shards_written": written,
     }
-    if not commit_json(out, SUCCESS_FILE, summary):
+    if not commit_json(out, SUCCESS_FILE, summary, job=job_key):
         return read_json(success_path)  # a concurrent run of this job finished first
-    for tmp in out.glob(TEMP_GLOB):
-        tmp.unlink(missing_ok=True)  # every shard is committed: leftovers of killed runs are garbage
+    for tmp in job_temps(out, job_key):
+        tmp.unlink(missing_ok=True)  # every shard is committed: this job's leftovers of killed runs are garbage
     return summary

@@ -12,7 +12,9 @@ bit for bit on the same hardware. Two stages:
 
 Only paths go out and only predictions come back to the driver. Between the stages a
 batch travels as JSON (paths, hashes, errors) plus the raw bytes of its pixel tensor, and
-predictions as JSON: nothing a worker sends is unpickled by this code. The driver
+predictions as JSON: nothing a worker sends is unpickled by this code. Paths cross as
+:func:`trunk.images.path_text` (valid UTF-8 for Arrow and JSON, even for a file name that
+is not) and are turned back with :func:`trunk.images.path_from_text` on the other side. The driver
 assembles whole shards and commits them exactly as the local backend does, so output
 folder, schema and exactly-once guarantees are the same (a job may even be started on
 one backend and finished on the other).
@@ -33,6 +35,7 @@ import torch
 
 from heads.bank import HeadBank
 from heads.predict import BatchPredictor, batch_rows, empty_columns
+from trunk.images import path_from_text, path_text
 from trunk.loader import DecodedBatch, decode_batch
 
 log = logging.getLogger(__name__)
@@ -52,7 +55,7 @@ def pack_batch(batch: DecodedBatch) -> dict[str, Any]:
     if dtype not in _DTYPES:
         raise ValueError(f"decoded pixels of dtype {dtype} cannot be sent between stages; "
                          f"known: {', '.join(_DTYPES)}")
-    meta = {"indices": list(batch.indices), "paths": list(batch.paths), "shas": list(batch.shas),
+    meta = {"indices": list(batch.indices), "paths": [path_text(p) for p in batch.paths], "shas": list(batch.shas),
             "errors": list(batch.errors), "shape": list(pixels.shape), "dtype": dtype}
     return {"meta": json.dumps(meta), "pixels": pixels.numpy().tobytes()}
 
@@ -64,12 +67,13 @@ def unpack_batch(meta: str, pixels: bytes) -> DecodedBatch:
     shape = [int(n) for n in m["shape"]]
     tensor = (torch.frombuffer(bytearray(pixels), dtype=dtype).reshape(shape) if pixels
               else torch.empty(shape, dtype=dtype))
-    return DecodedBatch(indices=m["indices"], paths=m["paths"], shas=m["shas"], errors=m["errors"], pixels=tensor)
+    return DecodedBatch(indices=m["indices"], paths=[path_from_text(p) for p in m["paths"]], shas=m["shas"],
+                        errors=m["errors"], pixels=tensor)
 
 
 def _decode(row: dict[str, Any], transform, draft_side: int | None) -> dict[str, Any]:
     """Ray Data ``map`` task: one planned batch of paths -> the decoded batch, packed."""
-    batch = decode_batch(list(row["indices"]), list(row["paths"]), transform, draft_side)
+    batch = decode_batch(list(row["indices"]), [path_from_text(p) for p in row["paths"]], transform, draft_side)
     return {"shard": row["shard"], "batch": row["batch"], **pack_batch(batch)}
 
 
@@ -85,6 +89,7 @@ class _Predict:
         batch = unpack_batch(row["meta"], row["pixels"])
         columns = empty_columns(self.names)
         batch_rows(batch, self.predictor(batch.pixels), columns)
+        columns["path"] = [path_text(p) for p in columns["path"]]
         # JSON keeps every float32 score exactly (repr of its float64 widening round-trips).
         return {"shard": row["shard"], "batch": row["batch"], "columns": json.dumps(columns)}
 
@@ -136,7 +141,7 @@ def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, t
 
     opts = options
     items = [{"shard": job.shard, "batch": job.batch, "indices": job.indices,
-              "paths": [names[i] for i in job.indices]} for job in jobs]
+              "paths": [path_text(names[i]) for i in job.indices]} for job in jobs]
     # A few batches per block: each block costs Ray Data tens of ms per stage.
     n_blocks = -(-len(items) // int(opts["batches_per_block"]))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
@@ -200,7 +205,9 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         ctx.wait_for_min_actors_s = int(opts["actor_start_timeout_s"])
         ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts)
         for row in ds.iter_rows():
-            yield int(row["shard"]), int(row["batch"]), json.loads(row["columns"])
+            columns = json.loads(row["columns"])
+            columns["path"] = [path_from_text(p) for p in columns["path"]]  # as the local backend gives them
+            yield int(row["shard"]), int(row["batch"]), columns
     finally:
         if started:
             ray.shutdown()

@@ -7,12 +7,18 @@ The folder is a contract (DESIGN.md, "Bulk classification output")::
     part-00001.parquet   ...
     _SUCCESS.json        written last: release, counts, errors by reason, throughput
 
-Every file is committed once: written to a dot-prefixed temp file, flushed and fsynced,
+Every file is committed once: written to a temp file named with the job's id (see
+:func:`temp_prefix`), flushed and fsynced,
 then *hard-linked* to its final name and the folder fsynced. ``link(2)`` fails when the
 name exists, so two jobs racing on one folder cannot both commit a shard: the loser gets
 ``False`` back and drops its copy (both copies hold the same rows, since a shard's rows
 depend only on the job's fingerprint). A reader never sees a partial file. This needs a
 POSIX file system (local disk or a shared mount); object stores have no atomic link.
+
+The job touches only files it created. Its temp files and set-aside damaged shards start
+with ``.vtp-<job id>.`` (the first 16 hex digits of the job's fingerprint), and only those
+are ever removed; a folder holding any other file the platform does not write is refused
+(:func:`foreign_files`) unless the caller allows it, and then such files are left alone.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -33,7 +41,13 @@ from trunk.cache import fsync_dir
 JOB_FILE = "_JOB.json"
 SUCCESS_FILE = "_SUCCESS.json"
 SHARD_GLOB = "part-*.parquet"
-TEMP_GLOB = ".*.tmp"
+# Every temp file the platform writes, whichever job wrote it; a job removes only its own.
+TEMP_GLOB = ".vtp-*.tmp"
+PLATFORM_PREFIX = ".vtp-"
+JOB_ID_LENGTH = 16
+# Names a classification folder may hold: the job's files, and dot files named with a job id.
+_PLATFORM_NAME = re.compile(rf"(_JOB\.json|_SUCCESS\.json|part-[0-9]{{5,}}\.parquet|"
+                            rf"{re.escape(PLATFORM_PREFIX)}[0-9a-f]{{{JOB_ID_LENGTH}}}\..+)", re.DOTALL)
 
 
 def shard_name(k: int) -> str:
@@ -85,9 +99,51 @@ def error_reason(error: str) -> str:
     return error.split(": ", 1)[0]
 
 
+def job_id(fingerprint: str) -> str:
+    """The short id a job's own files are named with: the first 16 hex digits of its fingerprint."""
+    if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise ValueError(f"job fingerprint must be 64 hex digits, got '{fingerprint}'")
+    return fingerprint[:JOB_ID_LENGTH]
+
+
+def temp_prefix(job: str) -> str:
+    """The name prefix of every temp file and set-aside shard of job ``job`` (a :func:`job_id`)."""
+    if not re.fullmatch(rf"[0-9a-f]{{{JOB_ID_LENGTH}}}", job):
+        raise ValueError(f"job id must be {JOB_ID_LENGTH} hex digits, got '{job}'")
+    return f"{PLATFORM_PREFIX}{job}."
+
+
+def foreign_files(directory: Path) -> list[str]:
+    """Names in ``directory`` that no classification job writes, sorted (empty when none or no folder).
+
+    The platform writes ``_JOB.json``, ``_SUCCESS.json``, ``part-NNNNN.parquet`` and dot
+    files named ``.vtp-<job id>.*`` (temps, set-aside damaged shards); anything else is
+    someone else's. Names are as ``os.listdir`` gives them (undecodable bytes as surrogates).
+    """
+    try:
+        names = os.listdir(directory)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(n for n in names if not _PLATFORM_NAME.fullmatch(n))
+
+
 # -- commit-once writes -------------------------------------------------------------------
-def _temp(directory: Path, name: str) -> Path:
-    return directory / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+def _temp(directory: Path, name: str, job: str) -> Path:
+    return directory / f"{temp_prefix(job)}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    """``e``, or the same error naming ``path`` when it names no file (fsync, Arrow's writes)."""
+    if e.filename is not None:
+        return e
+    text = str(e).strip()
+    strerror = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
+    try:
+        named = type(e)(e.errno, strerror, str(path))
+    except TypeError:  # an OSError subclass with its own constructor
+        named = OSError(e.errno, strerror, str(path))
+    named.__cause__ = e
+    return named
 
 
 def _write_synced(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
@@ -97,19 +153,24 @@ def _write_synced(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
         os.fsync(f.fileno())
 
 
-def commit_once(directory: Path, name: str, write: Callable[[IO[bytes]], Any]) -> bool:
+def commit_once(directory: Path, name: str, write: Callable[[IO[bytes]], Any], *, job: str) -> bool:
     """Write ``directory/name`` whole, unless it already exists.
 
     Args:
         directory: an existing folder on a POSIX file system.
         name: the final file name.
         write: writes the content to the binary file object it is given.
+        job: the writing job's :func:`job_id`; the temp file is named with it.
 
     Returns:
         True when this call created the file; False when it was already there (another
         job, or an earlier run, committed it first), in which case nothing changed.
+
+    Raises:
+        OSError: the write, link or fsync failed (read-only folder, disk full, ...); its
+            ``filename`` names the file, and no partial file is left under ``name``.
     """
-    tmp = _temp(directory, name)
+    tmp = _temp(directory, name, job)
     try:
         _write_synced(tmp, write)
         try:
@@ -121,30 +182,32 @@ def commit_once(directory: Path, name: str, write: Callable[[IO[bytes]], Any]) -
             if (directory / name).exists():
                 return False
             raise
+        fsync_dir(directory)
+    except OSError as e:
+        raise _named(e, tmp) from e
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(directory)
     return True
 
 
-def set_aside(directory: Path, name: str) -> None:
-    """Rename a damaged ``directory/name`` out of the way (kept, dot-prefixed) so it can be recommitted."""
+def set_aside(directory: Path, name: str, *, job: str) -> None:
+    """Rename a damaged ``directory/name`` out of the way (kept, named with the job's id) so it can be recommitted."""
     try:
-        os.replace(directory / name, directory / f".{name}.damaged-{uuid.uuid4().hex[:8]}")
+        os.replace(directory / name, directory / f"{temp_prefix(job)}{name}.damaged-{uuid.uuid4().hex[:8]}")
     except FileNotFoundError:
         return  # another job moved it first
     fsync_dir(directory)
 
 
-def commit_json(directory: Path, name: str, content: Mapping[str, Any]) -> bool:
+def commit_json(directory: Path, name: str, content: Mapping[str, Any], *, job: str) -> bool:
     """:func:`commit_once` of a JSON document."""
     blob = (json.dumps(content, indent=2, default=str) + "\n").encode()
-    return commit_once(directory, name, lambda f: f.write(blob))
+    return commit_once(directory, name, lambda f: f.write(blob), job=job)
 
 
-def commit_table(directory: Path, name: str, table: pa.Table) -> bool:
+def commit_table(directory: Path, name: str, table: pa.Table, *, job: str) -> bool:
     """:func:`commit_once` of a Parquet file."""
-    return commit_once(directory, name, lambda f: pq.write_table(table, f))
+    return commit_once(directory, name, lambda f: pq.write_table(table, f), job=job)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -155,17 +218,23 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid JSON ({e.msg}); remove the output folder or choose another") from None
 
 
-def remove_stale_temps(directory: Path, older_than_s: float = 3600.0) -> int:
-    """Delete temp files left by killed jobs, sparing recent ones a live job may still be writing.
+def job_temps(directory: Path, job: str) -> list[Path]:
+    """The temp files of job ``job`` in ``directory``: only names this job's commits create."""
+    mine = re.compile(rf"{re.escape(temp_prefix(job))}.+\.[0-9]+\.[0-9a-f]{{8}}\.tmp", re.DOTALL)
+    return [directory / n for n in os.listdir(directory) if mine.fullmatch(n)]
+
+
+def remove_stale_temps(directory: Path, job: str, older_than_s: float = 3600.0) -> int:
+    """Delete job ``job``'s temp files left by its killed runs, sparing recent ones a live run may still be writing.
+
+    Files of other jobs and files the platform did not write are never touched.
 
     Returns:
         How many were deleted.
     """
-    import time
-
     removed = 0
     now = time.time()
-    for tmp in directory.glob(TEMP_GLOB):
+    for tmp in job_temps(directory, job):
         try:
             if now - tmp.stat().st_mtime > older_than_s:
                 tmp.unlink()

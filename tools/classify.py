@@ -21,7 +21,8 @@ def main(cfg) -> None:
     success = classify_job(client(cfg, ws), cfg.input, cfg.output, batch_size=cfg.batch_size,
                            num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress,
                            rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
-                           draft=cfg.draft, ray_options=ray_options)
+                           draft=cfg.draft, ray_options=ray_options,
+                           allow_foreign_files=bool(cfg.allow_foreign_files))
     print("\n".join(classify_lines(success, str(cfg.output))))
 
 

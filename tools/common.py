@@ -3,7 +3,8 @@
 A tool is ``@tool("<config name>")`` on a function that takes the composed config and
 calls one library function. Platform errors (a bad head config, an unknown tap, a refused
 release, ...) print as one line, ``error: <file>: field '<x>': <why>``, and exit with
-status 2; ``VTP_DEBUG=1`` shows the traceback instead.
+status 2; so do storage failures (any ``OSError``: a read-only folder, a full disk),
+``error: <path>: <strerror>``. ``VTP_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from heads.spec import HeadConfigError, HeadSpec, resolve_head, search_dirs
 from heads.store import HeadArtifactError
 from trunk.device import resolve_device
+from trunk.images import path_text
 from trunk.model import Trunk, TrunkError
+from trunk.targets import TargetError, check_private_keys
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 EXIT_USAGE = 2
@@ -37,8 +40,29 @@ def _platform_errors() -> tuple[type[BaseException], ...]:
     from registry.releases import ReleaseError
     from registry.tracking import RegistryError
 
+    # OSError covers FileNotFoundError, PermissionError, read-only and full file systems.
     return (HeadConfigError, HeadArtifactError, TrunkError, JobError, ReleaseError, CascadeError, RegistryError,
-            FileNotFoundError, ValueError)
+            OSError, ValueError)
+
+
+def _shown(name: Any) -> str:
+    return path_text(os.fsdecode(name)) if isinstance(name, (str, bytes, os.PathLike)) else str(name)
+
+
+def error_line(e: BaseException) -> str:
+    """The one line a tool prints for a platform error (without the ``error: `` prefix).
+
+    An ``OSError`` that names its file gives ``<path>: <strerror>`` (``<src> -> <dst>`` for
+    two paths), the path written as :func:`trunk.images.path_text` does; anything else its
+    message's first line.
+    """
+    if isinstance(e, OSError) and e.filename is not None:
+        where = _shown(e.filename)
+        if e.filename2 is not None:
+            where += f" -> {_shown(e.filename2)}"
+        return f"{where}: {e.strerror or type(e).__name__}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -54,7 +78,7 @@ def tool(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[
             except _platform_errors() as e:
                 if os.environ.get("VTP_DEBUG"):
                     raise
-                print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+                print(f"error: {error_line(e)}", file=sys.stderr)
                 sys.exit(EXIT_USAGE)
 
         return entry
@@ -99,6 +123,12 @@ def build_trunk(trunk_cfg: DictConfig) -> Trunk:
     target = trunk_cfg.get("_target_")
     if target != "trunk.model.Trunk":
         raise TrunkError(f"trunk config: field 'trunk._target_': must be trunk.model.Trunk, got '{target}'")
+    # Nothing else is instantiated: no nested _target_, no _args_/_partial_/_recursive_ surprises.
+    try:
+        check_private_keys({k: v for k, v in OmegaConf.to_container(trunk_cfg, resolve=False).items()
+                            if k != "_target_"}, "trunk", allow=())
+    except TargetError as e:
+        raise TrunkError(f"trunk config: {e}") from None
     try:
         return instantiate(trunk_cfg, _convert_="all")
     except InstantiationException as e:  # show the trunk's own one-line error, not Hydra's wrapper

@@ -11,13 +11,21 @@ manifest can move together; absolute local paths and URIs in a manifest are kept
 are. Manifests are streamed (lines, rows, Parquet batches of the one column), so millions of
 entries cost only the list of paths. Every problem is a one-line ``ValueError`` naming the
 file (and field).
+
+File names are bytes on POSIX and need not be valid UTF-8. Python holds such a name as a
+``str`` with the undecodable bytes as lone surrogates (``os.fsdecode``); a folder walk and a
+``.txt`` manifest line give that form, and it opens the very file. Where a name must be text
+(the ``path`` column of bulk output, JSON between Ray stages), :func:`path_text` writes it
+losslessly and :func:`path_from_text` gives it back.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import os
 import posixpath
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +38,47 @@ MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
 PATH_FIELD = "path"
 
 Opener = Callable[[], IO[bytes]]
+
+
+_ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
+
+
+def path_text(path: str | Path) -> str:
+    """A path as valid UTF-8 text, losslessly: the form bulk output's ``path`` column holds.
+
+    The path's bytes (``os.fsencode``) are decoded as UTF-8; each byte that is not part of
+    valid UTF-8 is written ``\\xHH`` (two lowercase hex digits) and each literal backslash
+    is doubled, so the text is unambiguous. A valid UTF-8 path without backslashes (nearly
+    every path) is unchanged: ``b"bad\\xff.png"`` -> ``"bad\\\\xff.png"`` but ``"a/b.png"`` -> ``"a/b.png"``.
+
+    Args:
+        path: a local path or URI, as ``os.fsdecode`` gives it (undecodable bytes as surrogates).
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a surrogate no file name decodes to; keep its bytes visible anyway
+        raw = str(path).encode("utf-8", "surrogatepass")
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def utf8_text(text: str) -> str:
+    """``text`` unchanged when it is valid UTF-8, else as :func:`path_text` writes it.
+
+    For messages that may quote a path that is not UTF-8 (an ``error`` cell), so a
+    Parquet or JSON writer can always take them, while every other message stays as it was.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return path_text(text)
+    return text
+
+
+def path_from_text(text: str) -> str:
+    """The inverse of :func:`path_text`: the path, openable as is (undecodable bytes as surrogates)."""
+    raw = _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
+                      text.encode("utf-8"))
+    return os.fsdecode(raw)
 
 
 def is_uri(path: str | Path) -> bool:
@@ -136,16 +185,19 @@ def _find_images(uri: str, fs, root: str) -> list[str]:
 
 
 def _read_txt(label: str, open_binary: Opener) -> Iterator[str]:
-    # Line by line in bytes, so the decode error can give the byte offset in the file.
+    # Line by line in bytes: a line is a path's bytes, as `find` or `ls` print them, so a
+    # name that is not valid UTF-8 is kept (as surrogates, os.fsdecode's form) and opens
+    # the very file. A NUL byte cannot be in a path: that is UTF-16 or binary, not a list.
     offset = 0
     with open_binary() as f:
         for raw in f:
             if offset == 0 and raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 BOM, e.g. from Windows Notepad
                 raw, offset = raw[3:], 3
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
+            nul = raw.find(b"\0")
+            if nul >= 0:
+                raise ValueError(f"{label}: not a text list of paths (NUL byte at byte {offset + nul}; "
+                                 "save it as UTF-8)")
+            text = raw.decode("utf-8", "surrogateescape")
             offset += len(raw)
             # splitlines, not just "\n": lone "\r" (old Mac) still separates lines.
             for line in text.splitlines():

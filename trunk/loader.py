@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from trunk.decode import ImageError, decode_image, read_bytes, sha256_bytes
+from trunk.images import utf8_text
 
 Transform = Callable[[Image.Image], torch.Tensor]
 
@@ -35,7 +36,8 @@ class DecodedBatch:
         indices: positions in the input list, ascending.
         paths: the input paths, as strings.
         shas: sha256 hex of each file's bytes; None when the file could not be read.
-        errors: one-line reason when the file did not become pixels, else None.
+        errors: one-line reason when the file did not become pixels, else None; always
+            valid UTF-8 (a path in it that is not is written as :func:`trunk.images.path_text` does).
         pixels: ``(n_ok, C, H, W)`` float tensor, one row per entry whose error is
             None, in order (``(0, 0, 0, 0)`` when none decoded).
     """
@@ -143,7 +145,8 @@ def _collate(items: list[Item]) -> DecodedBatch:
         indices=[item[0] for item in items],
         paths=[item[1] for item in items],
         shas=[item[2] for item in items],
-        errors=[item[3] for item in items],
+        # A message may quote a file name that is not UTF-8; the cell must still be text.
+        errors=[None if item[3] is None else utf8_text(item[3]) for item in items],
         pixels=pixels,
     )
 

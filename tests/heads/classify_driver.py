@@ -133,8 +133,8 @@ def main() -> None:
     committed: list[str] = []
     real_commit = shards.commit_once
 
-    def counting(directory, name, write):
-        ok = real_commit(directory, name, write)
+    def counting(directory, name, write, **kw):
+        ok = real_commit(directory, name, write, **kw)
         if ok:
             committed.append(name)
         return ok

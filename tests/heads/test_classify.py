@@ -13,6 +13,7 @@ import torch
 from heads.bank import HeadBank
 from heads.classify import JOB_FILE, SUCCESS_FILE, classify
 from heads.modules import LinearHead, MLPHead
+from heads.shards import job_id
 from heads.store import LoadedHead
 from trunk.decode import load_image
 from trunk.preprocess import eval_transform
@@ -171,9 +172,12 @@ def test_damaged_shard_is_rewritten(tmp_path, tiny_trunk, bank, inputs, release)
     first = out / "part-00000.parquet"
     original = first.read_bytes()
     first.write_bytes(original[: len(original) // 2])  # not a shard a clean run could leave
-    (out / ".part-00001.parquet.999.tmp").write_bytes(b"half a shard from a killed run")
+    job = job_id(json.loads((out / JOB_FILE).read_text())["fingerprint"])
+    (out / f".vtp-{job}.part-00001.parquet.999.0123abcd.tmp").write_bytes(b"half a shard from a killed run")
     (out / SUCCESS_FILE).unlink()
     resumed = run(tiny_trunk, bank, inputs, out, release)
     assert first.read_bytes() == original
     assert resumed["shards_reused"] == 2
     assert not list(out.glob(".*.tmp"))
+    # The damaged shard is kept, set aside under the job's own name.
+    assert [p.name.startswith(f".vtp-{job}.part-00000.parquet.damaged-") for p in out.glob(".*")] == [True]

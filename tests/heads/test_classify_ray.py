@@ -90,6 +90,25 @@ def test_ray_resumes_what_another_run_left(local_ray, tmp_path, tiny_trunk, inpu
     assert again == resumed
 
 
+def test_ray_backend_keeps_a_name_that_is_not_utf8(local_ray, tmp_path, tiny_trunk, inputs):
+    # Before: Arrow refused the surrogates of such a name when the batches were planned.
+    import os
+
+    from trunk.images import path_from_text, path_text
+
+    odd = os.fsdecode(os.fsencode(inputs[0]).rsplit(b"/", 1)[0] + b"/bad\xff\xfe.png")
+    os.link(inputs[0], odd)
+    paths = inputs[:5] + [odd] + inputs[5:12]
+    bank = make_bank(tiny_trunk)
+    _run(tiny_trunk, bank, paths, tmp_path / "local", "local")
+    remote = _run(tiny_trunk, bank, paths, tmp_path / "ray", "ray")
+    got = _table(tmp_path / "ray")
+    _same_rows(got, _table(tmp_path / "local"))
+    assert [path_from_text(r["path"]) for r in got] == paths and got[5]["path"] == path_text(odd)
+    assert got[5]["error"] is None and got[5]["shape_label"] == got[0]["shape_label"]
+    assert remote["counts"]["images"] == len(paths)
+
+
 def test_bad_ray_option_is_one_line(tmp_path, tiny_trunk, inputs):
     with pytest.raises(ValueError, match=r"field 'ray.actor': unknown"):
         classify(tiny_trunk, make_bank(tiny_trunk), inputs, tmp_path / "out", release={"version": "1"},

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import random
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -11,7 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from trunk.images import IMAGE_EXTENSIONS, list_images, read_path_list, resolve_inputs
+from tests.conftest import write_image
+from trunk.images import (
+    IMAGE_EXTENSIONS, list_images, path_from_text, path_text, read_path_list, resolve_inputs, utf8_text,
+)
 
 
 def test_list_images_recursive_sorted_case_insensitive(image_factory, tmp_path):
@@ -222,11 +228,42 @@ def test_local_manifest_keeps_uri_entries(tmp_path):
     assert resolve_inputs(csv_manifest) == ["gs://bucket/e.png"]
 
 
-def test_txt_manifest_bom_and_decode_error_offset(tmp_path):
+def test_txt_manifest_bom_and_nul_byte_offset(tmp_path):
     manifest = tmp_path / "bom.txt"
     manifest.write_bytes(b"\xef\xbb\xbfa.png\r\nb.png\n")
     assert read_path_list(manifest) == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
-    bad = tmp_path / "bad.txt"
-    bad.write_bytes(b"a.png\nb\xff.png\n")
-    with pytest.raises(ValueError, match=f"^{bad}: not UTF-8 text \\(invalid start byte at byte 7\\)$"):
-        read_path_list(bad)
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("a.png\n".encode("utf-16-le"))
+    nul = f"^{utf16}: not a text list of paths \\(NUL byte at byte 1; save it as UTF-8\\)$"
+    with pytest.raises(ValueError, match=nul):
+        read_path_list(utf16)
+
+
+def test_txt_manifest_line_that_is_not_utf8_is_that_file(tmp_path):
+    # A line is a file name's bytes, as `find` prints them: before, one such line refused the list.
+    name = os.fsdecode(b"b\xff\xfe.png")
+    write_image(tmp_path / name, (10, 200, 10))
+    manifest = tmp_path / "list.txt"
+    manifest.write_bytes(b"a.png\nb\xff\xfe.png\n")
+    paths = read_path_list(manifest)
+    assert paths == [str(tmp_path / "a.png"), str(tmp_path / name)]
+    assert os.fsencode(paths[1]).endswith(b"/b\xff\xfe.png") and Path(paths[1]).is_file()
+
+
+def test_path_text_is_lossless_and_leaves_ordinary_paths_alone():
+    assert path_text("/data/a b/é.png") == "/data/a b/é.png"
+    assert path_text(os.fsdecode(b"/d/bad\xff\xfe.png")) == "/d/bad\\xff\\xfe.png"
+    # A literal backslash is doubled, so a real "\\xff" in a name cannot pass for a byte.
+    assert path_text("/d/bad\\xff.png") == "/d/bad\\\\xff.png"
+    assert path_text(os.fsdecode(b"/d/bad\\\xff.png")) == "/d/bad\\\\\\xff.png"
+    rng = random.Random(0)
+    alphabet = [b"\\", b"x", b"f", b"0", b"/", b"\xff", b"\xc3", b"\xa9", b"\xe2\x82\xac", b"a"]
+    for _ in range(2000):
+        raw = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        path = os.fsdecode(raw)
+        text = path_text(path)
+        text.encode("utf-8")  # always writable as UTF-8
+        assert path_from_text(text) == path
+    assert utf8_text("file not found: /d/a.png") == "file not found: /d/a.png"
+    odd = os.fsdecode(b"/d/x\xff")
+    assert utf8_text(f"file not found: {odd}") == "file not found: /d/x\\xff"
