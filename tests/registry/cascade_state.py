@@ -12,6 +12,12 @@ from pathlib import Path
 
 SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}
 HEADS = ("shape", "colour", "count_branch")
+# Contract settings when a test gives none. On these 32 px images the trained trunk
+# barely helps `shape` (val 0.31 -> 0.35, slices of 48 images within a few points of
+# each other), so its contract is left lenient: a test that needs a passing cascade must
+# not hinge on that noise. `colour` (0.77 -> 1.0) and `count_branch` (0.34 -> 0.64) keep
+# the platform's default contract, with margins far beyond library or thread-count noise.
+DEFAULT_GATES = {"shape": {"tolerance": 1.0, "slice_tolerance": 1.0}}
 
 
 def generate(root: Path) -> Path:
@@ -52,7 +58,7 @@ def trained_trunk(manifests: Path, base):
 def build(ws: Path, template_db: Path, shared_cache: Path, manifests: Path, production, candidate,
           gates: dict[str, dict] | None = None):
     """A workspace whose production release is ``production`` + the three heads; ``candidate`` aliased
-    (when given).
+    (when given). ``gates`` per head (default :data:`DEFAULT_GATES`) extend each head's gate block.
 
     Returns:
         ``(client, Workspace, release)``.
@@ -71,10 +77,11 @@ def build(ws: Path, template_db: Path, shared_cache: Path, manifests: Path, prod
     (ws / "cache").symlink_to(shared_cache)  # features are keyed by trunk_id: sharing them is safe
     client = connect(ws)
     workspace = Workspace.at(ws)
+    gates = DEFAULT_GATES if gates is None else gates
     pv = register_trunk(client, production)
     bootstrap_release(client, pv)
     for name in HEADS:
-        spec = validate(head_config(name, manifests, (gates or {}).get(name)), f"conf/heads/{name}.yaml",
+        spec = validate(head_config(name, manifests, gates.get(name)), f"conf/heads/{name}.yaml",
                         expected_name=name)
         job = train_head_job(client, spec, workspace=workspace, batch_size=64, num_workers=0, device="cpu",
                              progress=False)

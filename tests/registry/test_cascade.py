@@ -1,8 +1,9 @@
 """The refresh cascade end to end on a real MLflow store, real timm trunks and generated images.
 
-Two trunks: ``T0`` (random init) and ``T1`` (T0 trained multi-task on every head's data,
-so its features are better for all three heads). Heads: ``shape`` and ``colour`` (linear
-on pooled) and ``count_branch`` (a branch at layer2 that copies the trunk's later layers).
+Two trunks: ``T0`` (random init) and ``T1`` (T0 trained multi-task on every head's data:
+much better features for colour and count_branch, while shape barely moves). Heads:
+``shape`` and ``colour`` (linear on pooled) and ``count_branch`` (a branch at layer2 that
+copies the trunk's later layers). Assertions on outcomes rest only on the large margins.
 """
 
 from __future__ import annotations
@@ -56,9 +57,10 @@ def test_improving_candidate_is_promoted_resumed_and_rolled_back(world, tmp_path
     gated = run_cascade(client, ws, progress=False, promote=False, echo=lines.append)
     assert gated.passed and gated.verdict == "passed, not promoted"
     assert get_release(client).version == start.version  # promote=False moves nothing
-    for name, o in gated.outcomes.items():
-        assert o.status == "trained"
-        assert o.candidate_metrics["val_accuracy"] >= o.production_metrics["val_accuracy"] - 0.01, name
+    assert {o.status for o in gated.outcomes.values()} == {"trained"}
+    for name in ("colour", "count_branch"):  # improved by 0.2-0.3 here; shape barely moves (cs.DEFAULT_GATES)
+        o = gated.outcomes[name]
+        assert o.candidate_metrics["val_accuracy"] >= o.production_metrics["val_accuracy"] + 0.1, name
     # The trained trunk is clearly better for the heads it learned from.
     assert sum(o.candidate_metrics["val_accuracy"] - o.production_metrics["val_accuracy"]
                for o in gated.outcomes.values()) > 0.1
@@ -104,28 +106,29 @@ def test_one_regressed_slice_blocks_and_production_is_untouched(world, tmp_path)
     from registry.releases import get_release
 
     golden = tmp_path / "golden.csv"
-    rows = [r for r in (world["manifests"] / "shape.csv").read_text().splitlines()[1:] if ",val," in r][:3]
+    rows = [r for r in (world["manifests"] / "colour.csv").read_text().splitlines()[1:] if ",val," in r][:3]
     golden.write_text("path,label\n" + "".join(
         f"{(world['manifests'] / r.split(',')[0]).resolve()},{r.split(',')[1]}\n" for r in rows))
     lenient = {"tolerance": 1.0, "slice_tolerance": 1.0}
-    gates = {"shape": {"tolerance": 1.0, "slice_tolerance": 0.0, "golden": str(golden)},
-             "colour": lenient, "count_branch": lenient}
-    # Production is the better trunk; the candidate (random init) regresses shape's slices.
+    gates = {"colour": {"tolerance": 1.0, "slice_tolerance": 0.05, "golden": str(golden)},
+             "shape": lenient, "count_branch": lenient}
+    # Production is the better trunk; the candidate (random init) regresses colour's slices
+    # (about 1.0 -> 0.7-0.85 on each: far past the 0.05 allowed, whatever the library versions).
     client, ws, start = build(world, tmp_path, world["t1"], world["t0"], gates)
     result = run_cascade(client, ws, progress=False, echo=lambda _: None)
     assert result.verdict == "blocked"
-    assert result.blocked == ["shape"]
-    failed = [c.name for c in result.outcomes["shape"].contract.failed]
+    assert result.blocked == ["colour"]
+    failed = [c.name for c in result.outcomes["colour"].contract.failed]
     assert failed and any(n.startswith("slice_accuracy.") for n in failed)
     assert set(failed) <= {"golden"} | {n for n in failed if n.startswith("slice_accuracy.")}
-    assert result.outcomes["shape"].golden.total == 3
+    assert result.outcomes["colour"].golden.total == 3
     # Production untouched, no release made for this cascade.
     assert get_release(client) == start
     assert cascade_releases(client, result.cascade_id) == []
     assert "candidate" in client.get_registered_model("trunk").aliases
     md = Path(result.report["markdown"]).read_text()
-    assert "## Blocking heads" in md and "**shape**" in md and "slice_accuracy." in md
-    assert "blocks: shape" in result.report["text"]
+    assert "## Blocking heads" in md and "**colour**" in md and "slice_accuracy." in md
+    assert "blocks: colour" in result.report["text"]
     assert client.get_run(result.report["run_id"]).data.tags["verdict"] == "blocked"
 
 
