@@ -10,6 +10,12 @@
     <workspace>/reports/         leaderboard tables and accuracy-vs-cost plots (also in MLflow)
     <workspace>/data/            data sets the platform generates (the demo's synthetic shapes)
     <workspace>/hydra/           Hydra's logs and resolved configs of every tool run
+
+A workspace is one movable unit: the only absolute paths the platform reads or writes
+through are MLflow's artifact URIs (params may record data paths, as history), and
+:func:`registry.tracking.connect` re-points those at a copied or moved workspace's own
+``mlartifacts/`` before use. No separate identity file is kept: the
+store itself records where it was created, also in workspaces made before this check.
 """
 
 from __future__ import annotations

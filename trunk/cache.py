@@ -24,6 +24,21 @@ Why safetensors shards:
   either a complete shard or nothing visible. Appending is adding a shard; several
   processes can append at once without locks (unique names; first copy of a row wins).
 
+Integrity: a shard's bytes can rot or be overwritten in place without changing its size,
+which no header check notices. Each shard's metadata therefore records CRC-32 checksums:
+one of its ``sha256`` tensor (checked when the shard is indexed, which reads that tensor
+anyway) and one per block of :data:`BLOCK_ROWS` rows of ``features`` (plus ``scale``),
+checked on the blocks a read touches, once per block per :class:`FeatureCache`. Rows are
+read selectively, so per-block checksums keep a read of a few rows cheap, where a
+per-shard checksum would read the whole shard. A shard that fails a check, or that
+cannot be parsed at all (truncated, garbled header), is moved aside to
+``<folder>/quarantine/`` with a warning and a ``.reason.txt`` beside it; its rows are
+then missing, so the next extraction recomputes them (:func:`trunk.extract.extract`
+verifies the rows it is asked for before deciding what to compute). A shard written
+before checksums existed (``format`` ``feature-cache/1``) is read unverified with one
+warning per folder; delete it to have its rows recomputed with checksums. A shard in a
+format this version does not know (a newer one) is skipped, not quarantined.
+
 Alternatives considered: Parquet stores columns of lists well but reading a row range
 means decoding a row group, and partial files need the same rename dance; LMDB gives
 random access but is one mutable file with its own locking and a fixed map size, awkward
@@ -34,8 +49,11 @@ safetensors, and the platform already stores head weights with it.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 import uuid
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -45,10 +63,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
+log = logging.getLogger(__name__)
+
 DTYPES = ("float16", "int8")
 SHARD_PREFIX = "shard-"
 SHARD_SUFFIX = ".safetensors"
-FORMAT = "feature-cache/1"
+FORMAT = "feature-cache/2"
+LEGACY_FORMAT = "feature-cache/1"  # no checksums: read unverified
+BLOCK_ROWS = 256  # rows per checksummed block: a read verifies whole blocks, so keep them small
+QUARANTINE = "quarantine"
 SHA_BYTES = 32
 _FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -58,6 +81,40 @@ class CacheMissError(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class CorruptShardError(CacheMissError):
+    """A shard failed its checksum during a read; it was quarantined and its rows are missing now.
+
+    A :class:`CacheMissError`, so callers that extract missing rows recompute them.
+    """
+
+
+class _Corrupt(Exception):
+    """Internal: a shard's bytes do not match what its header promises."""
+
+
+class _Unknown(Exception):
+    """Internal: an intact shard in a format this version cannot check (e.g. written by a newer one)."""
+
+
+def _crc(*tensors: torch.Tensor) -> int:
+    """CRC-32 of the tensors' raw bytes, as safetensors stores them (C order, little-endian)."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(t.contiguous().view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def _block_runs(rows: Sequence[int], block: int) -> list[tuple[int, int]]:
+    """Runs ``[lo, hi)`` of consecutive sorted ``rows``, split where a checksum block starts."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and r == runs[-1][1] and r % block:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
 
 
 def _check_part(name: str, value: str) -> str:
@@ -124,9 +181,17 @@ class FeatureCache:
         self.dtype = dtype
         self.directory = self.root / self.trunk_id / self.tap / f"{self.preprocess_key}-{dtype}"
         self._shards: list[Path] = []
+        # Per shard: (rows per block, block checksums), or None for a legacy shard.
+        self._blocks: list[tuple[int, list[int]] | None] = []
+        self._rows: list[int] = []  # per shard: row count
         self._index: dict[str, tuple[int, int]] = {}
         self._dim: int | None = None
         self._scanned = False
+        # (shard path, block) already checked by this instance. Shards are never rewritten in
+        # place, so one check per block per process lifetime of a cache object is enough.
+        self._verified: set[tuple[Path, int]] = set()
+        self._warned_legacy = False
+        self._skipped: set[Path] = set()  # damaged shards that could not be moved aside
 
     @classmethod
     def for_trunk(cls, root: str | Path, trunk: Any, tap: str, dtype: str = "float16") -> FeatureCache:
@@ -142,47 +207,135 @@ class FeatureCache:
         return {"format": FORMAT, "trunk_id": self.trunk_id, "tap": self.tap,
                 "preprocess_key": self.preprocess_key, "dtype": self.dtype, "dim": str(dim)}
 
-    def _read_shard_index(self, path: Path) -> tuple[list[str], int]:
+    def _read_shard_index(self, path: Path) -> tuple[list[str], int, tuple[int, list[int]] | None]:
+        """``(row hashes, width, block checksums or None for a legacy shard)`` of one shard.
+
+        Raises:
+            _Corrupt: the file is not a whole, intact shard (truncated, garbled, checksum mismatch).
+            ValueError: the shard is intact but belongs to another folder, or cannot be opened.
+        """
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 shas = f.get_tensor("sha256")
-                dim = int(f.get_slice("features").get_shape()[1])
-        except (SafetensorError, OSError, KeyError, IndexError, ValueError) as e:
+                feats = f.get_slice("features").get_shape()
+                dim = int(feats[1])
+                rows = int(feats[0])
+        except OSError as e:  # permissions, I/O: not evidence of corruption, so never quarantined
             raise ValueError(f"{path}: not a readable feature-cache shard ({type(e).__name__}: {e})") from None
+        except (SafetensorError, KeyError, IndexError, ValueError) as e:
+            raise _Corrupt(f"not a whole feature-cache shard ({type(e).__name__}: {e})") from None
         expected = self._metadata(dim)
         for key in ("trunk_id", "tap", "preprocess_key", "dtype"):
             if meta.get(key) != expected[key]:
                 raise ValueError(
                     f"{path}: field '{key}' is {meta.get(key)!r}, expected {expected[key]!r} for this folder"
                 )
-        if shas.dtype != torch.uint8 or shas.ndim != 2 or shas.shape[1] != SHA_BYTES:
-            raise ValueError(
-                f"{path}: field 'sha256' has shape {tuple(shas.shape)} {shas.dtype}, expected [N, 32] uint8"
-            )
+        if shas.dtype != torch.uint8 or shas.ndim != 2 or shas.shape[1] != SHA_BYTES or shas.shape[0] != rows:
+            raise _Corrupt(f"field 'sha256' has shape {tuple(shas.shape)} {shas.dtype}, expected [{rows}, 32] uint8")
+        blocks = self._read_checksums(meta, rows)
+        if blocks is not None and _crc(shas) != int(meta["sha256_crc32"], 16):
+            raise _Corrupt("tensor 'sha256' fails its checksum")
         blob = shas.numpy().tobytes()
-        return [blob[i:i + SHA_BYTES].hex() for i in range(0, len(blob), SHA_BYTES)], dim
+        return [blob[i:i + SHA_BYTES].hex() for i in range(0, len(blob), SHA_BYTES)], dim, blocks
 
-    def _add_shard(self, path: Path, shas: Sequence[str], dim: int) -> None:
+    @staticmethod
+    def _read_checksums(meta: dict[str, str], rows: int) -> tuple[int, list[int]] | None:
+        fmt = meta.get("format")
+        if fmt == LEGACY_FORMAT:
+            return None
+        if fmt != FORMAT:
+            raise _Unknown(f"field 'format' is {fmt!r}, this version reads {FORMAT!r} and {LEGACY_FORMAT!r}")
+        try:
+            block = int(meta["block_rows"])
+            if block < 1:
+                raise ValueError(f"block_rows {block}")
+            int(meta["sha256_crc32"], 16)
+            text = meta["block_crc32"]
+            blocks = [int(text[i:i + 8], 16) for i in range(0, len(text), 8)]
+        except (KeyError, ValueError) as e:
+            raise _Corrupt(f"checksum fields unreadable ({type(e).__name__}: {e})") from None
+        if len(blocks) != -(-rows // block) or len(text) != 8 * len(blocks):
+            raise _Corrupt(f"field 'block_crc32' has {len(text)} characters, expected 8 per {block} rows")
+        return block, blocks
+
+    def _add_shard(self, path: Path, shas: Sequence[str], dim: int, blocks: tuple[int, list[int]] | None) -> None:
         if self._dim is not None and dim != self._dim:
             raise ValueError(f"{path}: field 'features' has width {dim}, the cache's other shards have {self._dim}")
         self._dim = dim
         shard = len(self._shards)
         self._shards.append(path)
+        self._blocks.append(blocks)
+        self._rows.append(len(shas))
         for row, sha in enumerate(shas):
             self._index.setdefault(sha, (shard, row))  # duplicates across shards: first wins
 
     def refresh(self) -> None:
-        """Index shards that appeared since the last scan (e.g. written by another process)."""
+        """Index shards that appeared since the last scan (e.g. written by another process).
+
+        A shard that is truncated or fails its ``sha256`` checksum is quarantined (see the
+        module docstring) and its rows are left out, so they count as missing.
+        """
         self._scanned = True
         if not self.directory.is_dir():
             return
-        known = set(self._shards)
+        known = set(self._shards) | self._skipped
+        legacy = 0
         # Dot-prefixed temp files of unfinished writes never match the shard pattern.
         for path in sorted(self.directory.glob(f"{SHARD_PREFIX}*{SHARD_SUFFIX}")):
             if path not in known:
-                shas, dim = self._read_shard_index(path)
-                self._add_shard(path, shas, dim)
+                try:
+                    shas, dim, blocks = self._read_shard_index(path)
+                except _Corrupt as e:
+                    if self._quarantine(path, str(e)) == path:
+                        self._skipped.add(path)
+                    continue
+                except _Unknown as e:
+                    # Not ours to judge, so not quarantined: its rows count as missing here and a
+                    # copy this version can check is written beside it.
+                    log.warning("%s: %s; skipped", path, e)
+                    self._skipped.add(path)
+                    continue
+                self._add_shard(path, shas, dim, blocks)
+                legacy += blocks is None
+        if legacy and not self._warned_legacy:
+            self._warned_legacy = True
+            log.warning("%s: %d shard(s) predate checksums (%s) and are read unverified; delete them to have "
+                        "their rows recomputed with checksums", self.directory, legacy, LEGACY_FORMAT)
+
+    def _quarantine(self, path: Path, reason: str) -> Path:
+        """Move a damaged shard out of the cache (kept for inspection) and say so in the log."""
+        folder = self.directory / QUARANTINE
+        target = folder / path.name
+        try:
+            folder.mkdir(exist_ok=True)
+            os.replace(path, target)
+            fsync_dir(self.directory)
+            (folder / f"{path.name}.reason.txt").write_text(
+                f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {reason}\n", encoding="utf-8")
+        except FileNotFoundError:
+            pass  # another process quarantined it first
+        except OSError as e:
+            # A read-only cache: the shard stays where it is, but this instance never reads it.
+            log.warning("%s: %s; could not quarantine it (%s), so it is skipped", path, reason, e)
+            return path
+        log.warning("%s: %s; quarantined to %s, its rows will be recomputed", path, reason, target)
+        return target
+
+    def _drop_corrupt(self, path: Path, reason: str) -> tuple[Path, int]:
+        """Quarantine one indexed shard and rebuild the index without it: ``(target, rows lost)``."""
+        rows = self._rows[self._shards.index(path)]
+        target = self._quarantine(path, reason)
+        if target == path:
+            self._skipped.add(path)
+        self._verified = {key for key in self._verified if key[0] != path}
+        self._reindex()
+        return target, rows
+
+    def _reindex(self) -> None:
+        # Rebuild rather than patch: a row of a dropped shard may have a copy in another shard.
+        self._shards, self._blocks, self._rows, self._index, self._dim = [], [], [], {}, None
+        self.refresh()
 
     def _ensure(self) -> None:
         if not self._scanned:
@@ -238,33 +391,60 @@ class FeatureCache:
         return where  # type: ignore[return-value]
 
     def _read_rows(self, shard: int, rows: list[int]) -> torch.Tensor:
-        """float32 ``[len(rows), D]`` for the given rows of one shard, reading only runs of rows."""
+        """float32 ``[len(rows), D]`` for the given rows of one shard, reading only runs of rows.
+
+        A checksummed block not yet verified by this instance is read whole and checked first.
+
+        Raises:
+            _Corrupt: a block's bytes do not match its checksum.
+        """
         order = sorted(set(rows))
-        runs: list[tuple[int, int]] = []
-        for r in order:
-            if runs and r == runs[-1][1]:
-                runs[-1] = (runs[-1][0], r + 1)
-            else:
-                runs.append((r, r + 1))
         path = self._shards[shard]
+        checks = self._blocks[shard]
+        block_rows = checks[0] if checks else self._rows[shard] + 1
         with safe_open(str(path), framework="pt") as f:
             feats = f.get_slice("features")
             scale = f.get_slice("scale") if self.dtype == "int8" else None
+            whole: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
             parts = []
-            for lo, hi in runs:
-                block = feats[lo:hi].float()
-                if scale is not None:
-                    block = block * scale[lo:hi].float()[:, None]
+            for lo, hi in _block_runs(order, block_rows):
+                b = lo // block_rows
+                if checks and b not in whole and (path, b) not in self._verified:
+                    whole[b] = self._check_block(shard, b, feats, scale)
+                if b in whole:
+                    off = b * block_rows
+                    raw, raw_scale = whole[b]
+                    block = raw[lo - off:hi - off].float()
+                    if raw_scale is not None:
+                        block = block * raw_scale[lo - off:hi - off].float()[:, None]
+                else:
+                    block = feats[lo:hi].float()
+                    if scale is not None:
+                        block = block * scale[lo:hi].float()[:, None]
                 parts.append(block)
         data = torch.cat(parts) if len(parts) > 1 else parts[0]
         pos = {r: i for i, r in enumerate(order)}
         return data[[pos[r] for r in rows]]
+
+    def _check_block(self, shard: int, b: int, feats: Any, scale: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Block ``b``'s raw ``features`` (and ``scale``) after checking them against the header."""
+        block_rows, crcs = self._blocks[shard]  # type: ignore[misc]
+        start, stop = b * block_rows, min((b + 1) * block_rows, self._rows[shard])
+        raw = feats[start:stop]
+        raw_scale = scale[start:stop] if scale is not None else None
+        got = _crc(raw) if raw_scale is None else _crc(raw, raw_scale)
+        if got != crcs[b]:
+            raise _Corrupt(f"block {b} (rows {start}-{stop - 1}) fails its checksum")
+        self._verified.add((self._shards[shard], b))
+        return raw, raw_scale
 
     def load(self, shas: Sequence[str]) -> torch.Tensor:
         """Features as float32 ``[N, D]``, rows in the given order.
 
         Raises:
             CacheMissError: a ``KeyError`` saying how many (and which) hashes have no row.
+            CorruptShardError: a block read failed its checksum; its shard was quarantined,
+                so an extraction now recomputes its rows.
         """
         where = self._locate(list(shas))
         if not where:
@@ -274,8 +454,57 @@ class FeatureCache:
         for i, (shard, _) in enumerate(where):
             by_shard.setdefault(shard, []).append(i)
         for shard, positions in by_shard.items():
-            out[positions] = self._read_rows(shard, [where[i][1] for i in positions])
+            path = self._shards[shard]
+            try:
+                out[positions] = self._read_rows(shard, [where[i][1] for i in positions])
+            except _Corrupt as e:
+                target, lost = self._drop_corrupt(path, str(e))
+                raise CorruptShardError(f"{path}: {e}; quarantined to {target}, its {lost} rows are missing "
+                                        f"until the next extraction recomputes them") from None
+            except FileNotFoundError:
+                # Another process quarantined it since this instance indexed it.
+                self._reindex()
+                raise CorruptShardError(f"{path}: shard was moved away (quarantined by another process); "
+                                        f"its rows are missing until the next extraction recomputes them") from None
         return out
+
+    def verify(self, shas: Iterable[str]) -> int:
+        """Check the blocks holding the given rows; quarantine every shard that fails.
+
+        Extraction calls this before asking :meth:`missing`, so rows of a damaged shard
+        are recomputed instead of read. Hashes without a row are ignored.
+
+        Returns:
+            How many rows were lost to quarantine (they are missing now, unless another shard
+            holds a copy).
+        """
+        self._ensure()
+        wanted = list(dict.fromkeys(shas))
+        lost = 0
+        while True:
+            todo: dict[int, set[int]] = {}  # shard -> blocks not verified yet
+            for sha in wanted:
+                where = self._index.get(sha)
+                checks = self._blocks[where[0]] if where is not None else None
+                if checks is not None:
+                    b = where[1] // checks[0]
+                    if (self._shards[where[0]], b) not in self._verified:
+                        todo.setdefault(where[0], set()).add(b)
+            for shard, blocks in todo.items():
+                try:
+                    with safe_open(str(self._shards[shard]), framework="pt") as f:
+                        feats = f.get_slice("features")
+                        scale = f.get_slice("scale") if self.dtype == "int8" else None
+                        for b in sorted(blocks):
+                            self._check_block(shard, b, feats, scale)
+                except _Corrupt as e:
+                    lost += self._drop_corrupt(self._shards[shard], str(e))[1]
+                    break  # the index was rebuilt: locate the rows again (copies may live elsewhere)
+                except FileNotFoundError:  # quarantined by another process meanwhile
+                    self._reindex()
+                    break
+            else:
+                return lost
 
     def iter_batches(self, shas: Sequence[str], batch_size: int) -> Iterator[tuple[list[str], torch.Tensor]]:
         """``(shas, float32 [n, D])`` batches in the given order, holding one batch at a time.
@@ -304,7 +533,15 @@ class FeatureCache:
         else:
             # Clamp rather than store inf: fp16 tops out at 65504.
             tensors["features"] = features.float().clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-        blob = safetensors_save({k: v.contiguous() for k, v in tensors.items()}, metadata=self._metadata(dim))
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        meta = self._metadata(dim)
+        meta["block_rows"] = str(BLOCK_ROWS)
+        meta["sha256_crc32"] = f"{_crc(tensors['sha256']):08x}"
+        scale = tensors.get("scale")
+        crcs = [_crc(*(t[lo:lo + BLOCK_ROWS] for t in (tensors["features"], scale) if t is not None))
+                for lo in range(0, len(shas), BLOCK_ROWS)]
+        meta["block_crc32"] = "".join(f"{c:08x}" for c in crcs)
+        blob = safetensors_save(tensors, metadata=meta)
 
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
@@ -320,7 +557,7 @@ class FeatureCache:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self.directory)
-        self._add_shard(final, shas, dim)
+        self._add_shard(final, shas, dim, (BLOCK_ROWS, crcs))
         return final
 
 

@@ -1,7 +1,8 @@
 """Filling the feature cache: run the trunk only on images whose features are missing.
 
-Pass 1 reads and hashes every file (cheap next to a forward pass) and asks each tap's
-cache which hashes it lacks. Pass 2 decodes and preprocesses only those files (one path
+Pass 1 reads and hashes every file (cheap next to a forward pass), checks the cached rows
+of those hashes against their shards' checksums (quarantining a damaged shard, see
+:mod:`trunk.cache`) and asks each tap's cache which hashes it lacks. Pass 2 decodes and preprocesses only those files (one path
 per distinct content), runs the trunk once per batch for all requested taps, and appends
 each tap's rows to its cache. Rerunning on the same images therefore decodes nothing and
 runs no forward pass. Spatial taps are stored flattened, ``[N, C*H*W]``; the trunk's
@@ -37,7 +38,8 @@ class ExtractResult:
             decoded or preprocessed; every non-None hash has a row in every tap's cache.
         errors: ``{path: one-line reason}`` for the inputs whose hash is None.
         summary: ``images``, ``unique_images``, ``new_rows``, ``reused_rows``, ``errors``,
-            ``seconds``, ``images_per_s`` (rows count distinct image contents).
+            ``seconds``, ``images_per_s`` (rows count distinct image contents), and
+            ``quarantined_rows`` when damaged shards were moved aside and their rows recomputed.
         caches: ``{tap: FeatureCache}`` that now hold the features.
     """
 
@@ -102,7 +104,11 @@ def extract(
     shas, errors = _hash_files(names, progress)
     unique = list(dict.fromkeys(s for s in shas if s is not None))
     need: set[str] = set()
+    quarantined = 0
     for cache in caches.values():
+        # Check the stored rows first: a damaged shard is quarantined here, so its rows count
+        # as missing and are recomputed below instead of being trained on.
+        quarantined += cache.verify(unique)
         need.update(cache.missing(unique))
     # One path per distinct content still missing somewhere: identical files run once.
     first_path = {}
@@ -138,6 +144,8 @@ def extract(
         "seconds": round(seconds, 3),
         "images_per_s": round(len(names) / seconds, 1) if seconds > 0 else 0.0,
     }
+    if quarantined:  # rows of damaged shards, moved aside and recomputed (see trunk.cache)
+        summary["quarantined_rows"] = quarantined
     # Keep the caller's order of errors stable: input order.
     ordered = {p: errors[p] for p in dict.fromkeys(names) if p in errors}
     return ExtractResult(shas=result_shas, errors=ordered, summary=summary, caches=caches)
