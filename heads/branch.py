@@ -34,6 +34,8 @@ import torch
 from timm.layers import global_pool_nlc
 from torch import nn
 
+from trunk.timm_args import check_model_kwargs, check_model_name
+
 # BranchHead arguments the platform fills in from the trunk and ``attach.tap``, like
 # in_features and num_classes; a head config must not set them.
 BRANCH_PLATFORM_ARGS = ("model_name", "tap", "model_kwargs")
@@ -307,9 +309,11 @@ class BranchHead(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.model_name = model_name
+        # Both reach timm.create_model and may come from a stored head.json: only registered
+        # model names and architecture arguments pass (no checkpoint_path, pretrained_cfg, ...).
+        self.model_name = check_model_name(model_name)
         self.tap = tap
-        self.model_kwargs = dict(model_kwargs or {})
+        self.model_kwargs = check_model_kwargs(model_kwargs or {})
         # The architecture only: weights come from init_from_trunk or a safetensors file.
         # A forked RNG keeps building a head from disturbing the caller's random stream.
         with torch.random.fork_rng(devices=[]):

@@ -5,13 +5,21 @@ Each version's run (experiment ``heads``, run name ``<name>``) carries DESIGN's 
 ``added_ms_per_image``) plus ``recall.<class>``, ``slice_accuracy.<slice>`` and
 ``slice_size.<slice>`` (names outside MLflow's character set get ``_``); the
 version carries the tags ``trunk_id``, ``tap``, ``config_sha``, ``data_sha``, ``owner``,
-``trunk_version`` and ``gate`` (``passed``/``failed``). Artifacts: ``head/`` (safetensors
-plus JSON, loaded without unpickling), ``confusion.png``, ``config/<name>.yaml`` and
-``gate.txt``.
+``trunk_version``, ``gate`` (``passed``/``failed``) and the content hashes of its head
+files, ``weights_sha256`` and ``spec_sha256`` (hex sha256 of ``head.safetensors`` and
+``head.json``). Artifacts: ``head/`` (safetensors plus JSON, loaded without unpickling),
+``confusion.png``, ``config/<name>.yaml`` and ``gate.txt``.
+
+Loading a version checks both files against its hash tags before parsing either, so a
+file swapped in the artifact store after registration is refused. A version registered
+before the hashes were recorded has no such tags: it is refused too, unless the caller
+passes ``allow_unverified=True`` (logged as a warning), or an operator who has checked it
+records its hashes once with :func:`record_head_hashes`.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from collections.abc import Mapping
@@ -25,7 +33,7 @@ from omegaconf import OmegaConf
 from heads.evaluate import plot_confusion
 from heads.gate import GateReport, check_gate
 from heads.result import HeadResult
-from heads.store import LoadedHead, load_head, save_head
+from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
 from registry.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
 from registry.trunks import get_trunk_version, metrics_batch, params_batch
 
@@ -33,6 +41,11 @@ ARTIFACT_PATH = "head"
 REQUIRED_METRICS = ("val_accuracy", "val_macro_f1", "params", "added_gflops", "added_ms_per_image")
 # MLflow accepts these characters in metric and param names; anything else becomes '_'.
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+# Version tags holding the hex sha256 of head.safetensors and head.json, recorded at registration.
+WEIGHTS_SHA_TAG, SPEC_SHA_TAG = DIGEST_KEYS
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+logger = logging.getLogger(__name__)
 
 
 def model_name(name: str) -> str:
@@ -151,9 +164,11 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             _write_artifacts(result, gate, f"{name} (trunk v{trunk_version})", Path(tmp))
             for file_name, text in (artifacts or {}).items():
                 (Path(tmp) / file_name).write_text(text)
+            # Hashed from the very files uploaded next; loading compares the store's copy to them.
+            digests = artifact_digests(Path(tmp) / ARTIFACT_PATH)
             client.log_artifacts(run_id, tmp)
         mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-                                         run_id=run_id, tags=tags,
+                                         run_id=run_id, tags={**tags, **digests},
                                          description=result.spec.config.get("description") or None)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
@@ -177,21 +192,88 @@ def head_tags(client: MlflowClient, name: str, version: int) -> dict[str, str]:
     return dict(get_head_version(client, name, version).tags)
 
 
-def load_head_version(client: MlflowClient, name: str, version: int) -> LoadedHead:
+def _label(name: str, version: int) -> str:
+    return f"{model_name(name)} v{int(version)}"
+
+
+def _recorded_digests(mv, label: str, allow_unverified: bool) -> dict[str, str] | None:
+    """The version's hash tags; None (after a warning) for an unhashed version the caller accepts."""
+    recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
+    present = [k for k, v in recorded.items() if v]
+    if not present:
+        if not allow_unverified:
+            raise HeadArtifactError(
+                f"{label}: registered without content hashes (tags {', '.join(DIGEST_KEYS)}), so its files "
+                f"cannot be verified; re-register it, or after checking it record them with "
+                f"registry.heads.record_head_hashes, or load it with allow_unverified=True")
+        logger.warning("%s: registered without content hashes; loading it unverified as asked", label)
+        return None
+    for key, value in recorded.items():
+        if not value or not _SHA256.match(value):
+            raise HeadArtifactError(f"{label}: tag '{key}' is {value!r}, not a sha256 recorded at registration "
+                                    f"(tampered or corrupt)")
+    return recorded
+
+
+def load_head_version(client: MlflowClient, name: str, version: int, *, allow_unverified: bool = False) -> LoadedHead:
     """Rebuild ``head.<name>`` v<version> from its safetensors and JSON (no unpickling).
+
+    Both files are checked against the sha256 tags recorded at registration before either
+    is parsed, and the spec may only build a platform head class with the arguments the
+    platform writes (see :mod:`heads.store`).
+
+    Args:
+        client: from :func:`registry.tracking.connect`.
+        name: the head's name (without ``head.``).
+        version: its version number.
+        allow_unverified: accept a version registered before content hashes were recorded
+            (no hash tags), with a warning. A version with hash tags is always verified.
 
     Raises:
         RegistryError: no such version, or its stored ``trunk_id`` disagrees with its tag.
+        HeadArtifactError: one line naming the head and version: a file does not match
+            its recorded hash, the version has no hashes (unless allowed), or a file is not
+            what the platform writes (not safetensors, not JSON, a refused class or argument).
     """
     mv = get_head_version(client, name, version)
+    label = _label(name, version)
+    expected = _recorded_digests(mv, label, allow_unverified)
     with tempfile.TemporaryDirectory(prefix="head-") as tmp:
         local = client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp)
-        head = load_head(Path(local))
+        head = load_head(Path(local), expected=expected, label=label)
     tagged = mv.tags.get("trunk_id")
     if tagged and tagged != head.meta.get("trunk_id"):
         raise RegistryError(f"{model_name(name)} v{version}: tag 'trunk_id' says {tagged} but its head.json "
                             f"says {head.meta.get('trunk_id')}")
     return head
+
+
+def record_head_hashes(client: MlflowClient, name: str, version: int) -> dict[str, str]:
+    """Record the content hashes of a version registered before they existed (trust on first use).
+
+    The hashes are those of the files in the artifact store now, so call this only for a
+    version whose artifacts you trust as they are; the head must also load (its spec and
+    weights pass every other check). A version that already has hash tags is left alone.
+
+    Returns:
+        The tags written, ``{"weights_sha256": ..., "spec_sha256": ...}``.
+
+    Raises:
+        RegistryError: the version already has hash tags.
+        HeadArtifactError: its files do not load.
+    """
+    mv = get_head_version(client, name, version)
+    label = _label(name, version)
+    if any(mv.tags.get(k) for k in DIGEST_KEYS):
+        raise RegistryError(f"{label} already has content hashes recorded; they are not replaced")
+    with tempfile.TemporaryDirectory(prefix="head-") as tmp:
+        local = Path(client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp))
+        digests = artifact_digests(local)
+        load_head(local, expected=digests, label=label)
+    for key, value in digests.items():
+        client.set_model_version_tag(model_name(name), str(int(version)), key, value)
+    logger.info("%s: recorded content hashes %s", label, digests)
+    return digests
 
 
 def head_metrics(client: MlflowClient, name: str, version: int) -> dict[str, float]:

@@ -35,6 +35,8 @@ from safetensors.torch import load_file, save_file
 from timm.data import resolve_data_config
 from torch import nn
 
+from trunk.timm_args import TimmArgumentError, check_model_kwargs
+
 POOLED = "pooled"
 SPEC_FILE = "trunk.json"
 WEIGHTS_FILE = "trunk.safetensors"
@@ -122,8 +124,12 @@ def _create_timm_model(model_name: str, pretrained: bool, model_kwargs: Mapping[
         close = timm.list_models(f"*{model_name.split('_')[0]}*")[:8]
         hint = f"; similar names: {', '.join(close)}" if close else ""
         raise TrunkError(f"unknown timm model '{model_name}'{hint}")
+    try:  # trunk.json comes from an artifact store: only architecture arguments reach timm
+        kwargs = check_model_kwargs(model_kwargs)
+    except TimmArgumentError as e:
+        raise TrunkError(f"trunk '{model_name}': {e}") from None
     try:
-        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **dict(model_kwargs))
+        return timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
     except Exception as e:  # hub and network failures come in many exception types
         if not pretrained:
             raise

@@ -164,3 +164,28 @@ def test_pretrained_offline_is_one_line_error():
     lines = [line for line in out.stdout.splitlines() if line.startswith("ERR")]
     assert len(lines) == 1, out.stdout + out.stderr
     assert "cannot load pretrained weights for 'test_resnet'" in lines[0]
+
+
+class _Bomb:
+    """Unpickling this creates a folder: proof that something unpickled it."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_stored_spec_cannot_make_timm_load_a_checkpoint(tmp_path):
+    import json
+    import pickle
+
+    saved = Trunk("test_resnet", data_config=SMALL).save(tmp_path / "trunk")
+    marker = tmp_path / "unpickled"
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Bomb(marker)))
+    spec = json.loads((saved / "trunk.json").read_text())
+    spec["model_kwargs"] = {"checkpoint_path": str(tmp_path / "evil.pth")}
+    (saved / "trunk.json").write_text(json.dumps(spec))
+    with pytest.raises(TrunkError, match=r"field 'model_kwargs.checkpoint_path': not an architecture argument"):
+        Trunk.load(saved)
+    assert not marker.exists()
