@@ -36,6 +36,7 @@ from heads.bank import HeadBank
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead
 from heads.timing import interleaved, sync
+from trunk.loop import fit
 from trunk.model import POOLED, Trunk
 
 # (result key, comparison, bound) per goal of issue 3 section 6.
@@ -280,12 +281,12 @@ def train_linear_head(
     device = steps[0][1].device
     head = head.to(device).train()
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr)
-    for _ in range(epochs):
-        for features, labels in steps:
-            loss = nn.functional.cross_entropy(head(features()), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+
+    def loss_fn(step: tuple[Callable[[], torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, int]:
+        features, labels = step
+        return nn.functional.cross_entropy(head(features()), labels), len(labels)
+
+    fit(head, steps, loss_fn, optimizer=optimizer, epochs=epochs, device=device, desc="benchmark head")
     return head
 
 

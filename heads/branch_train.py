@@ -18,16 +18,14 @@ state is untouched.
 from __future__ import annotations
 
 import contextlib
-import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler
 
 from heads.branch import BranchHead, branch_input, branch_input_shape, branch_kwargs, branch_taps
 from heads.cost import measure_cost
@@ -35,90 +33,54 @@ from heads.data import LabelledData, Sample
 from heads.fit import finish_head
 from heads.result import HeadResult
 from heads.spec import HeadSpec
-from heads.train import seeded_rng
+from heads.train import val_metrics, val_score
 from trunk.augment import build_train_transform
-from trunk.decode import ImageError, load_image
+from trunk.dataset import ImageDataset, ImageItem, readable
+from trunk.loop import EpochStats, TensorBatches, autocast, fit, predict, seeded_rng, shuffled_loader, to_device
 from trunk.preprocess import eval_transform
 
 # Validation batches through the prefix and the branch; feature maps are larger than
 # pooled vectors, so chunks are smaller than heads.train.EVAL_CHUNK.
 EVAL_BATCH = 256
+# Branch heads seed each loader worker's augmentation with 31 bits of its torch seed
+# (trunk training uses 32); kept so that trained heads reproduce.
+WORKER_SEED_BITS = 31
 
 
-class ImageSamples(Dataset):
-    """Decoded, transformed images of labelled samples; unreadable files are flagged, not raised.
-
-    Items are ``(image (3, H, W), label, ok)``; ``ok`` is False for a file that could not
-    be read or decoded (the image is then zeros of the right shape), so one bad file never
-    stops a job. :func:`collate_readable` drops them from the batch.
-    """
-
-    def __init__(self, samples: list[Sample], transform: Callable[[Image.Image], Tensor],
-                 input_size: tuple[int, int, int]) -> None:
-        self.samples = samples
-        self.transform = transform
-        self.input_size = tuple(int(v) for v in input_size)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[Tensor, int, bool]:
-        sample = self.samples[index]
-        try:
-            image, _ = load_image(sample.path)
-        except (ImageError, OSError):
-            return torch.zeros(self.input_size), sample.label, False
-        return self.transform(image), sample.label, True
+def _images(samples: list[Sample], transform) -> ImageDataset:
+    return ImageDataset([s.path for s in samples], transform, targets=[s.label for s in samples])
 
 
-def collate_readable(batch: list[tuple[Tensor, int, bool]]) -> tuple[Tensor, Tensor, int]:
+def collate_readable(batch: list[ImageItem]) -> tuple[Tensor, Tensor, int]:
     """Stack the readable items of a batch: ``(images, labels, n_skipped)``."""
-    kept = [(x, y) for x, y, ok in batch if ok]
+    kept = readable(batch)
     skipped = len(batch) - len(kept)
     if not kept:
         return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
-    return torch.stack([x for x, _ in kept]), torch.tensor([y for _, y in kept], dtype=torch.long), skipped
+    return torch.stack([it.pixels for it in kept]), torch.tensor([it.target for it in kept], dtype=torch.long), skipped
 
 
 def _as_list(batch: list) -> list:
-    # Keeps the ok flags per item: validation needs to know which samples (and slices) survive.
+    # Keeps the items whole: validation needs to know which samples (and slices) survive.
     return batch
-
-
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    # bf16 autocast on CUDA only: on CPU it is slow and would break bit-exact reproducibility.
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def _to_device(x: Tensor, device: torch.device) -> Tensor:
-    x = x.to(device, non_blocking=True)
-    if device.type == "cuda" and x.ndim == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return x
 
 
 def _prefix(trunk: nn.Module, x: Tensor, tap: str, device: torch.device) -> Tensor:
     """The frozen shared prefix's tap features for a batch of images, float32."""
-    with torch.no_grad(), _autocast(device):
-        return branch_input(trunk, _to_device(x, device), tap).float()
+    with torch.no_grad(), autocast(device):
+        return branch_input(trunk, to_device(x, device), tap).float()
 
 
 def _val_features(trunk: nn.Module, data: LabelledData, tap: str, device: torch.device, batch_size: int,
                   num_workers: int, source: str) -> tuple[Tensor, Tensor, list[str | None], int]:
     """Decode the validation images once and keep their tap features (CPU, float32)."""
-    dataset = ImageSamples(data.val, eval_transform(trunk.data_config), trunk.data_config["input_size"])
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_as_list)
+    loader = DataLoader(_images(data.val, eval_transform(trunk.data_config)), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=_as_list)
     feats, labels, slices, skipped = [], [], [], 0
-    start = 0
     for batch in loader:
-        keep = [i for i, (_, _, ok) in enumerate(batch) if ok]
-        skipped += len(batch) - len(keep)
-        slices += [data.val[start + i].slice for i in keep]
-        start += len(batch)
-        x, y, _ = collate_readable(batch)
+        slices += [data.val[it.index].slice for it in readable(batch)]
+        x, y, n_bad = collate_readable(batch)
+        skipped += n_bad
         if len(x):
             feats.append(_prefix(trunk, x, tap, device).cpu())
             labels.append(y)
@@ -127,22 +89,8 @@ def _val_features(trunk: nn.Module, data: LabelledData, tap: str, device: torch.
     return torch.cat(feats), torch.cat(labels), slices, skipped
 
 
-@torch.no_grad()
 def _branch_logits(module: nn.Module, x: Tensor, device: torch.device) -> Tensor:
-    module.eval()
-    out = []
-    for i in range(0, len(x), EVAL_BATCH):
-        with _autocast(device):
-            out.append(module(_to_device(x[i:i + EVAL_BATCH], device)).float().cpu())
-    return torch.cat(out)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # Each worker reseeds its own copy of the augmentation pipeline, from the head's seed.
-    info = torch.utils.data.get_worker_info()
-    transform = info.dataset.transform
-    if hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(int(info.seed % 2**31))
+    return predict(module, x, device, chunk=EVAL_BATCH, mixed_precision=True)
 
 
 def _train_loader(data: LabelledData, trunk: nn.Module, augment_ops: list | None, *, seed: int, batch_size: int,
@@ -151,16 +99,11 @@ def _train_loader(data: LabelledData, trunk: nn.Module, augment_ops: list | None
         transform = build_train_transform(trunk.data_config, augment_ops, seed=seed)
     else:
         transform = eval_transform(trunk.data_config)
-    dataset = ImageSamples(data.train, transform, trunk.data_config["input_size"])
     # The order has its own generator: the loader's one also seeds workers, and draws from it
     # differ with and without (persistent) workers, which would change the order.
-    order = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed + 1), collate_fn=collate_readable,
-        worker_init_fn=_seed_worker if num_workers else None, persistent_workers=num_workers > 0,
-        pin_memory=False, drop_last=False,
-    )
+    return shuffled_loader(_images(data.train, transform), batch_size=batch_size, seed=seed + 1, order_seed=seed,
+                           collate_fn=collate_readable, num_workers=num_workers, persistent_workers=True,
+                           worker_seed_bits=WORKER_SEED_BITS)
 
 
 def _cached_loader(data: LabelledData, cached: tuple[Tensor, Tensor], *, seed: int, batch_size: int, source: str):
@@ -171,23 +114,24 @@ def _cached_loader(data: LabelledData, cached: tuple[Tensor, Tensor], *, seed: i
                          f"data ({len(data.train)} train, {len(data.val)} val)")
     train_y = torch.tensor([s.label for s in data.train])
     val_y = torch.tensor([s.label for s in data.val])
-    batches = _TensorBatches(train_x, train_y, batch_size, torch.Generator().manual_seed(seed))
+    # The same sampler as training from images, so both paths see the same batches.
+    order = RandomSampler(range(len(train_x)), generator=torch.Generator().manual_seed(seed))
+    batches = _WithNoneSkipped(TensorBatches((train_x, train_y), batch_size, order))
     return batches, val_x.float(), val_y, [s.slice for s in data.val]
 
 
-class _TensorBatches:
-    """Shuffled mini-batches over in-memory features, a new seeded order each epoch."""
+class _WithNoneSkipped:
+    """Cached batches in the image loader's shape: ``(features, labels, 0 skipped)``."""
 
-    def __init__(self, x: Tensor, y: Tensor, batch_size: int, generator: torch.Generator) -> None:
-        self.x, self.y, self.batch_size = x, y, batch_size
-        # The same sampler as training from images, so both paths see the same batches.
-        self.order = RandomSampler(range(len(x)), generator=generator)
+    def __init__(self, batches: TensorBatches) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor, int]]:
-        order = torch.tensor(list(self.order))
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i:i + self.batch_size]
-            yield self.x[idx].float(), self.y[idx], 0
+        for x, y in self.batches:
+            yield x.float(), y, 0
 
 
 @contextlib.contextmanager
@@ -284,50 +228,28 @@ def fit_branch_head(
             val_skipped = 0
         optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
                                       lr=t["lr"], weight_decay=t["weight_decay"])
-        history: list[dict[str, Any]] = []
-        best: tuple[float, float] | None = None  # (accuracy, -loss): larger is better
-        best_epoch, best_state, train_skipped = 0, None, 0
-        epochs = range(1, int(t["epochs"]) + 1)
-        bar = None
-        if progress:
-            from tqdm import tqdm
+        counts = {"seen": 0, "skipped": 0, "train_skipped": 0}
 
-            bar = tqdm(epochs, desc=f"train branch {spec.name}", unit="epoch")
-            epochs = bar
-        with seeded_rng(seed, dev):
-            for epoch in epochs:
-                module.train()
-                total, seen, skipped = 0.0, 0, 0
-                for x, y, n_bad in loader:
-                    skipped += n_bad
-                    if not len(x):
-                        continue
-                    features = x if cached is not None else _prefix(trunk, x, tap, dev)
-                    with _autocast(dev):
-                        loss = F.cross_entropy(module(_to_device(features, dev)).float(), y.to(dev))
-                    optimiser.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimiser.step()
-                    total += loss.item() * len(y)
-                    seen += len(y)
-                if not seen:
-                    raise ValueError(f"{spec.source}: no readable training images ({skipped} unreadable)")
-                train_skipped = skipped  # the same files every epoch
-                logits = _branch_logits(module, val_x, dev)
-                val_loss = F.cross_entropy(logits, val_y).item()
-                val_acc = (logits.argmax(1) == val_y).float().mean().item()
-                history.append({"epoch": epoch, "train_loss": total / seen, "val_loss": val_loss,
-                                "val_accuracy": val_acc})
-                if best is None or (val_acc, -val_loss) > best:
-                    best, best_epoch = (val_acc, -val_loss), epoch
-                    best_state = copy.deepcopy(module.state_dict())
-                if bar is not None:
-                    bar.set_postfix(loss=f"{total / seen:.4f}", val_acc=f"{val_acc:.4f}", best=best_epoch)
-                if t["patience"] > 0 and epoch - best_epoch >= t["patience"]:
-                    break
-        if bar is not None:
-            bar.close()
-        module.load_state_dict(best_state)
+        def loss_fn(batch: tuple[Tensor, Tensor, int]) -> tuple[Tensor, int] | None:
+            x, y, n_bad = batch
+            counts["skipped"] += n_bad
+            if not len(x):
+                return None
+            features = x if cached is not None else _prefix(trunk, x, tap, dev)
+            counts["seen"] += len(y)
+            return F.cross_entropy(module(to_device(features, dev)).float(), y.to(dev)), len(y)
+
+        def epoch_row(stats: EpochStats) -> dict[str, Any]:
+            if not counts["seen"]:
+                raise ValueError(f"{spec.source}: no readable training images ({counts['skipped']} unreadable)")
+            counts.update(seen=0, skipped=0, train_skipped=counts["skipped"])  # the same files every epoch
+            return {"epoch": stats.epoch, "train_loss": stats.train_loss,
+                    **val_metrics(_branch_logits(module, val_x, dev), val_y)}
+
+        outcome = fit(module, loader, loss_fn, optimizer=optimiser, epochs=int(t["epochs"]), device=dev,
+                      epoch_row=epoch_row, score=val_score, patience=t["patience"], seed=seed,
+                      mixed_precision=True, progress=progress, desc=f"train branch {spec.name}")
+        train_skipped = counts["train_skipped"]
         logits = _branch_logits(module, val_x, dev)
 
     module = module.to(memory_format=torch.contiguous_format) if dev.type == "cuda" else module
@@ -335,8 +257,9 @@ def fit_branch_head(
     cost = measure_cost(module, branch_input_shape(trunk, tap), device=dev)
     return finish_head(
         spec, data, module.cpu().eval(), logits, val_y, val_slices, cost,
-        history=history, in_features=in_features, trunk_id=trunk.trunk_id, out_dir=out_dir,
-        metrics={"best_epoch": best_epoch, "epochs_run": len(history), "train_size": len(data.train) - train_skipped,
-                 "val_size": len(val_y), "train_skipped": train_skipped, "val_skipped": val_skipped},
+        history=outcome.history, in_features=in_features, trunk_id=trunk.trunk_id, out_dir=out_dir,
+        metrics={"best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run,
+                 "train_size": len(data.train) - train_skipped, "val_size": len(val_y),
+                 "train_skipped": train_skipped, "val_skipped": val_skipped},
         module_kwargs=full_kwargs,
     )

@@ -14,7 +14,8 @@ from heads.evaluate import evaluate, plot_confusion
 from heads.result import HeadResult
 from heads.spec import HeadSpec
 from heads.store import build_module, save_head
-from heads.train import predict_logits, seeded_rng, train_on_features
+from heads.train import predict_logits, train_on_features
+from trunk.loop import seeded_rng
 
 CONFUSION_FILE = "confusion.png"
 HISTORY_FILE = "history.json"

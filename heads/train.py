@@ -8,58 +8,36 @@ CPU.
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from trunk.loop import EpochPermutation, EpochStats, FitOutcome, TensorBatches, fit, predict
+
 # Validation runs in chunks so a large val set never needs one huge activation.
 EVAL_CHUNK = 8192
 
-
-@dataclass
-class TrainOutcome:
-    """What a training run did.
-
-    Attributes:
-        best_epoch: the 1-based epoch whose weights the module now holds.
-        epochs_run: epochs actually trained (fewer than asked when stopped early).
-        history: one dict per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy``.
-    """
-
-    best_epoch: int
-    epochs_run: int
-    history: list[dict[str, Any]] = field(default_factory=list)
+# What a head's training run did: best_epoch, epochs_run and one history row per epoch
+# (``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy``).
+TrainOutcome = FitOutcome
 
 
-@contextlib.contextmanager
-def seeded_rng(seed: int, device: str | torch.device = "cpu") -> Iterator[None]:
-    """A context in which torch's global RNG (and the device's) is seeded, then restored."""
-    dev = torch.device(device)
-    devices = [dev.index or 0] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-@torch.no_grad()
 def predict_logits(module: nn.Module, x: Tensor, device: str | torch.device = "cpu") -> Tensor:
     """Logits of ``module`` (put in eval mode) on ``x``, computed in chunks, on CPU."""
-    module.eval()
-    out = [module(x[i:i + EVAL_CHUNK].to(device, torch.float32)).float().cpu() for i in range(0, len(x), EVAL_CHUNK)]
-    return torch.cat(out) if out else torch.empty(0)
+    return predict(module, x, torch.device(device), chunk=EVAL_CHUNK)
 
 
-def _validate(module: nn.Module, x: Tensor, y: Tensor, device) -> tuple[float, float]:
-    logits = predict_logits(module, x, device)
-    loss = F.cross_entropy(logits, y).item()
-    accuracy = (logits.argmax(1) == y).float().mean().item()
-    return loss, accuracy
+def val_metrics(logits: Tensor, y: Tensor) -> dict[str, float]:
+    """``val_loss`` (cross-entropy) and ``val_accuracy`` of validation logits."""
+    return {"val_loss": F.cross_entropy(logits, y).item(),
+            "val_accuracy": (logits.argmax(1) == y).float().mean().item()}
+
+
+def val_score(row: dict[str, Any]) -> tuple[float, float]:
+    """A head's best epoch: the highest validation accuracy, ties to the lower validation loss."""
+    return row["val_accuracy"], -row["val_loss"]
 
 
 def train_on_features(
@@ -112,47 +90,23 @@ def train_on_features(
                          f"val {len(val_x)} vs {len(val_y)}")
     train_y = torch.as_tensor(train_y, dtype=torch.long)
     val_y = torch.as_tensor(val_y, dtype=torch.long)
+    device = torch.device(device)
     module.to(device)
     optimiser = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
     # Shuffling draws from its own CPU generator, so the order does not depend on the device.
-    shuffle = torch.Generator().manual_seed(seed)
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None  # (accuracy, -loss): larger is better
-    best_epoch, best_state = 0, None
-    n = len(train_x)
+    order = EpochPermutation(len(train_x), torch.Generator().manual_seed(seed))
+    batches = TensorBatches((train_x, train_y), batch_size, order)
 
-    epoch_iter = range(1, epochs + 1)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
+        xb, yb = batch
+        return F.cross_entropy(module(xb.to(device, torch.float32)), yb.to(device)), len(yb)
 
-        bar = tqdm(epoch_iter, desc="train head", unit="epoch")
-        epoch_iter = bar
-    with seeded_rng(seed, device):
-        for epoch in epoch_iter:
-            module.train()
-            order = torch.randperm(n, generator=shuffle)
-            total = 0.0
-            for start in range(0, n, batch_size):
-                idx = order[start:start + batch_size]
-                xb = train_x[idx].to(device, torch.float32)
-                yb = train_y[idx].to(device)
-                loss = F.cross_entropy(module(xb), yb)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total += loss.item() * len(idx)
-            val_loss, val_acc = _validate(module, val_x, val_y, device)
-            history.append({"epoch": epoch, "train_loss": total / n, "val_loss": val_loss, "val_accuracy": val_acc})
-            if best is None or (val_acc, -val_loss) > best:
-                best, best_epoch = (val_acc, -val_loss), epoch
-                best_state = copy.deepcopy(module.state_dict())
-            if bar is not None:
-                bar.set_postfix(loss=f"{total / n:.4f}", val_acc=f"{val_acc:.4f}", best=best_epoch)
-            if patience > 0 and epoch - best_epoch >= patience:
-                break
-    if bar is not None:
-        bar.close()
-    module.load_state_dict(best_state)
+    def epoch_row(stats: EpochStats) -> dict[str, Any]:
+        return {"epoch": stats.epoch, "train_loss": stats.train_loss,
+                **val_metrics(predict_logits(module, val_x, device), val_y)}
+
+    outcome = fit(module, batches, loss_fn, optimizer=optimiser, epochs=epochs, device=device,
+                  epoch_row=epoch_row, score=val_score, patience=patience, seed=seed, progress=progress,
+                  desc="train head")
     module.eval()
-    return TrainOutcome(best_epoch=best_epoch, epochs_run=len(history), history=history)
+    return outcome

@@ -26,13 +26,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from trunk.augment import TrainTransform, build_train_transform
-from trunk.decode import ImageError, load_image
+from trunk.augment import build_train_transform
+from trunk.dataset import ImageDataset, ImageItem, readable
+from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng
 from trunk.model import POOLED, Trunk, TrunkError
-from trunk.train import _cosine_schedule, _decodable, _resolve_device, _shuffled_loader
+from trunk.train import _decodable, _resolve_device, training_loader
 
 
 @dataclass
@@ -55,29 +54,10 @@ class DistillResult:
     skipped: list[str] = field(default_factory=list)
 
 
-class _Images(Dataset):
-    """Unlabelled images; undecodable ones come back as None."""
-
-    def __init__(self, paths: list[str], transform: TrainTransform) -> None:
-        self.paths = paths
-        # trunk.train._worker_init reseeds ``dataset.transform`` in each worker.
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> torch.Tensor | None:
-        try:
-            image, _ = load_image(self.paths[i])
-        except ImageError:
-            # Files checked before training can still change under us; drop, never crash.
-            return None
-        return self.transform(image)
-
-
-def _collate(batch: list[torch.Tensor | None]) -> torch.Tensor | None:
-    batch = [b for b in batch if b is not None]
-    return torch.stack(batch) if batch else None
+def _collate(items: list[ImageItem]) -> torch.Tensor | None:
+    """The readable items' pixels; None when none is readable."""
+    items = readable(items)
+    return torch.stack([it.pixels for it in items]) if items else None
 
 
 def _check_pair(teacher: Trunk, student: Trunk, taps: Sequence[str]) -> list[str]:
@@ -185,9 +165,7 @@ def distill_trunk(
     dev = _resolve_device(device)
     wanted = [POOLED, *taps]
 
-    cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_ids):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, dev):
         # A copy even of the teacher: .to(dev) and .eval() would otherwise change the caller's object.
         frozen = copy.deepcopy(teacher).to(dev).eval().requires_grad_(False)
         model = copy.deepcopy(student).to(dev).train()
@@ -197,53 +175,47 @@ def distill_trunk(
             [nn.Conv2d(student.tap(t).channels, teacher.tap(t).channels, kernel_size=1) for t in taps]
         ).to(dev)
         transform = build_train_transform(teacher.data_config, augment_ops, seed=seed)
-        loader = _shuffled_loader(_Images(paths, transform), _collate, batch_size=batch_size,
-                                  num_workers=num_workers, seed=seed, device=dev)
+        loader = training_loader(ImageDataset(paths, transform), _collate, batch_size=batch_size,
+                                 num_workers=num_workers, seed=seed, device=dev)
         params = [*model.parameters(), *pooled_proj.parameters(), *tap_projs.parameters()]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        schedule = _cosine_schedule(optimizer, epochs * len(loader))
+        schedule = cosine_schedule(optimizer, epochs * len(loader))
         width = teacher.tap(POOLED).channels
+        # Sums weighted by images, so a short last batch counts for what it holds; the
+        # loop keeps the total loss's.
+        sums = {name: 0.0 for name in [*(f"loss_{t}" for t in wanted), "cosine_pooled"]}
 
-        history: list[dict] = []
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            # Sums weighted by images, so a short last batch counts for what it holds.
-            sums = {name: 0.0 for name in ["loss", *(f"loss_{t}" for t in wanted), "cosine_pooled"]}
-            n = 0
-            bar = tqdm(loader, desc=f"distill epoch {epoch}/{epochs}", unit="batch", disable=not progress,
-                       leave=False)
-            for x in bar:
-                if x is None:
-                    continue
-                x = x.to(dev, non_blocking=True)
-                with torch.no_grad():
-                    target = frozen(x, wanted)
-                feats = model(x, wanted)
-                projected = F.layer_norm(pooled_proj(feats[POOLED]), (width,))
-                goal = F.layer_norm(target[POOLED], (width,))
-                pooled_loss = F.mse_loss(projected, goal)
-                tap_losses = [_map_loss(proj(feats[t]), target[t]) for t, proj in zip(taps, tap_projs)]
-                loss = (pooled_loss + torch.stack(tap_losses).mean()) if tap_losses else pooled_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                with torch.no_grad():
-                    b, step_loss = x.shape[0], float(loss.detach())
-                    n += b
-                    sums["loss"] += step_loss * b
-                    sums[f"loss_{POOLED}"] += float(pooled_loss.detach()) * b
-                    for t, tap_loss in zip(taps, tap_losses):
-                        sums[f"loss_{t}"] += float(tap_loss.detach()) * b
-                    sums["cosine_pooled"] += float(F.cosine_similarity(projected, goal, dim=1).sum())
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-            row: dict[str, Any] = {"epoch": epoch}
-            row.update({k: v / max(n, 1) for k, v in sums.items()})
-            row.update(lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
-            history.append(row)
-            if progress:
-                tqdm.write(f"distill epoch {epoch}/{epochs}: loss {row['loss']:.4f}; "
-                           f"pooled cosine {row['cosine_pooled']:.3f}; {row['seconds']:.1f}s")
+        def step_loss(x: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
+            if x is None:
+                return None
+            x = x.to(dev, non_blocking=True)
+            with torch.no_grad():
+                target = frozen(x, wanted)
+            feats = model(x, wanted)
+            projected = F.layer_norm(pooled_proj(feats[POOLED]), (width,))
+            goal = F.layer_norm(target[POOLED], (width,))
+            pooled_loss = F.mse_loss(projected, goal)
+            tap_losses = [_map_loss(proj(feats[t]), target[t]) for t, proj in zip(taps, tap_projs)]
+            loss = (pooled_loss + torch.stack(tap_losses).mean()) if tap_losses else pooled_loss
+            with torch.no_grad():
+                b = x.shape[0]
+                sums[f"loss_{POOLED}"] += float(pooled_loss.detach()) * b
+                for t, tap_loss in zip(taps, tap_losses):
+                    sums[f"loss_{t}"] += float(tap_loss.detach()) * b
+                sums["cosine_pooled"] += float(F.cosine_similarity(projected, goal, dim=1).sum())
+            return loss, b
+
+        def epoch_row(stats: EpochStats) -> dict[str, Any]:
+            row: dict[str, Any] = {"epoch": stats.epoch, "loss": stats.train_loss}
+            row.update({k: v / max(stats.seen, 1) for k, v in sums.items()})
+            row.update(lr=optimizer.param_groups[0]["lr"], seconds=stats.seconds)
+            sums.update(dict.fromkeys(sums, 0.0))
+            return row
+
+        # The teacher stays out of the trained modules: the loop's train() must not touch its batch norm.
+        history = fit(nn.ModuleList([model, pooled_proj, tap_projs]), loader, step_loss, optimizer=optimizer,
+                      epochs=epochs, device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
+                      desc="distill").history
 
     state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
     new = Trunk(student.model_name, data_config=student.data_config, model_kwargs=student.model_kwargs,

@@ -12,20 +12,15 @@ that schedule batches themselves (the Ray backend of bulk classification).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from trunk.decode import ImageError, decode_image, read_bytes, sha256_bytes
+from trunk.dataset import ImageDataset, ImageItem, Transform, read_item
 from trunk.images import utf8_text
-
-Transform = Callable[[Image.Image], torch.Tensor]
 
 
 @dataclass
@@ -63,59 +58,6 @@ class DecodedBatch:
         return len(self.indices)
 
 
-_ADDRESS = re.compile(r" object at 0x[0-9a-fA-F]+>")
-
-
-def _one_line(text: str) -> str:
-    """One line, with no per-process detail (``<_io.BytesIO object at 0x7f..>``), so a
-    rerun or another backend writes the very same ``error`` cell."""
-    return _ADDRESS.sub(">", " ".join(str(text).split()))
-
-
-Item = tuple[int, str, Optional[str], Optional[str], Optional[torch.Tensor]]
-
-
-def decode_one(i: int, path: str, transform: Transform, draft_side: int | None = None) -> Item:
-    """Read, hash, decode and preprocess one file: ``(i, path, sha, error, tensor_or_None)``.
-
-    Never raises for a bad file: the reason goes in ``error``.
-    """
-    try:
-        data = read_bytes(path)
-    except ImageError as e:
-        return i, path, None, _one_line(str(e)), None
-    except OSError as e:  # read_bytes maps the usual ones; be safe about the rest
-        return i, path, None, _one_line(f"unreadable file: {path}: {e}"), None
-    sha = sha256_bytes(data)
-    try:
-        image = decode_image(data, path, draft_side=draft_side)
-    except (ImageError, OSError) as e:
-        return i, path, sha, _one_line(str(e)), None
-    del data
-    try:
-        pixels = transform(image)
-    except Exception as e:  # a transform that chokes on one image must not end the job
-        return i, path, sha, _one_line(f"preprocess failed: {path}: {type(e).__name__}: {e}"), None
-    if not isinstance(pixels, torch.Tensor):
-        return i, path, sha, f"preprocess failed: {path}: transform returned {type(pixels).__name__}", None
-    return i, path, sha, None, pixels
-
-
-class _ImageFiles(Dataset):
-    """Item i: :func:`decode_one` of ``paths[i]``."""
-
-    def __init__(self, paths: Sequence[str], transform: Transform, draft_side: int | None = None) -> None:
-        self.paths = paths
-        self.transform = transform
-        self.draft_side = draft_side
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> Item:
-        return decode_one(i, self.paths[i], self.transform, self.draft_side)
-
-
 def decode_batch(indices: Sequence[int], paths: Sequence[str], transform: Transform,
                  draft_side: int | None = None) -> DecodedBatch:
     """One batch, decoded in this process: what a loader worker does for one batch.
@@ -126,12 +68,12 @@ def decode_batch(indices: Sequence[int], paths: Sequence[str], transform: Transf
         transform: as for :func:`iter_decoded`.
         draft_side: as for :func:`iter_decoded`.
     """
-    return _collate([decode_one(i, p, transform, draft_side) for i, p in zip(indices, paths, strict=True)])
+    return _collate([read_item(i, p, transform, draft_side) for i, p in zip(indices, paths, strict=True)])
 
 
-def _collate(items: list[Item]) -> DecodedBatch:
-    items = sorted(items, key=lambda item: item[0])
-    tensors = [item[4] for item in items if item[3] is None]
+def _collate(items: list[ImageItem]) -> DecodedBatch:
+    items = sorted(items, key=lambda item: item.index)
+    tensors = [item.pixels for item in items if item.error is None]
     if tensors:
         try:
             pixels = torch.stack(tensors).float()
@@ -142,23 +84,24 @@ def _collate(items: list[Item]) -> DecodedBatch:
         # No good rows: still 4-D so callers can test ``pixels.shape[0]`` uniformly.
         pixels = torch.empty((0, 0, 0, 0))
     return DecodedBatch(
-        indices=[item[0] for item in items],
-        paths=[item[1] for item in items],
-        shas=[item[2] for item in items],
+        indices=[item.index for item in items],
+        paths=[item.path for item in items],
+        shas=[item.sha for item in items],
         # A message may quote a file name that is not UTF-8; the cell must still be text.
-        errors=[None if item[3] is None else utf8_text(item[3]) for item in items],
+        errors=[None if item.error is None else utf8_text(item.error) for item in items],
         pixels=pixels,
     )
 
 
-def _reject_odd_shapes(items: list[Item]) -> DecodedBatch:
-    shapes = [tuple(item[4].shape) for item in items if item[3] is None]
+def _reject_odd_shapes(items: list[ImageItem]) -> DecodedBatch:
+    shapes = [tuple(item.pixels.shape) for item in items if item.error is None]
     common = max(set(shapes), key=shapes.count)
     fixed = []
-    for i, path, sha, err, t in items:
-        if err is None and tuple(t.shape) != common:
-            err, t = f"preprocess failed: {path}: output shape {tuple(t.shape)} != {common}", None
-        fixed.append((i, path, sha, err, t))
+    for item in items:
+        if item.error is None and tuple(item.pixels.shape) != common:
+            item = item._replace(error=f"preprocess failed: {item.path}: output shape "
+                                       f"{tuple(item.pixels.shape)} != {common}", pixels=None)
+        fixed.append(item)
     return _collate(fixed)
 
 
@@ -205,7 +148,7 @@ def iter_decoded(
     if not batches:
         return
     loader = DataLoader(
-        _ImageFiles(names, transform, draft_side),
+        ImageDataset(names, transform, draft_side=draft_side),
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=_collate,

@@ -11,7 +11,6 @@ one bad file never stops a run.
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 import warnings
@@ -21,13 +20,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from trunk.augment import TrainTransform, build_train_transform
+from trunk.augment import build_train_transform
+from trunk.dataset import ImageDataset, ImageItem, readable
 from trunk.decode import ImageError, load_image
+from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng, shuffled_loader
 from trunk.model import POOLED, Trunk
-
 
 
 @dataclass
@@ -66,62 +66,25 @@ class TrunkTrainResult:
     skipped: list[str] = field(default_factory=list)
 
 
-class _MultiLabelImages(Dataset):
-    """Images with a label vector each; undecodable images come back as None."""
-
-    def __init__(self, paths: list[str], labels: torch.Tensor, transform: TrainTransform) -> None:
-        self.paths = paths
-        self.labels = labels
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        try:
-            image, _ = load_image(self.paths[i])
-        except ImageError:
-            # Files checked before training can still change under us; drop, never crash.
-            return None
-        return self.transform(image), self.labels[i]
-
-
-def _collate(batch: list[tuple[torch.Tensor, torch.Tensor] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    batch = [b for b in batch if b is not None]
-    if not batch:
+def _collate(items: list[ImageItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The readable items' pixels and label rows; None when none is readable."""
+    items = readable(items)
+    if not items:
         return None
-    return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
+    return torch.stack([it.pixels for it in items]), torch.stack([it.target for it in items])
 
 
-def _worker_init(worker_id: int) -> None:
-    # torch gives each worker seed = loader seed + worker id, drawn anew every epoch;
-    # albumentations keeps its own stream, so hand it on or every worker augments alike.
-    info = torch.utils.data.get_worker_info()
-    info.dataset.transform.set_random_seed(torch.initial_seed() % 2**32)
+def training_loader(dataset: ImageDataset, collate_fn, *, batch_size: int, num_workers: int, seed: int,
+                    device: torch.device) -> DataLoader:
+    """Seeded, shuffled training batches of augmented images, each worker with its own augmentation stream.
 
-
-def _shuffled_loader(dataset: Dataset, collate_fn, *, batch_size: int, num_workers: int, seed: int,
-                     device: torch.device) -> DataLoader:
-    """Seeded, shuffled training batches of augmented images, each worker with its own augmentation stream."""
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
+    Shared by trunk training and distillation.
+    """
+    return shuffled_loader(
+        dataset, batch_size=batch_size, seed=seed, collate_fn=collate_fn, num_workers=num_workers,
         # A last batch of one image breaks batch norm; drop it when there is more than one batch.
         drop_last=len(dataset) > batch_size,
-        num_workers=num_workers,
-        collate_fn=collate_fn,
-        worker_init_fn=_worker_init if num_workers else None,
-        generator=torch.Generator().manual_seed(seed),
         pin_memory=device.type == "cuda",
-    )
-
-
-def _cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Peak learning rate decayed to 0 on a half cosine over ``steps`` optimizer steps."""
-    total_steps = max(1, steps)
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     )
 
 
@@ -231,68 +194,55 @@ def train_trunk(
         raise ValueError(f"none of the {len(skipped)} training images could be decoded (first: {skipped[0]})")
     dev = _resolve_device(device)
 
-    cuda_ids = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda_ids):
-        torch.manual_seed(seed)
+    with seeded_rng(seed, dev):
         model = copy.deepcopy(trunk).to(dev).train()
         width = trunk.tap(POOLED).channels
         # A list, not a ModuleDict: task names need not be valid attribute names.
         classifiers = nn.ModuleList([nn.Linear(width, len(t.classes)) for t in tasks]).to(dev).train()
         transform = build_train_transform(trunk.data_config, augment_ops, seed=seed)
-        loader = _shuffled_loader(_MultiLabelImages(paths, labels, transform), _collate, batch_size=batch_size,
-                                  num_workers=num_workers, seed=seed, device=dev)
+        loader = training_loader(ImageDataset(paths, transform, targets=labels), _collate, batch_size=batch_size,
+                                 num_workers=num_workers, seed=seed, device=dev)
         params = [*model.parameters(), *classifiers.parameters()]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        schedule = _cosine_schedule(optimizer, epochs * len(loader))
+        schedule = cosine_schedule(optimizer, epochs * len(loader))
         loss_fn = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+        sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
 
-        history: list[dict] = []
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
-            total_loss, steps = 0.0, 0
-            bar = tqdm(loader, desc=f"trunk epoch {epoch}/{epochs}", unit="batch", disable=not progress, leave=False)
-            for batch in bar:
-                if batch is None:
-                    continue
-                x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
-                pooled = model(x, [POOLED])[POOLED]
-                loss = pooled.new_zeros(())
-                for j, task in enumerate(tasks):
-                    yj = y[:, j]
-                    labelled = int((yj >= 0).sum())
-                    if labelled == 0:
-                        continue  # a mean over no labels is NaN; this task just sits the batch out
-                    logits = classifiers[j](pooled)
-                    task_loss = loss_fn(logits, yj) / labelled
-                    loss = loss + task_loss
-                    with torch.no_grad():
-                        mask = yj >= 0
-                        s = sums[task.name]
-                        s["loss"] += float(task_loss.detach()) * labelled
-                        s["correct"] += int((logits.argmax(1)[mask] == yj[mask]).sum())
-                        s["n"] += labelled
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                total_loss += float(loss.detach())
-                steps += 1
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-            row: dict[str, Any] = {
-                "epoch": epoch,
-                "loss": total_loss / max(steps, 1),
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - t0,
-            }
+        def step_loss(batch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, int] | None:
+            if batch is None:
+                return None
+            x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+            pooled = model(x, [POOLED])[POOLED]
+            loss = pooled.new_zeros(())
+            for j, task in enumerate(tasks):
+                yj = y[:, j]
+                labelled = int((yj >= 0).sum())
+                if labelled == 0:
+                    continue  # a mean over no labels is NaN; this task just sits the batch out
+                logits = classifiers[j](pooled)
+                task_loss = loss_fn(logits, yj) / labelled
+                loss = loss + task_loss
+                with torch.no_grad():
+                    mask = yj >= 0
+                    s = sums[task.name]
+                    s["loss"] += float(task_loss.detach()) * labelled
+                    s["correct"] += int((logits.argmax(1)[mask] == yj[mask]).sum())
+                    s["n"] += labelled
+            # The epoch's loss is the mean over steps: each step counts 1.
+            return loss, 1
+
+        def epoch_row(stats: EpochStats) -> dict[str, Any]:
+            row: dict[str, Any] = {"epoch": stats.epoch, "loss": stats.train_loss,
+                                   "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds}
             for name, s in sums.items():
                 row[f"loss_{name}"] = s["loss"] / max(s["n"], 1)
                 row[f"accuracy_{name}"] = s["correct"] / max(s["n"], 1)
-            history.append(row)
-            if progress:
-                accs = ", ".join(f"{t.name} {row[f'accuracy_{t.name}']:.3f}" for t in tasks)
-                tqdm.write(f"trunk epoch {epoch}/{epochs}: loss {row['loss']:.4f}; train accuracy {accs}; "
-                           f"{row['seconds']:.1f}s")
+                s.update(loss=0.0, correct=0, n=0)
+            return row
+
+        history = fit(nn.ModuleList([model, classifiers]), loader, step_loss, optimizer=optimizer, epochs=epochs,
+                      device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
+                      desc="trunk").history
 
     state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
     new = Trunk(trunk.model_name, data_config=trunk.data_config, model_kwargs=trunk.model_kwargs, state_dict=state)
