@@ -29,13 +29,12 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from omegaconf import OmegaConf
 
 from heads.contract import GoldenResult, Tolerances, check_contract
-from heads.data import load_labelled_data
+from heads.data import data_roots, load_labelled_data
 from heads.gate import GateReport
 from heads.golden import check_golden, read_golden
-from heads.spec import HeadConfigError, HeadSpec, validate
+from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
 from heads.store import HeadArtifactError, LoadedHead
 from registry.cascade_report import log_cascade_report
 from registry.heads import (
@@ -180,7 +179,7 @@ def stored_spec(client: MlflowClient, name: str, version: int, context: dict[str
             local = client.download_artifacts(mv.run_id, f"config/{name}.yaml", tmp)
         except MlflowException as e:
             raise HeadConfigError(source, "<file>", f"cannot be read from MLflow: {str(e).splitlines()[0]}") from None
-        raw = OmegaConf.load(local)
+        raw = read_config_file(local, source)  # size, alias and parse checks, as for a team's file
     return validate(raw, source, context=context, expected_name=name)
 
 
@@ -196,7 +195,7 @@ def _golden(spec: HeadSpec, trunk: Trunk, head: LoadedHead, device: str, batch_s
     path = spec.gate.get("golden")
     if not path:
         return None
-    items = read_golden(path, list(head.meta["classes"]), spec.source)
+    items = read_golden(path, list(head.meta["classes"]), spec.source, allow_roots=data_roots(spec))
     return check_golden(trunk, spec.name, head, items, source=str(path), device=device, batch_size=batch_size)
 
 

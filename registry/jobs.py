@@ -36,7 +36,6 @@ from registry.releases import (
 )
 from registry.trunks import find_trunk_version_by_tag, get_trunk_version, load_trunk, register_trunk
 from registry.workspace import Workspace
-from trunk.cache import FeatureCache
 from trunk.extract import ExtractResult, extract
 from trunk.images import resolve_inputs
 from trunk.loader import iter_decoded
@@ -169,7 +168,7 @@ def features_for(trunk: Trunk, spec: HeadSpec, data: LabelledData, *, workspace:
         raise spec.error("data", f"class {', '.join(repr(c) for c in empty)} has no decodable training image")
     if not val:
         raise spec.error("data", "no decodable validation image")
-    cache = FeatureCache.for_trunk(workspace.cache, trunk, spec.tap)
+    cache = result.caches[spec.tap]  # the instance that verified these rows during extraction
     train_x = cache.load([sha_of[s.path] for s in train])
     val_x = cache.load([sha_of[s.path] for s in val])
     kept = LabelledData(classes=data.classes, train=train, val=val, data_sha=data.data_sha, source=data.source,
@@ -197,7 +196,12 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     A head on ``pooled`` trains on cached features (extracting what is missing first). A
     branch head (an earlier tap) trains from images: the trunk's prefix runs frozen, the
     copied layers after the tap and the classifier learn, with the config's augmentation.
+
+    Production is read before training: if other teams promote meanwhile, the promotion
+    is rebuilt on top of theirs; if this head itself moved (another version of it reached
+    production since), it is refused and ``refused`` says why (the tool exits non-zero).
     """
+    started_from = get_release(client, PRODUCTION)
     trunk, tv = resolve_trunk(client, trunk_version)
     result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
                                           num_workers=num_workers, device=device, progress=progress)
@@ -205,7 +209,7 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
     if gate.passed and promote:
         try:
-            job.release = promote_head(client, spec.name, version)
+            job.release = promote_head(client, spec.name, version, started_from=started_from)
         except ReleaseError as e:
             job.refused = str(e)
     return job
@@ -314,7 +318,7 @@ def release_for_output(client: MlflowClient, output: str | Path, release: str | 
 def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *, batch_size: int, num_workers: int,
                  device: str, progress: bool, rows_per_shard: int = 10000, release: str | int | None = None,
                  backend: str = "local", draft: bool = True,
-                 ray_options: dict[str, Any] | None = None) -> dict[str, Any]:
+                 ray_options: dict[str, Any] | None = None, allow_foreign_files: bool = False) -> dict[str, Any]:
     """Classify a folder, manifest or fsspec URI with every head of one release.
 
     The release is resolved once, here (see :func:`release_for_output`), and its trunk and
@@ -327,7 +331,8 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     paths = resolve_inputs(input)
     return classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
                           num_workers=num_workers, device=device, rows_per_shard=rows_per_shard, progress=progress,
-                          draft=draft, backend=backend, ray_options=ray_options)
+                          draft=draft, backend=backend, ray_options=ray_options,
+                          allow_foreign_files=allow_foreign_files)
 
 
 __all__ = [

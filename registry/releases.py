@@ -8,10 +8,27 @@ A release version is a version of the registered model ``release`` whose run (ex
 
 Every head in a release shares the trunk's ``trunk_id``. Batch jobs read the alias
 ``production``; moving it is the promotion. It moves by compare-and-swap: the caller
-says which version it expects production to be, the alias is re-read just before it is
-set, and if someone else moved it meanwhile nothing changes. For a local SQLite store
-a file lock beside the database makes that read-then-set atomic between processes; a
-tracking server has no such primitive, so there the window is one round trip.
+says which version it expects production to be, the alias is re-read under the
+promotion lock and set only if it still points there. The lock (:mod:`registry.lease`)
+is a ticket queue with a lease, built on the one thing every store numbers atomically,
+model versions, so it works the same on a local SQLite store and through a tracking
+server; a crashed promoter blocks the others for at most one lease. Everything that
+moves an alias of ``release`` (:func:`create_release`, :func:`promote_head`,
+:func:`move_alias`, :func:`rollback`) holds it, and a release version is created only
+while its promoter holds it.
+
+:func:`promote_head` is the team's promotion: under the lock it re-reads production and
+builds the release on top of whatever production is then (its heads plus this head's
+new version), so a promotion that lost the race to another team is rebuilt, not
+dropped. It is refused only when the same head moved meanwhile (another version of it
+reached production since the caller started) or the trunk changed under it.
+
+Leftovers of a promoter killed mid-way (a ``release`` run still RUNNING, a version that
+never became production) are marked, never deleted: the next holder of the lock that
+finds a dead ticket, and :func:`reap_leftovers` (run by ``tools.report``), set such runs
+to KILLED and tag them and their versions ``orphan=true``; a run whose release is
+serving is set FINISHED. Moving production to an orphan (a refresh cascade resuming
+after a crash) clears the tag.
 
 Every release made for ``production`` carries the version tag ``previous_production``:
 the version production pointed at when it moved there (``none`` for the first). That
@@ -24,8 +41,8 @@ itself be undone with ``rollback(client, to=<version>)``.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
+import logging
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,10 +54,12 @@ from mlflow.exceptions import MlflowException
 
 from heads.store import LoadedHead
 from registry.heads import get_head_version, load_head_version, model_name
-from registry.tracking import RegistryError, client_uri, ensure_registered_model, experiment_id, is_not_found, \
-    sqlite_path
+from registry.lease import Lease, LeaseError, hold
+from registry.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
 from registry.trunks import get_trunk_version, load_trunk
 from trunk.model import Trunk
+
+log = logging.getLogger(__name__)
 
 RELEASE_MODEL = "release"
 MANIFEST = "release.json"
@@ -50,8 +69,10 @@ CANDIDATE = "candidate"
 # first), and which release production left when a rollback returned to this one.
 PREVIOUS_PRODUCTION = "previous_production"
 ROLLED_BACK_FROM = "rolled_back_from"
+# On a release version and its run left behind by a promoter that died before production moved.
+ORPHAN = "orphan"
 # Tags the platform sets itself; callers' extra tags may not overwrite them.
-_RESERVED_TAGS = frozenset({"trunk_id", "trunk_version", "heads", PREVIOUS_PRODUCTION, ROLLED_BACK_FROM})
+_RESERVED_TAGS = frozenset({"trunk_id", "trunk_version", "heads", PREVIOUS_PRODUCTION, ROLLED_BACK_FROM, ORPHAN})
 
 
 class ReleaseError(RegistryError):
@@ -124,25 +145,29 @@ def get_release(client: MlflowClient, alias: str = PRODUCTION) -> Release | None
 
 
 @contextlib.contextmanager
-def _alias_lock(client: MlflowClient) -> Iterator[None]:
-    db = sqlite_path(client_uri(client))
-    if db is None:
-        yield
-        return
-    with open(db.with_name(db.name + ".release.lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _alias_lock(client: MlflowClient, purpose: str) -> Iterator[Lease]:
+    """Hold the promotion lock (:func:`registry.lease.hold`); mark what dead holders left behind."""
+    try:
+        with hold(client, purpose=purpose) as lease:
+            if lease.reaped:
+                # A ticket was taken from a dead or expired contender: it may have died
+                # half-way through creating a release. Nobody else creates one now.
+                _mark_leftovers(client)
+            yield lease
+    except LeaseError as e:
+        raise ReleaseError(str(e)) from None
+
+
+class ProductionMoved(ReleaseError):
+    """The alias no longer points where the caller expected; nothing changed."""
 
 
 def _moved(expected: int | None, current: int | None, alias: str) -> ReleaseError:
     def v(x: int | None) -> str:
         return "none" if x is None else f"v{x}"
 
-    return ReleaseError(f"{alias} moved from {v(expected)} to {v(current)} since you began; nothing changed "
-                        f"(re-read {alias} and try again)")
+    return ProductionMoved(f"{alias} moved from {v(expected)} to {v(current)} since you began; nothing changed "
+                           f"(re-read {alias} and try again)")
 
 
 def _manifest(client: MlflowClient, trunk_version: int, heads: Mapping[str, int]) -> dict[str, Any]:
@@ -163,10 +188,73 @@ def _manifest(client: MlflowClient, trunk_version: int, heads: Mapping[str, int]
     return {"trunk": {"version": int(trunk_version), "trunk_id": trunk_id}, "heads": entries}
 
 
+def _checked_manifest(client: MlflowClient, trunk_version: int, heads: Mapping[str, int]) -> dict[str, Any]:
+    try:
+        return _manifest(client, trunk_version, heads)
+    except RegistryError as e:
+        raise ReleaseError(str(e)) from None
+
+
+def _extra_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    extra = {str(k): str(v) for k, v in (tags or {}).items()}
+    reserved = sorted(_RESERVED_TAGS.intersection(extra))
+    if reserved:
+        raise ReleaseError(f"tag(s) {', '.join(reserved)} are set by the platform; pick other keys for extra "
+                           f"release tags")
+    return extra
+
+
+def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], *, expected: int | None,
+                  note: str, alias: str, extra: Mapping[str, str]) -> Release:
+    """Create the release version and move ``alias`` to it; the caller holds the lock and has
+    checked that the alias points at ``expected``.
+
+    If anything fails before the alias moves (the lease is lost, the store errs), the
+    version and its run are withdrawn: nothing is left behind.
+    """
+    trunk_version = int(manifest["trunk"]["version"])
+    manifest = {**manifest, "note": note}
+    ensure_registered_model(client, RELEASE_MODEL, "Manifests: one trunk version plus one version of every head.")
+    tags = {**extra, "trunk_id": manifest["trunk"]["trunk_id"], "trunk_version": str(trunk_version)}
+    version_tags = dict(tags)
+    if alias == PRODUCTION:
+        # Checked under the lock we hold: exactly where production is when it moves here.
+        version_tags[PREVIOUS_PRODUCTION] = "none" if expected is None else str(int(expected))
+    run = client.create_run(experiment_id(client, "releases"), run_name=f"release-trunk-v{trunk_version}",
+                            tags={**tags, "heads": ",".join(f"{n}:v{h['version']}" for n, h in
+                                                            manifest["heads"].items())})
+    run_id, mv = run.info.run_id, None
+    try:
+        with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+            (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            client.log_artifact(run_id, str(Path(tmp) / MANIFEST))
+        mv = client.create_model_version(RELEASE_MODEL, source=f"{run.info.artifact_uri}/{MANIFEST}",
+                                         run_id=run_id, tags=version_tags, description=note or None)
+        lease.check()
+        client.set_registered_model_alias(RELEASE_MODEL, alias, mv.version)
+    except BaseException:
+        # The alias did not move: the caller's release never existed.
+        with contextlib.suppress(MlflowException):
+            # Unless the store applied the move before failing: then it serves, withdraw nothing.
+            if mv is None or _alias_version(client, alias) != int(mv.version):
+                if mv is not None:
+                    client.delete_model_version(RELEASE_MODEL, mv.version)
+                client.set_terminated(run_id, "FAILED")
+                client.delete_run(run_id)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return Release(version=int(mv.version), trunk_version=trunk_version, trunk_id=tags["trunk_id"],
+                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note)
+
+
 def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str, int], *,
                    expected_production: int | None, note: str = "", alias: str = PRODUCTION,
                    tags: Mapping[str, str] | None = None) -> Release:
     """Make a new release version and move the alias to it, by compare-and-swap.
+
+    The alias is re-read under the promotion lock and the release is made only if it
+    still points at ``expected_production``; two callers expecting the same version can
+    never both succeed, on any store.
 
     Args:
         client: from :func:`registry.tracking.connect`.
@@ -179,7 +267,7 @@ def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str,
         alias: the alias to move (``production``, or ``candidate`` for evaluation).
         tags: extra tags for the new version and its run (e.g. a refresh cascade's id);
             they may not use the platform's own keys (``trunk_id``, ``trunk_version``,
-            ``heads``, ``previous_production``, ``rolled_back_from``). For
+            ``heads``, ``previous_production``, ``rolled_back_from``, ``orphan``). For
             ``production`` the version also gets ``previous_production``: the version
             the alias pointed at when it moved here (``none`` when there was none).
 
@@ -188,73 +276,79 @@ def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str,
 
     Raises:
         ReleaseError: a head is on another trunk_id or failed its gate, a version does
-            not exist, an extra tag uses a reserved key, or the alias moved since the
-            caller read it. In each case the alias is unchanged and no release version
-            is left behind.
+            not exist, an extra tag uses a reserved key, the lock could not be held, or
+            the alias moved since the caller read it (:class:`ProductionMoved`). In each
+            case the alias is unchanged and no release version is left behind.
     """
-    extra = {str(k): str(v) for k, v in (tags or {}).items()}
-    reserved = sorted(_RESERVED_TAGS.intersection(extra))
-    if reserved:
-        raise ReleaseError(f"tag(s) {', '.join(reserved)} are set by the platform; pick other keys for extra "
-                           f"release tags")
-    try:
-        manifest = _manifest(client, trunk_version, heads)
-    except RegistryError as e:
-        raise ReleaseError(str(e)) from None
-    manifest["note"] = note
+    extra = _extra_tags(tags)
+    manifest = _checked_manifest(client, trunk_version, heads)
     current = _alias_version(client, alias)
     if current != expected_production:
         raise _moved(expected_production, current, alias)
-
-    ensure_registered_model(client, RELEASE_MODEL, "Manifests: one trunk version plus one version of every head.")
-    tags = {**extra, "trunk_id": manifest["trunk"]["trunk_id"], "trunk_version": str(int(trunk_version))}
-    version_tags = dict(tags)
-    if alias == PRODUCTION:
-        # The swap below only happens while the alias still points at expected_production,
-        # so this is exactly where production was when it moved here.
-        version_tags[PREVIOUS_PRODUCTION] = "none" if expected_production is None else str(int(expected_production))
-    run = client.create_run(experiment_id(client, "releases"), run_name=f"release-trunk-v{trunk_version}",
-                            tags={**tags, "heads": ",".join(f"{n}:v{h['version']}" for n, h in
-                                                            manifest["heads"].items())})
-    run_id = run.info.run_id
-    try:
-        with tempfile.TemporaryDirectory(prefix="release-") as tmp:
-            (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            client.log_artifact(run_id, str(Path(tmp) / MANIFEST))
-        mv = client.create_model_version(RELEASE_MODEL, source=f"{run.info.artifact_uri}/{MANIFEST}",
-                                         run_id=run_id, tags=version_tags, description=note or None)
-        with _alias_lock(client):
-            current = _alias_version(client, alias)
-            if current != expected_production:
-                # Leave no orphan behind: the caller's release never existed.
-                client.delete_model_version(RELEASE_MODEL, mv.version)
-                client.delete_run(run_id)
-                raise _moved(expected_production, current, alias)
-            client.set_registered_model_alias(RELEASE_MODEL, alias, mv.version)
-    except BaseException:
-        with contextlib.suppress(MlflowException):
-            client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-    return Release(version=int(mv.version), trunk_version=int(trunk_version), trunk_id=tags["trunk_id"],
-                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note)
+    with _alias_lock(client, f"create release ({note or alias})") as lease:
+        current = _alias_version(client, alias)
+        if current != expected_production:
+            raise _moved(expected_production, current, alias)
+        return _make_release(client, lease, manifest, expected=expected_production, note=note, alias=alias,
+                             extra=extra)
 
 
-def promote_head(client: MlflowClient, name: str, version: int) -> Release:
+def promote_head(client: MlflowClient, name: str, version: int, *, started_from: Release | None = None) -> Release:
     """Put ``head.<name>`` v<version> into production: the production trunk, every current
     production head, and this one (replacing an older version of the same head).
 
+    Under the promotion lock production is read again: if another promotion landed since
+    ``started_from``, the release is rebuilt on top of it (its heads plus this one) rather
+    than refused. It is refused when this head itself moved meanwhile: production then
+    holds a version of it other than the one it held in ``started_from``.
+
+    Args:
+        client: from :func:`registry.tracking.connect`.
+        name: the head.
+        version: the ``head.<name>`` version to promote.
+        started_from: production as the caller saw it when its work began (a training
+            job: before training); default: production as read on entry here.
+
+    Returns:
+        The release now behind ``production`` (production itself when another promotion
+        put this very version there meanwhile).
+
     Raises:
-        ReleaseError: no production release yet, a trunk_id mismatch, a failed gate, or
-            production moved meanwhile.
+        ReleaseError: no production release yet, a trunk_id mismatch (production moved
+            to another trunk), a failed gate, the same head moved meanwhile, or the lock
+            could not be held. Production is then unchanged.
     """
     prod = get_release(client, PRODUCTION)
     if prod is None:
         raise ReleaseError(f"there is no production release yet, so {model_name(name)} v{version} has no trunk to "
                            f"join; bootstrap one with a trunk first (registry.releases.bootstrap_release)")
-    heads = {**prod.heads, name: int(version)}
-    return create_release(client, prod.trunk_version, heads, expected_production=prod.version,
-                          note=f"promote {model_name(name)} v{version}")
+    version, base = int(version), started_from or prod
+    note = f"promote {model_name(name)} v{version}"
+    # Built before queueing for the lock, so the lock is held for one write when nothing moved.
+    manifest = _checked_manifest(client, prod.trunk_version, {**prod.heads, name: version})
+    with _alias_lock(client, note) as lease:
+        current = get_release(client, PRODUCTION)
+        if current is None:
+            raise ReleaseError(f"production was removed while promoting {model_name(name)} v{version}; nothing changed")
+        was, now = base.heads.get(name), current.heads.get(name)
+        if now != was and now == version:
+            return current  # someone promoted this very version meanwhile: it is there
+        if now != was:
+            def v(x: int | None) -> str:
+                return "none" if x is None else f"v{x}"
+
+            raise ReleaseError(f"{model_name(name)} moved in production from {v(was)} to {v(now)} since this job "
+                               f"started (release v{base.version} -> v{current.version}); v{version} was not "
+                               f"promoted: compare it with {v(now)} and promote again if it should replace it")
+        if current.version != prod.version:
+            log.info("production moved from v%s to v%s while %s waited; rebuilding on top of it", prod.version,
+                     current.version, note)
+            manifest = _checked_manifest(client, current.trunk_version, {**current.heads, name: version})
+        elif current.version != base.version:
+            log.info("production moved from v%s to v%s since %s started; building on top of it", base.version,
+                     current.version, note)
+        return _make_release(client, lease, manifest, expected=current.version, note=note, alias=PRODUCTION,
+                             extra={})
 
 
 def bootstrap_release(client: MlflowClient, trunk_version: int) -> Release:
@@ -354,14 +448,100 @@ def move_alias(client: MlflowClient, version: int, *, expected: int | None, alia
     current = _alias_version(client, alias)
     if current != expected:
         raise _moved(expected, current, alias)
-    with _alias_lock(client):
+    with _alias_lock(client, f"move {alias} to release v{target.version}") as lease:
         current = _alias_version(client, alias)
         if current != expected:
             raise _moved(expected, current, alias)
+        lease.check()
         client.set_registered_model_alias(RELEASE_MODEL, alias, str(target.version))
+    _adopt(client, target.version)
     if note:
         client.set_model_version_tag(RELEASE_MODEL, str(target.version), f"{alias}_note", note)
     return target
+
+
+def _adopt(client: MlflowClient, version: int) -> None:
+    """A release an alias now points at is no orphan: clear the mark a sweep may have left."""
+    mv = client.get_model_version(RELEASE_MODEL, str(version))
+    if mv.tags.get(ORPHAN) != "true":
+        return
+    client.delete_model_version_tag(RELEASE_MODEL, str(version), ORPHAN)
+    if mv.run_id:
+        with contextlib.suppress(MlflowException):
+            client.delete_tag(mv.run_id, ORPHAN)
+            # Its manifest was complete (the version is created only after it is logged).
+            client.set_terminated(mv.run_id, "FINISHED")
+
+
+def reap_leftovers(client: MlflowClient, *, wait_s: float | None = None) -> dict[str, list[str]]:
+    """Mark what promoters killed mid-way left behind, so nothing dead looks live.
+
+    Release runs are created and finished only while their promoter holds the promotion
+    lock, so with the lock held every run of the experiment ``releases`` still RUNNING
+    belongs to a promoter that died. Such a run whose version an alias points at (it died
+    after moving production) is set FINISHED; any other is set KILLED and tagged
+    ``orphan=true``, and so are its ``release`` versions (created, never made production);
+    an orphan an alias points at again (a move killed before it cleared the mark) is cleared.
+    Nothing is deleted: a refresh cascade resuming after a crash still finds its release by
+    its ``cascade`` tag, and moving production there clears the mark.
+
+    Args:
+        client: from :func:`registry.tracking.connect`.
+        wait_s: how long to queue for the lock (default: the lock's own default).
+
+    Returns:
+        ``{"killed_runs": [...], "finished_runs": [...], "orphan_versions": [...]}``.
+
+    Raises:
+        ReleaseError: the lock could not be held within ``wait_s``.
+    """
+    try:
+        with hold(client, purpose="mark leftovers", wait_s=wait_s):
+            return _mark_leftovers(client)
+    except LeaseError as e:
+        raise ReleaseError(str(e)) from None
+
+
+def _mark_leftovers(client: MlflowClient) -> dict[str, list[str]]:
+    """:func:`reap_leftovers`' work; the caller holds the promotion lock."""
+    found: dict[str, list[str]] = {"killed_runs": [], "finished_runs": [], "orphan_versions": []}
+    exp = client.get_experiment_by_name("releases")
+    if exp is None:
+        return found
+    try:
+        aliased = {str(v) for v in client.get_registered_model(RELEASE_MODEL).aliases.values()}
+    except MlflowException as e:
+        if not is_not_found(e):
+            raise
+        aliased = set()
+    token = None
+    while True:
+        page = client.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'", page_token=token)
+        for run in page:
+            run_id = run.info.run_id
+            versions = _release_versions(client, f"name='{RELEASE_MODEL}' and run_id='{run_id}'")
+            if any(str(mv.version) in aliased for mv in versions):
+                client.set_terminated(run_id, "FINISHED")
+                found["finished_runs"].append(run_id)
+                continue
+            for mv in versions:
+                client.set_model_version_tag(RELEASE_MODEL, str(mv.version), ORPHAN, "true")
+                found["orphan_versions"].append(str(mv.version))
+            client.set_tag(run_id, ORPHAN, "true")
+            client.set_terminated(run_id, "KILLED")
+            found["killed_runs"].append(run_id)
+        token = page.token
+        if not token:
+            break
+    # A move to an orphan (a resumed cascade) killed before it cleared the mark: it serves.
+    for mv in _release_versions(client, f"name='{RELEASE_MODEL}' and tags.`{ORPHAN}`='true'"):
+        if str(mv.version) in aliased:
+            _adopt(client, int(mv.version))
+    if any(found.values()):
+        log.warning("marked leftovers of killed promoters: %d run(s) KILLED, %d FINISHED (serving), release "
+                    "version(s) %s tagged orphan=true", len(found["killed_runs"]), len(found["finished_runs"]),
+                    ", ".join(f"v{v}" for v in found["orphan_versions"]) or "none")
+    return found
 
 
 def _previous_release(client: MlflowClient, current: int) -> int:
@@ -428,16 +608,29 @@ def rollback(client: MlflowClient, to: int | None = None) -> tuple[Release, Rele
     return source, restored
 
 
-def load_release(client: MlflowClient, release: Release) -> tuple[Trunk, dict[str, LoadedHead]]:
+def load_release(client: MlflowClient, release: Release, *,
+                 allow_unverified: bool = False) -> tuple[Trunk, dict[str, LoadedHead]]:
     """The trunk and every head of a release, ready to run.
+
+    Every head is checked against the content hashes recorded when it was registered
+    (see :func:`registry.heads.load_head_version`).
+
+    Args:
+        client: from :func:`registry.tracking.connect`.
+        release: from :func:`read_release` or :func:`get_release`.
+        allow_unverified: accept heads registered before content hashes were recorded
+            (each is logged as a warning); hashed heads are always verified.
 
     Raises:
         ReleaseError: a loaded head's trunk_id differs from the loaded trunk's.
+        HeadArtifactError: a head's files do not match their recorded hashes, have none
+            (unless allowed), or are not what the platform writes; one line naming the
+            head and version.
     """
     trunk = load_trunk(client, release.trunk_version)
     heads: dict[str, LoadedHead] = {}
     for name, version in sorted(release.heads.items()):
-        head = load_head_version(client, name, version)
+        head = load_head_version(client, name, version, allow_unverified=allow_unverified)
         if head.meta.get("trunk_id") != trunk.trunk_id:
             raise ReleaseError(f"{model_name(name)} v{version} was trained on trunk_id {head.meta.get('trunk_id')} "
                                f"but release v{release.version}'s trunk is {trunk.trunk_id}")

@@ -9,11 +9,14 @@ head versions trained on it.
 
 ``log_report`` writes the table (Markdown), a PNG of accuracy against added cost and the
 dependencies (``dependencies.md``) into ``<workspace>/reports/<time>/`` and logs all
-three to the MLflow experiment ``reports``.
+three to the MLflow experiment ``reports``. It first marks what killed promoters left
+behind (:func:`registry.releases.reap_leftovers`: release runs stuck RUNNING set KILLED,
+never-served release versions tagged ``orphan=true``), so nothing dead looks live.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -23,9 +26,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from registry.heads import get_head_version, model_name
-from registry.releases import PRODUCTION, get_release
+from registry.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
 from registry.tracking import experiment_id, is_not_found
 from registry.trunks import TRUNK_MODEL, metrics_batch
+
+log = logging.getLogger(__name__)
+# A report does not queue long behind a promotion; the next report or promotion marks leftovers.
+LEFTOVERS_WAIT_S = 10.0
 
 COLUMNS = ("head", "version", "owner", "tap", "val_accuracy", "added_gflops", "added_ms_per_image", "params")
 _FORMATS = {"val_accuracy": "{:.4f}", "added_gflops": "{:.4g}", "added_ms_per_image": "{:.4f}", "params": "{:,.0f}"}
@@ -287,9 +294,15 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     Returns:
         ``{"rows", "table" (text), "markdown" (path), "png" (path), "run_id", "release",
         "dependencies" (rows of :func:`head_dependencies`), "dependencies_text",
-        "dependencies_markdown" (path)}``. The dependencies are always measured against
-        ``production``, the release that serves.
+        "dependencies_markdown" (path), "leftovers" (what :func:`reap_leftovers` marked;
+        empty lists when the promotion lock was busy)}``. The dependencies are always
+        measured against ``production``, the release that serves.
     """
+    try:
+        leftovers = reap_leftovers(client, wait_s=LEFTOVERS_WAIT_S)
+    except ReleaseError as e:
+        log.warning("leftovers of killed promoters not marked this time: %s", e)
+        leftovers = {"killed_runs": [], "finished_runs": [], "orphan_versions": []}
     release = get_release(client, alias)
     rows = production_table(client, alias)
     dependencies = head_dependencies(client)
@@ -314,11 +327,13 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
     run = client.create_run(experiment_id(client, "reports"), run_name=f"report-{alias}", tags=tags)
     client.log_batch(run.info.run_id, metrics=metrics_batch(
-        {"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies)}))
+        {"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
+         "orphan_releases_marked": len(leftovers["orphan_versions"])}))
     client.log_artifact(run.info.run_id, str(markdown))
     client.log_artifact(run.info.run_id, str(png))
     client.log_artifact(run.info.run_id, str(dependencies_md))
     client.set_terminated(run.info.run_id, "FINISHED")
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
             "run_id": run.info.run_id, "release": release, "dependencies": dependencies,
-            "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md}
+            "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,
+            "leftovers": leftovers}

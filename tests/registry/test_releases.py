@@ -143,31 +143,73 @@ def test_load_release_gives_runnable_trunk_and_heads(client, registered, trunk_a
         assert heads["colour"].module(feats).shape == (2, 3)
 
 
-def test_swap_refused_when_production_moves_during_release_creation(client, registered, workspace):
-    """Another writer promotes while our release version is being created: ours is withdrawn."""
+def raced_client(workspace, race):
+    """A real client on the workspace's store that runs ``race()`` (another writer, with its own
+    client) just before its first ticket for the promotion lock is taken: the other promotion
+    lands while this one is on its way to the lock."""
     from mlflow import MlflowClient
 
+    from registry.lease import LOCK_MODEL
+
+    class RacedClient(MlflowClient):
+        fired = False
+
+        def create_model_version(self, name, *args, **kwargs):
+            if name == LOCK_MODEL and not RacedClient.fired:
+                RacedClient.fired = True
+                race()
+            return super().create_model_version(name, *args, **kwargs)
+
+    uri = f"sqlite:///{workspace.resolve()}/mlflow.db"
+    return RacedClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_swap_refused_when_production_moves_before_the_lock_is_held(client, registered, workspace):
+    """create_release is a plain compare-and-swap: re-checked under the lock, refused, nothing made."""
     from registry.tracking import connect
 
     ta, _ = registered
     boot = bootstrap_release(client, ta)
     other = connect(workspace)
-
-    class RacedClient(MlflowClient):
-        # A real client; the real concurrent promotion lands right after our version is created.
-        def create_model_version(self, *args, **kwargs):
-            mv = super().create_model_version(*args, **kwargs)
-            promote_head(other, "colour", 1)
-            return mv
-
-    uri = f"sqlite:///{workspace.resolve()}/mlflow.db"
-    raced = RacedClient(tracking_uri=uri, registry_uri=uri)
-    with pytest.raises(ReleaseError, match=f"production moved from v{boot.version} to v3 since you began"):
+    raced = raced_client(workspace, lambda: promote_head(other, "colour", 1))
+    with pytest.raises(ReleaseError, match=f"production moved from v{boot.version} to v2 since you began"):
         create_release(raced, ta, {"shape": 1}, expected_production=boot.version)
     prod = get_release(client)
-    assert prod.version == 3 and prod.heads == {"colour": 1}
-    versions = sorted(int(v.version) for v in client.search_model_versions("name='release'"))
-    assert versions == [1, 3]  # our v2 was withdrawn, not left behind
+    assert prod.version == 2 and prod.heads == {"colour": 1}
+    assert sorted(int(v.version) for v in client.search_model_versions("name='release'")) == [1, 2]
+    assert client.search_model_versions("name='release.lock'") == []  # every ticket released
+
+
+def test_promotion_that_lost_the_race_is_rebuilt_on_top(client, registered, workspace):
+    """promote_head re-reads production under the lock: the loser joins the winner's release."""
+    from registry.tracking import connect
+
+    ta, _ = registered
+    boot = bootstrap_release(client, ta)
+    other = connect(workspace)
+    raced = raced_client(workspace, lambda: promote_head(other, "colour", 1))
+    made = promote_head(raced, "shape", 1, started_from=boot)
+    assert made.version == 3 and made.heads == {"colour": 1, "shape": 1}
+    assert get_release(client) == made
+    assert client.get_model_version("release", "3").tags["previous_production"] == "2"  # on top, not on v1
+
+
+def test_promotion_refused_when_the_same_head_moved_meanwhile(client, registered, workspace, trunk_a, make_result):
+    from registry.tracking import connect
+
+    ta, _ = registered
+    boot = bootstrap_release(client, ta)
+    mine = register_head(client, make_result(trunk_a, "colour", seed=2), trunk_version=ta)
+    other = connect(workspace)
+    raced = raced_client(workspace, lambda: promote_head(other, "colour", 1))
+    with pytest.raises(ReleaseError) as info:
+        promote_head(raced, "colour", mine, started_from=boot)
+    assert str(info.value) == (f"head.colour moved in production from none to v1 since this job started (release "
+                               f"v1 -> v2); v{mine} was not promoted: compare it with v1 and promote again if it "
+                               f"should replace it")
+    assert get_release(client).heads == {"colour": 1} and get_release(client).version == 2
+    # Nothing moved since it started: the same call replaces the head as before.
+    assert promote_head(client, "colour", mine, started_from=get_release(client)).heads == {"colour": mine}
 
 
 # -- previous_production, move_alias, rollback ---------------------------------------------
