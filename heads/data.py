@@ -28,21 +28,21 @@ from other teams; the platform may run with more rights than they have):
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from heads.spec import HeadConfigError, HeadSpec
+from trunk.images import IMAGE_EXTENSIONS
+from trunk.manifest import ManifestError, open_table
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 SPLITS = ("train", "val")
 REQUIRED_COLUMNS = ("path", "label")
-PARQUET_SUFFIXES = (".parquet", ".pq")
+# Every column a head's manifest or golden file may have; each is read as text.
+COLUMNS = (*REQUIRED_COLUMNS, "split", "slice")
 # A manifest in a folder of this name lists the images of the folder above (../images/...).
 MANIFESTS_FOLDER = "manifests"
 
@@ -188,24 +188,21 @@ def _rows_from_root(spec: HeadSpec, root: Path) -> list[_Row]:
 
 
 # -- manifests ----------------------------------------------------------------------------
-def read_table(manifest: Path, source: str, field_name: str) -> tuple[list[str], list[dict[str, Any]]]:
+def read_table(manifest: Path, source: str, field_name: str) -> tuple[list[str], list[dict[str, str | None]]]:
     """``(column names, records)`` of a CSV or Parquet file a head config names.
+
+    Read with the platform's one table reader (:func:`trunk.manifest.open_table`): each
+    record holds the columns of :data:`COLUMNS`, as text (a label ``1`` stays ``"1"``), or
+    ``None`` for a column the file lacks.
 
     Raises:
         HeadConfigError: the file cannot be read, naming ``source`` and ``field_name``.
     """
     try:
-        if manifest.suffix.lower() in PARQUET_SUFFIXES:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(manifest)
-            return list(table.column_names), table.to_pylist()
-        with manifest.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            records = list(reader)
-            return list(reader.fieldnames or []), records
-    except Exception as e:  # pyarrow and csv raise many kinds for a malformed file
-        raise HeadConfigError(source, field_name, f"{manifest} cannot be read: {str(e).splitlines()[0]}") from None
+        with open_table(manifest) as table:
+            return table.columns, list(table.rows(COLUMNS))
+    except ManifestError as e:
+        raise HeadConfigError(source, field_name, f"{manifest} cannot be read: {e.reason}") from None
 
 
 def _absolute(path: Path) -> Path:
@@ -213,10 +210,10 @@ def _absolute(path: Path) -> Path:
     return Path(os.path.abspath(path))
 
 
-def _text(value: Any) -> str | None:
+def _text(value: str | None) -> str | None:
     if value is None:
         return None
-    text = str(value).strip()
+    text = value.strip()
     return text or None
 
 

@@ -1,4 +1,8 @@
-"""Turning a device name from a config or command line into a ``torch.device``."""
+"""Turning a device name from a config or command line into a ``torch.device``.
+
+The platform's one device resolver: extraction, trunk training, distillation, bulk
+classification and the tools all call :func:`resolve_device`.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +13,12 @@ import torch
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str | torch.device) -> torch.device:
     """``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` -> a usable ``torch.device``.
 
     Args:
-        name: ``auto`` picks CUDA when available, else the CPU.
+        name: ``auto`` picks CUDA when available, else the CPU. A ``torch.device`` is
+            checked the same way (by its name).
 
     Raises:
         ValueError: one line, for an unknown name or a CUDA device this machine lacks.

@@ -31,7 +31,8 @@ from trunk.augment import build_train_transform
 from trunk.dataset import ImageDataset, ImageItem, readable
 from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng
 from trunk.model import POOLED, Trunk, TrunkError
-from trunk.train import _decodable, _resolve_device, training_loader
+from trunk.device import resolve_device
+from trunk.train import _decodable, training_loader
 
 
 @dataclass
@@ -162,7 +163,7 @@ def distill_trunk(
     paths, _, skipped = _decodable(paths, torch.arange(len(paths)), progress)
     if not paths:
         raise ValueError(f"none of the {len(skipped)} distillation images could be decoded (first: {skipped[0]})")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     wanted = [POOLED, *taps]
 
     with seeded_rng(seed, dev):

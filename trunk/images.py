@@ -5,7 +5,8 @@ Inputs are local paths or fsspec URIs (anything with ``<protocol>://``: ``s3://b
 can be opened later with ``fsspec.open(path)`` in another process.
 
 A manifest is a ``.txt`` file (one path per line; blank lines and ``#`` comments
-skipped) or a ``.csv`` / ``.parquet`` table with a ``path`` column. Relative paths in a
+skipped) or a ``.csv`` / ``.parquet`` (``.pq``) table with a ``path`` column, read by the
+platform's one table reader (:mod:`trunk.manifest`). Relative paths in a
 manifest are relative to the manifest's own folder (local or URI), so a data set and its
 manifest can move together; absolute local paths and URIs in a manifest are kept as they
 are. Manifests are streamed (lines, rows, Parquet batches of the one column), so millions of
@@ -21,23 +22,24 @@ losslessly and :func:`path_from_text` gives it back.
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 import posixpath
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
 
+from trunk.manifest import (
+    CSV_SUFFIXES, PARQUET_SUFFIXES, Opener, is_uri, open_table, storage_errors, url_to_fs,
+)
+
+# The one list of image file extensions: folder walks here and head class folders (heads/data.py).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )
-MANIFEST_SUFFIXES = (".txt", ".csv", ".parquet")
+TEXT_SUFFIXES = (".txt",)
+MANIFEST_SUFFIXES = (*TEXT_SUFFIXES, *CSV_SUFFIXES, *PARQUET_SUFFIXES)
 PATH_FIELD = "path"
-
-Opener = Callable[[], IO[bytes]]
+_KINDS = ", ".join(MANIFEST_SUFFIXES)  # for messages
 
 
 _ESCAPE = re.compile(rb"\\(\\|x[0-9a-f]{2})")
@@ -79,41 +81,6 @@ def path_from_text(text: str) -> str:
     raw = _ESCAPE.sub(lambda m: b"\\" if m.group(1) == b"\\" else bytes([int(m.group(1)[1:], 16)]),
                       text.encode("utf-8"))
     return os.fsdecode(raw)
-
-
-def is_uri(path: str | Path) -> bool:
-    """Whether ``path`` names an fsspec URI (``<protocol>://...``) rather than a local path."""
-    return isinstance(path, str) and "://" in path
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _url_to_fs(uri: str):
-    """The fsspec filesystem and protocol-less path for ``uri``, or a one-line ValueError."""
-    from fsspec.core import split_protocol, url_to_fs
-
-    protocol = split_protocol(uri.rpartition("::")[2])[0]
-    try:
-        return url_to_fs(uri)
-    except ImportError as e:
-        # fsspec's message names the package to install, e.g. "Install s3fs to access S3".
-        raise ValueError(f"{uri}: no fsspec backend for protocol '{protocol}' ({_first_line(e)})") from None
-    except ValueError as e:
-        if "Protocol not known" in str(e):
-            raise ValueError(f"{uri}: unknown fsspec protocol '{protocol}'") from None
-        raise ValueError(f"{uri}: cannot open ({_first_line(e)})") from None
-
-
-@contextmanager
-def _os_errors_name(label: str) -> Iterator[None]:
-    # Storage failures (permission denied, missing bucket, network) become one line naming the input.
-    try:
-        yield
-    except OSError as e:
-        raise ValueError(f"{label}: cannot read ({_first_line(e)})") from None
 
 
 def list_images(root: str | Path) -> list[Path]:
@@ -159,8 +126,8 @@ def list_image_uris(uri: str) -> list[str]:
         ValueError: unknown protocol or missing backend, the folder does not exist, is not
             a folder, or holds no images.
     """
-    fs, root = _url_to_fs(uri)
-    with _os_errors_name(uri):
+    fs, root = url_to_fs(uri)
+    with storage_errors(uri):
         if not fs.isdir(root):
             if fs.exists(root):
                 raise ValueError(f"{uri}: not a folder")
@@ -170,7 +137,7 @@ def list_image_uris(uri: str) -> list[str]:
 
 def _find_images(uri: str, fs, root: str) -> list[str]:
     prefix = root.rstrip("/") + "/"
-    with _os_errors_name(uri):
+    with storage_errors(uri):
         # One recursive listing (a flat list call on object stores), names only, no contents.
         found = [
             fs.unstrip_protocol(p)
@@ -206,50 +173,21 @@ def _read_txt(label: str, open_binary: Opener) -> Iterator[str]:
                     yield s
 
 
-def _read_csv(label: str, open_binary: Opener) -> Iterator[str]:
-    try:
-        with open_binary() as raw, io.TextIOWrapper(raw, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f)
-            columns = reader.fieldnames or []
-            if PATH_FIELD not in columns:
-                raise ValueError(
-                    f"{label}: field '{PATH_FIELD}': column missing; columns: {', '.join(columns) or 'none'}"
-                )
-            for i, row in enumerate(reader):
-                v = (row.get(PATH_FIELD) or "").strip()
-                if not v:
-                    # Row numbers as a spreadsheet shows them: the header is row 1.
-                    raise ValueError(f"{label}: field '{PATH_FIELD}': empty in row {i + 2}")
-                yield v
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{label}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except csv.Error as e:
-        raise ValueError(f"{label}: not valid CSV ({e})") from None
-
-
-def _read_parquet(label: str, open_binary: Opener) -> Iterator[str]:
-    import pyarrow.parquet as pq
-    from pyarrow import ArrowException
-
-    with open_binary() as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except (ArrowException, OSError) as e:
-            raise ValueError(f"{label}: not a readable Parquet file ({_first_line(e)})") from None
-        names = pf.schema_arrow.names
-        if PATH_FIELD not in names:
-            raise ValueError(f"{label}: field '{PATH_FIELD}': column missing; columns: {', '.join(names) or 'none'}")
-        i = 0
-        try:
-            # Only the path column, a batch at a time.
-            for batch in pf.iter_batches(columns=[PATH_FIELD]):
-                for v in batch.column(0).to_pylist():
-                    if v is None or not str(v).strip():
-                        raise ValueError(f"{label}: field '{PATH_FIELD}': empty in row {i}")
-                    yield str(v).strip()
-                    i += 1
-        except (ArrowException, OSError) as e:  # our own ValueErrors are neither, so they pass through
-            raise ValueError(f"{label}: not a readable Parquet file ({_first_line(e)})") from None
+def _read_table(label: str, open_binary: Opener) -> Iterator[str]:
+    # CSV or Parquet (by label's suffix), through the platform's one manifest reader:
+    # streamed, and only the path column is converted.
+    with open_table(label, open_binary=open_binary) as table:
+        if PATH_FIELD not in table.columns:
+            raise ValueError(
+                f"{label}: field '{PATH_FIELD}': column missing; columns: {', '.join(table.columns) or 'none'}"
+            )
+        # Rows as a spreadsheet shows a CSV (the header is row 1); a Parquet file's from 0.
+        first = 0 if label.lower().endswith(PARQUET_SUFFIXES) else 2
+        for number, row in enumerate(table.rows([PATH_FIELD]), start=first):
+            v = (row[PATH_FIELD] or "").strip()
+            if not v:
+                raise ValueError(f"{label}: field '{PATH_FIELD}': empty in row {number}")
+            yield v
 
 
 def _kept_as_is(entry: str) -> bool:
@@ -257,14 +195,15 @@ def _kept_as_is(entry: str) -> bool:
     return is_uri(entry) or Path(entry).is_absolute()
 
 
-_READERS = {".txt": _read_txt, ".csv": _read_csv, ".parquet": _read_parquet}
+def _reader(suffix: str):
+    return _read_txt if suffix in TEXT_SUFFIXES else _read_table
 
 
 def read_path_list(path: str | Path) -> list[str]:
     """The image paths a manifest lists, in its order, relative ones made absolute.
 
     Args:
-        path: a ``.txt``, ``.csv`` or ``.parquet`` manifest: a local path or an fsspec URI.
+        path: a ``.txt``, ``.csv`` or ``.parquet``/``.pq`` manifest: a local path or an fsspec URI.
             Relative entries are joined to the manifest's folder (a URI manifest gives full
             URIs, with ``..`` resolved since object stores do not); absolute local paths and
             entries containing ``://`` are kept as they are.
@@ -279,14 +218,14 @@ def read_path_list(path: str | Path) -> list[str]:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
-        raise ValueError(f"{path}: unknown manifest type '{suffix}'; use {', '.join(MANIFEST_SUFFIXES)}")
+        raise ValueError(f"{path}: unknown manifest type '{suffix}'; use {_KINDS}")
     if not path.is_file():
         raise ValueError(f"{path}: manifest file does not exist")
     base = path.absolute().parent
-    with _os_errors_name(str(path)):
+    with storage_errors(str(path)):
         out = [
             v if _kept_as_is(v) else str(base / v)
-            for v in _READERS[suffix](str(path), lambda: path.open("rb"))
+            for v in _reader(suffix)(str(path), lambda: path.open("rb"))
         ]
     if not out:
         raise ValueError(f"{path}: manifest lists no images")
@@ -294,17 +233,17 @@ def read_path_list(path: str | Path) -> list[str]:
 
 
 def _read_uri_manifest(uri: str) -> list[str]:
-    fs, path = _url_to_fs(uri)
+    fs, path = url_to_fs(uri)
     suffix = posixpath.splitext(path)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:
-        raise ValueError(f"{uri}: unknown manifest type '{suffix}'; use {', '.join(MANIFEST_SUFFIXES)}")
-    with _os_errors_name(uri):
+        raise ValueError(f"{uri}: unknown manifest type '{suffix}'; use {_KINDS}")
+    with storage_errors(uri):
         if not fs.isfile(path):
             raise ValueError(f"{uri}: manifest file does not exist")
         base = posixpath.dirname(path)
         out = [
             v if _kept_as_is(v) else fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, v)))
-            for v in _READERS[suffix](uri, lambda: fs.open(path, "rb"))
+            for v in _reader(suffix)(uri, lambda: fs.open(path, "rb"))
         ]
     if not out:
         raise ValueError(f"{uri}: manifest lists no images")
@@ -330,19 +269,19 @@ def resolve_inputs(input: str | Path) -> list[str]:
     if p.suffix.lower() in MANIFEST_SUFFIXES:
         return read_path_list(p)
     if not p.exists():
-        raise ValueError(f"{p}: input does not exist (give an image folder or a .txt/.csv/.parquet manifest)")
-    raise ValueError(f"{p}: input is neither a folder nor a manifest (.txt, .csv, .parquet)")
+        raise ValueError(f"{p}: input does not exist (give an image folder or a manifest: {_KINDS})")
+    raise ValueError(f"{p}: input is neither a folder nor a manifest ({_KINDS})")
 
 
 def _resolve_uri(uri: str) -> list[str]:
-    fs, path = _url_to_fs(uri)
-    with _os_errors_name(uri):
+    fs, path = url_to_fs(uri)
+    with storage_errors(uri):
         if fs.isdir(path):
             is_dir = True
         elif posixpath.splitext(path)[1].lower() in MANIFEST_SUFFIXES:
             is_dir = False
         elif not fs.exists(path):
-            raise ValueError(f"{uri}: input does not exist (give an image folder or a .txt/.csv/.parquet manifest)")
+            raise ValueError(f"{uri}: input does not exist (give an image folder or a manifest: {_KINDS})")
         else:
-            raise ValueError(f"{uri}: input is neither a folder nor a manifest (.txt, .csv, .parquet)")
+            raise ValueError(f"{uri}: input is neither a folder nor a manifest ({_KINDS})")
     return _find_images(uri, fs, path) if is_dir else _read_uri_manifest(uri)

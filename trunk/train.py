@@ -26,6 +26,7 @@ from tqdm import tqdm
 from trunk.augment import build_train_transform
 from trunk.dataset import ImageDataset, ImageItem, readable
 from trunk.decode import ImageError, load_image
+from trunk.device import resolve_device
 from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng, shuffled_loader
 from trunk.model import POOLED, Trunk
 
@@ -86,12 +87,6 @@ def training_loader(dataset: ImageDataset, collate_fn, *, batch_size: int, num_w
         drop_last=len(dataset) > batch_size,
         pin_memory=device.type == "cuda",
     )
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _check_tasks(tasks: Sequence[Task]) -> None:
@@ -172,7 +167,7 @@ def train_trunk(
         weight_decay: AdamW weight decay.
         augment_ops: albumentations ops as config entries (see :mod:`trunk.augment`).
         seed: seeds classifier init, shuffling and augmentation; global RNGs are left as found.
-        device: ``cpu``, ``cuda`` or ``auto``.
+        device: ``cpu``, ``cuda[:n]`` or ``auto`` (see :func:`trunk.device.resolve_device`).
         num_workers: data-loader worker processes (0: decode in this process).
         progress: a progress bar per epoch.
 
@@ -187,12 +182,12 @@ def train_trunk(
             f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
         )
     _check_tasks(tasks)
+    dev = resolve_device(device)  # a bad name fails here, before every image is decoded
     started = time.perf_counter()
     paths, labels = _union(tasks)
     paths, labels, skipped = _decodable(paths, labels, progress)
     if not paths:
         raise ValueError(f"none of the {len(skipped)} training images could be decoded (first: {skipped[0]})")
-    dev = _resolve_device(device)
 
     with seeded_rng(seed, dev):
         model = copy.deepcopy(trunk).to(dev).train()

@@ -285,3 +285,37 @@ def test_a_manifest_in_a_manifests_folder_reads_its_data_sets_images(tmp_path):
     rows[0]["path"] = "../../elsewhere/secret.png"
     e = _error(tmp_path, {"manifest": str(write_csv(ds / "manifests" / "x.csv", rows))})
     assert f"row 1: column 'path': ../../elsewhere/secret.png is outside the data folders ({ds})" in str(e)
+
+
+def test_class_folders_use_the_platforms_one_list_of_image_extensions(tmp_path):
+    # heads/data.py had its own, shorter list: a .ppm the bulk classifier reads was not a
+    # training image. Now both use trunk.images.IMAGE_EXTENSIONS.
+    root = class_folders(tmp_path / "data")
+    write_image(root / "red" / "extra.ppm", COLOURS["red"], size=8)
+    d = load_labelled_data(head_spec(tmp_path, {"root": str(root), "val_fraction": 0.2}))
+    assert sum(s.path.endswith("extra.ppm") for s in d.train + d.val) == 1
+
+
+@pytest.mark.parametrize("kind", ["csv", "parquet"])
+def test_numeric_looking_labels_stay_text(tmp_path, kind):
+    base = tmp_path / "ds"
+    rows = manifest_rows(base)
+    names = {"blue": "1", "green": "01", "red": "10"}
+    for r in rows:
+        r["label"] = names[r["label"]]
+    if kind == "csv":
+        manifest = write_csv(base / "m.csv", rows)
+    else:
+        manifest = base / "m.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), manifest)
+    assert load_labelled_data(head_spec(tmp_path, {"manifest": str(manifest)})).classes == ["01", "1", "10"]
+
+
+def test_manifest_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
+    base = tmp_path / "ds"
+    manifest_rows(base)
+    manifest = base / "m.csv"
+    manifest.write_bytes(b"path,label\nimg/blue_0.png,bl\xe9u\n")
+    e = _error(tmp_path, {"manifest": str(manifest)})
+    assert e.field == "data.manifest"
+    assert str(e).endswith(f"{manifest} cannot be read: not UTF-8 text (invalid continuation byte at byte 28)")

@@ -92,3 +92,12 @@ def test_golden_rows_outside_the_allowed_folders_are_refused(tmp_path, images):
     golden.write_text("path,label\n../img/link.png,dark\n")
     with pytest.raises(HeadConfigError, match=r"row 1: column 'path': \.\./img/link\.png is outside"):
         read_golden(golden, CLASSES, "tone.yaml", allow_roots=[tmp_path / "img"])
+
+
+def test_golden_labels_that_look_like_numbers_stay_text(tmp_path, images):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    golden = tmp_path / "golden.parquet"
+    pq.write_table(pa.table({"path": ["img/0.png", "img/1.png"], "label": [0, 1]}), golden)
+    assert read_golden(golden, ["0", "1"], "tone.yaml") == [(str(images[0]), "0"), (str(images[1]), "1")]

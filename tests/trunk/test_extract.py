@@ -136,6 +136,7 @@ def test_progress_bar_and_summary_line(tiny_trunk, images, tmp_path, capsys):
 
 def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")  # an already-made device is checked too
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError, match="^device 'gpu0' is not one of: auto, cpu, cuda, cuda:N$"):
         resolve_device("gpu0")

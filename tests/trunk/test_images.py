@@ -111,16 +111,7 @@ def test_resolve_inputs_folder_or_manifest(image_factory, tmp_path):
         resolve_inputs(a)
 
 
-# --- fsspec URIs: real filesystems (file://, memory://), no mocks ---
-
-@pytest.fixture
-def memfs():
-    """fsspec's memory filesystem is one store per process: leave it empty for the next test."""
-    fs = fsspec.filesystem("memory")
-    yield fs
-    fs.store.clear()
-    fs.pseudo_dirs[:] = [""]
-
+# --- fsspec URIs: real filesystems (file://, memory://; the memfs fixture is in conftest.py), no mocks ---
 
 def _png_bytes() -> bytes:
     buf = io.BytesIO()
@@ -267,3 +258,15 @@ def test_path_text_is_lossless_and_leaves_ordinary_paths_alone():
     assert utf8_text("file not found: /d/a.png") == "file not found: /d/a.png"
     odd = os.fsdecode(b"/d/x\xff")
     assert utf8_text(f"file not found: {odd}") == "file not found: /d/x\\xff"
+
+
+def test_pq_manifest_is_parquet_and_a_short_csv_row_is_named(tmp_path):
+    # One list of Parquet suffixes (trunk.manifest): head manifests took .pq, input lists did not.
+    manifest = tmp_path / "m.pq"
+    pq.write_table(pa.table({"path": ["a.png", "/y/b.png"]}), manifest)
+    assert resolve_inputs(manifest) == [str(tmp_path / "a.png"), "/y/b.png"]
+    short = tmp_path / "short.csv"
+    short.write_text("label,path\ncat,a.png\ndog\n")
+    with pytest.raises(ValueError) as e:
+        read_path_list(short)
+    assert str(e.value) == f"{short}: not valid CSV (row 3: Expected 2 columns, got 1: dog)"

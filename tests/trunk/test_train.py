@@ -131,3 +131,15 @@ def test_worker_processes_give_the_same_trunk_run_to_run(shapes, start):
     a = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, num_workers=2, progress=False)
     b = train_trunk(start, tasks, epochs=1, batch_size=8, augment_ops=FLIP, num_workers=2, progress=False)
     assert a.trunk.trunk_id == b.trunk.trunk_id != start.trunk_id
+
+
+def test_a_bad_device_name_is_one_line_before_any_image_is_read(shapes, start, tmp_path):
+    # One resolver (trunk.device): before, torch.device("gpu0") raised a RuntimeError listing
+    # every device type, and only after every image had been decoded.
+    t = task(shapes, "shape")
+    t.paths[0] = str(tmp_path / "never-read.png")  # not there: the device check comes first
+    with pytest.raises(ValueError, match="^device 'gpu0' is not one of: auto, cpu, cuda, cuda:N$"):
+        train_trunk(start, [t], epochs=1, device="gpu0", progress=False)
+    result = train_trunk(start, [task(shapes, "shape")], epochs=1, batch_size=8, device=torch.device("cpu"),
+                         progress=False)
+    assert [row["epoch"] for row in result.history] == [1]
