@@ -191,44 +191,196 @@ class HeadSpec:
             raise self.error("attach.tap", f"unknown tap '{self.tap}'; valid taps: {', '.join(valid)}")
 
 
-# -- finding files on the search path ---------------------------------------------------------
-def search_dirs(searchpath: Sequence[str] = (), conf_dir: str | Path | None = None) -> list[Path]:
-    """Config folders in Hydra's order: the platform's ``conf/`` then ``hydra.searchpath``.
+# -- Hydra's `head` config group: found on Hydra's search path, read safely --------------------
+# Users write `head=<name>` and the files live in `heads/` folders (DESIGN.md); Hydra names a
+# group after its folder, so the config sources below serve the folder `heads/` as the group
+# `head` (the group's default package, `head`, is then where the config lands, as users expect).
+HEAD_GROUP = "head"
+HEAD_FOLDER = "heads"
+# The names of shared fragments (e.g. `_defaults`) start with `_`; they are not heads.
+_HIDDEN_PREFIX = "_"
+# Where each head config Hydra composed was read from: (source path, config name) -> file.
+_LOADED: dict[str, str] = {}
+
+
+def _folder_path(config_path: str) -> str:
+    """The on-disk path of a config path in the `head` group (``head/colour`` -> ``heads/colour``)."""
+    if config_path == HEAD_GROUP or config_path.startswith(HEAD_GROUP + "/"):
+        return HEAD_FOLDER + config_path[len(HEAD_GROUP):]
+    return config_path
+
+
+def _is_head_file(folder_path: str) -> bool:
+    return folder_path.startswith(HEAD_FOLDER + "/")
+
+
+def _checked_head_yaml(path: str | Path, source: str) -> Any:
+    """A head file's YAML, read the safe way: size cap and no aliases (raw bytes), no resolvers,
+    no ``# @package`` header and a defaults list of plain names in the same group only."""
+    raw = read_config_file(path, source)
+    with open(path, "rb") as f:  # Hydra reads a package header from the first comment lines
+        head_text = f.read(512).decode("utf-8", "replace")
+    if re.search(r"^\s*#\s*@", head_text, flags=re.MULTILINE):
+        raise HeadConfigError(source, "<file>", "'# @package' headers are not allowed in a head config: it is "
+                                                "always composed at `head`")
+    if not isinstance(raw, dict):
+        raise HeadConfigError(source, "<root>", "a head config must be a mapping")
+    defaults = raw.get("defaults", [])
+    if not isinstance(defaults, list):
+        raise HeadConfigError(source, "defaults", "must be a list of shared head configs, e.g. [_defaults, _self_]")
+    for i, entry in enumerate(defaults):
+        # Only other files of the head group (no /absolute groups, overrides or packages): a
+        # head config must not reach the tool's or Hydra's own settings (hydra.callbacks, ...).
+        if not (isinstance(entry, str) and NAME_RE.match(entry)):
+            raise HeadConfigError(source, f"defaults[{i}]", f"{entry!r}: a head's defaults list may only name "
+                                                            f"shared head configs of its own folder ([a-z0-9_]+)")
+    # Before Hydra holds the config: a value may not call a resolver (oc.env reads the environment).
+    _check_interpolations(source, {k: v for k, v in raw.items() if k != "defaults"}, "", ["head", "workspace"])
+    return raw
+
+
+def _head_source(base: type) -> type:
+    """``base`` (one of Hydra's config sources) serving the folder ``heads/`` as the group ``head``,
+    every head file size-, alias- and resolver-checked on its raw bytes before it is parsed."""
+    from hydra.plugins.config_source import ConfigLoadError, ConfigResult
+
+    class HeadGroupSource(base):  # type: ignore[misc, valid-type]
+        def is_group(self, config_path: str) -> bool:
+            return super().is_group(_folder_path(config_path))
+
+        def is_config(self, config_path: str) -> bool:
+            return super().is_config(_folder_path(config_path))
+
+        def list(self, config_path: str, results_filter: Any) -> list[str]:
+            found = super().list(_folder_path(config_path), results_filter)
+            return sorted({HEAD_GROUP if (config_path == "" and name == HEAD_FOLDER) else name for name in found})
+
+        def load_config(self, config_path: str) -> Any:
+            folder_path = _folder_path(config_path)
+            if not _is_head_file(folder_path):
+                return super().load_config(folder_path)
+            with self._local_file(self._normalize_file_name(folder_path)) as path:
+                if path is None:
+                    raise ConfigLoadError(f"Config not found : {folder_path}")
+                source = str(path) if self.scheme() == "file" else f"{self.full_path()}/{folder_path}.yaml"
+                raw = _checked_head_yaml(path, source)
+            _LOADED[config_path.removeprefix(HEAD_GROUP + "/")] = source
+            return ConfigResult(config=OmegaConf.create(raw), path=self.full_path(), provider=self.provider,
+                                header={"package": None})
+
+        def _local_file(self, name: str):
+            import contextlib
+
+            if self.scheme() == "file":
+                path = Path(self.path) / name
+                return contextlib.nullcontext(path if path.is_file() else None)
+            from importlib import resources
+
+            res = resources.files(self.path).joinpath(name)
+            return resources.as_file(res) if res.is_file() else contextlib.nullcontext(None)
+
+    HeadGroupSource.__name__ = HeadGroupSource.__qualname__ = base.__name__
+    return HeadGroupSource
+
+
+def install_head_group() -> None:
+    """Make Hydra read ``file://`` and ``pkg://`` config folders through the head-group sources.
+
+    Idempotent; called before any composition (tools.common, :func:`compose_head`). Hydra has no
+    public hook for how a file is read, so its own source classes are replaced in its registry
+    of schemes; a test (tests/heads/test_spec.py) drives a billion-laughs head through it.
+    """
+    from hydra._internal.core_plugins.file_config_source import FileConfigSource
+    from hydra._internal.core_plugins.importlib_resources_config_source import ImportlibResourcesConfigSource
+    from hydra._internal.sources_registry import SourcesRegistry
+    from hydra.core.plugins import Plugins
+
+    Plugins.instance()  # Hydra registers its own sources first; ours then take their schemes
+    types = SourcesRegistry.instance().types
+    for base in (FileConfigSource, ImportlibResourcesConfigSource):
+        if not getattr(types.get(base.scheme()), "_vtp_head_group", False):
+            cls = _head_source(base)
+            cls._vtp_head_group = True
+            types[base.scheme()] = cls
+
+
+def loaded_from(name: str) -> str:
+    """The file Hydra's ``head=<name>`` was read from (for messages), or ``heads/<name>.yaml``."""
+    return _LOADED.get(name, f"{HEAD_FOLDER}/{name}.yaml")
+
+
+def search_dirs(searchpath: Sequence[str] = (), conf_dir: str | Path | None = None) -> list[str]:
+    """Hydra's search path for head configs: the platform's ``conf/`` then ``hydra.searchpath``.
 
     Args:
         searchpath: entries of ``hydra.searchpath`` (``file://DIR``, ``pkg://PKG`` or a plain dir).
         conf_dir: the platform's own config folder (defaults to the repo's ``conf/``).
+
+    Returns:
+        Search path entries (``file://...``, ``pkg://...``), in Hydra's order: the first that has
+        ``heads/<name>.yaml`` wins.
     """
-    dirs = [Path(conf_dir) if conf_dir else default_conf_dir()]
-    for entry in searchpath:
-        entry = str(entry)
-        if entry.startswith("pkg://"):
-            module = importlib.import_module(entry[len("pkg://"):].replace("/", "."))
-            dirs.append(Path(next(iter(module.__path__))))
-        else:
-            dirs.append(Path(entry[len("file://"):] if entry.startswith("file://") else entry))
-    return dirs
+    first = str(conf_dir) if conf_dir else str(default_conf_dir())
+    return [p if "://" in p else f"file://{p}" for p in (first, *map(str, searchpath))]
 
 
 def default_conf_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "conf"
 
 
-def find_head_file(name: str, dirs: Sequence[Path]) -> Path:
-    """``heads/<name>.yaml`` from the last folder on the search path that has it."""
-    if not NAME_RE.match(name):
+def _search_path(dirs: Sequence[str | Path]) -> Any:
+    """Hydra's search path for ``dirs`` (``search_dirs``' entries), as ``@hydra.main`` builds it."""
+    from hydra._internal.config_search_path_impl import ConfigSearchPathImpl
+
+    install_head_group()
+    entries = search_dirs(list(map(str, dirs[1:])), conf_dir=str(dirs[0]).removeprefix("file://"))
+    csp = ConfigSearchPathImpl()
+    csp.append("hydra", "pkg://hydra.conf")
+    csp.append("main", entries[0])
+    for entry in entries[1:]:
+        csp.append("hydra.searchpath in command-line", entry)
+    csp.append("schema", "structured://")
+    return csp
+
+
+def _repository(dirs: Sequence[str | Path]) -> Any:
+    from hydra._internal.config_repository import ConfigRepository
+
+    return ConfigRepository(_search_path(dirs))
+
+
+def find_head_file(name: str, dirs: Sequence[str | Path]) -> str:
+    """Where Hydra finds ``head=<name>``: the first search-path entry with ``heads/<name>.yaml``."""
+    if not NAME_RE.match(name) or name.startswith(_HIDDEN_PREFIX):
         raise HeadConfigError(f"heads/{name}.yaml", "name", f"'{name}' is not a valid head name ([a-z0-9_]+)")
-    found = [d / "heads" / f"{name}.yaml" for d in dirs if (d / "heads" / f"{name}.yaml").is_file()]
-    if not found:
-        known = sorted({p.stem for d in dirs for p in (d / "heads").glob("*.yaml")})
-        where = ", ".join(str(d / "heads") for d in dirs)
-        raise HeadConfigError(f"heads/{name}.yaml", "head",
-                              f"no such head config in {where}; known heads: {', '.join(known) or 'none'}")
-    return found[-1]  # later search-path entries override earlier ones, as in Hydra
+    repo = _repository(dirs)
+    for source in repo.get_sources():
+        if source.is_config(f"{HEAD_GROUP}/{name}"):
+            return f"{source.full_path()}/{HEAD_FOLDER}/{name}.yaml".removeprefix("file://")
+    where = ", ".join(f"{s.full_path()}/{HEAD_FOLDER}" for s in repo.get_sources() if s.provider != "schema"
+                      and s.provider != "hydra")
+    raise HeadConfigError(f"heads/{name}.yaml", "head",
+                          f"no such head config in {where}; known heads: {', '.join(list_heads(dirs)) or 'none'}")
 
 
-def list_heads(dirs: Sequence[Path]) -> list[str]:
-    return sorted({p.stem for d in dirs for p in (d / "heads").glob("*.yaml")})
+def list_heads(dirs: Sequence[str | Path]) -> list[str]:
+    """The options of Hydra's ``head`` group on the search path (shared ``_`` fragments left out)."""
+    return [n for n in _repository(dirs).get_group_options(HEAD_GROUP) if not n.startswith(_HIDDEN_PREFIX)]
+
+
+def compose_head(name: str, dirs: Sequence[str | Path]) -> tuple[dict[str, Any], str]:
+    """Compose ``head=<name>`` with Hydra on the search path ``dirs``, unresolved.
+
+    Returns:
+        The composed head (its defaults list applied, nothing resolved) and the file it came from.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.types import RunMode
+
+    source = find_head_file(name, dirs)
+    cfg = ConfigLoaderImpl(config_search_path=_search_path(dirs)).load_configuration(
+        config_name=None, overrides=[f"+{HEAD_GROUP}={name}"], run_mode=RunMode.RUN)
+    return OmegaConf.to_container(cfg[HEAD_GROUP], resolve=False), source
 
 
 # -- validation -----------------------------------------------------------------------
@@ -435,12 +587,13 @@ def read_config_file(path: str | Path, source: str | None = None) -> Any:
 
 
 def load_head_spec(path: str | Path, context: Mapping[str, Any] | None = None) -> HeadSpec:
-    """Read and validate one head config file."""
+    """Read and validate one head config file (no defaults list: a stored or stand-alone file)."""
     path = Path(path)
     raw = read_config_file(path)
     return validate(raw, str(path), context=context, expected_name=path.stem)
 
 
-def resolve_head(name: str, dirs: Sequence[Path], context: Mapping[str, Any] | None = None) -> HeadSpec:
-    """Find ``heads/<name>.yaml`` on the search path and validate it."""
-    return load_head_spec(find_head_file(name, dirs), context=context)
+def resolve_head(name: str, dirs: Sequence[str | Path], context: Mapping[str, Any] | None = None) -> HeadSpec:
+    """Compose ``head=<name>`` through Hydra on the search path ``dirs`` and validate it."""
+    raw, source = compose_head(name, dirs)
+    return validate(raw, source, context=context, expected_name=name)

@@ -22,7 +22,7 @@ def main(cfg) -> None:
                            num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress,
                            rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
                            draft=cfg.draft, ray_options=ray_options,
-                           allow_foreign_files=bool(cfg.allow_foreign_files))
+                           allow_foreign_files=cfg.allow_foreign_files)
     print("\n".join(classify_lines(success, str(cfg.output))))
 
 

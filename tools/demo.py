@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from tools.common import as_list, build_trunk, client, device, head_dirs, tool, workspace
+from tools.common import build_trunk, client, device, head_dirs, num_workers, tool, workspace
 
 
 @tool("demo")
@@ -18,10 +18,10 @@ def main(cfg) -> None:
 
     ws = workspace(cfg)
     result = run_demo(client(cfg, ws), ws, base=build_trunk(cfg.trunk), head_dirs=head_dirs(),
-                      data=OmegaConf.to_container(cfg.data, resolve=True), trunk_tasks=as_list(cfg.trunk_tasks),
-                      head_names=as_list(cfg.heads), train=OmegaConf.to_container(cfg.train, resolve=True),
+                      data=OmegaConf.to_container(cfg.data, resolve=True), trunk_tasks=list(cfg.trunk_tasks),
+                      head_names=list(cfg.heads), train=OmegaConf.to_container(cfg.train, resolve=True),
                       augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), device=device(cfg),
-                      batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress)
+                      batch_size=cfg.batch_size, num_workers=num_workers(cfg), progress=cfg.progress)
     print("\n".join(format_demo(result, ws, cfg.tracking.get("uri") or tracking_uri(ws.root))))
 
 

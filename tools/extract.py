@@ -6,27 +6,25 @@
 
 from __future__ import annotations
 
-from tools.common import as_list, client, device, head_spec, tool, workspace
+from tools.common import client, device, head_spec, num_workers, tool, workspace
 
 
 @tool("extract")
 def main(cfg) -> None:
     from heads.data import load_labelled_data
-    from registry.jobs import JobError, extract_job, resolve_trunk
+    from registry.jobs import extract_job, resolve_trunk
     from registry.summary import extract_lines
     from trunk.images import resolve_inputs
 
     ws = workspace(cfg)
-    if (cfg.input is None) == (cfg.head is None):
-        raise JobError("give exactly one of input=<folder or manifest> or head=<name>")
-    if cfg.head is not None:
-        data = load_labelled_data(head_spec(cfg.head, ws))
+    if cfg.head is not None:  # the schema checked that exactly one of input and head is given
+        data = load_labelled_data(head_spec(cfg))
         paths = [s.path for s in data.train + data.val]
     else:
         paths = resolve_inputs(cfg.input)
     trunk, version = resolve_trunk(client(cfg, ws), cfg.trunk_version)
-    result = extract_job(trunk, paths, workspace=ws, taps=as_list(cfg.taps), batch_size=cfg.batch_size,
-                         num_workers=cfg.num_workers, device=device(cfg), progress=cfg.progress)
+    result = extract_job(trunk, paths, workspace=ws, taps=list(cfg.taps), batch_size=cfg.batch_size,
+                         num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress)
     print(f"trunk v{version} ({trunk.trunk_id}) -> {ws.cache}")
     print("\n".join(extract_lines(result.summary)))
     for path, reason in list(result.errors.items())[:10]:

@@ -20,11 +20,7 @@ def main(cfg) -> None:
     from registry.releases import rollback
 
     ws = workspace(cfg)
-    try:
-        to = None if cfg.to is None else int(cfg.to)
-    except (TypeError, ValueError):
-        raise ValueError(f"field 'to': '{cfg.to}' is not a release version number") from None
-    source, target = rollback(client(cfg, ws), to=to)
+    source, target = rollback(client(cfg, ws), to=cfg.to)  # the schema made `to` an int or None
     print(f"production: release v{source.version} -> {describe(target)}")
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from tools.common import as_list, client, device, head_spec, tool, workspace
+from tools.common import client, device, head_spec, num_workers, tool, workspace
 
 
 @tool("tradeoff")
@@ -15,9 +15,9 @@ def main(cfg) -> None:
     from registry.tradeoff import sweep_taps
 
     ws = workspace(cfg)
-    spec = head_spec(cfg.head, ws)
-    sweep = sweep_taps(client(cfg, ws), spec, as_list(cfg.taps), workspace=ws, tolerance=float(cfg.tolerance),
-                       trunk_version=cfg.trunk_version, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+    spec = head_spec(cfg)
+    sweep = sweep_taps(client(cfg, ws), spec, list(cfg.taps), workspace=ws, tolerance=cfg.tolerance,
+                       trunk_version=cfg.trunk_version, batch_size=cfg.batch_size, num_workers=num_workers(cfg),
                        device=device(cfg), progress=cfg.progress,
                        pooled_train=OmegaConf.to_container(cfg.pooled_train, resolve=True),
                        branch_train=OmegaConf.to_container(cfg.branch_train, resolve=True))

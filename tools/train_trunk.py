@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
-from tools.common import as_list, build_trunk, client, device, head_spec, tool, workspace
+from tools.common import build_trunk, client, device, named_head, num_workers, tool, workspace
 
 
 @tool("train_trunk")
@@ -16,12 +16,12 @@ def main(cfg) -> None:
     from registry.jobs import train_trunk_job
 
     ws = workspace(cfg)
-    specs = [head_spec(name, ws) for name in as_list(cfg.tasks)]
+    specs = [named_head(name, ws) for name in cfg.tasks]
     t = cfg.train
     job = train_trunk_job(client(cfg, ws), build_trunk(cfg.trunk), specs, workspace=ws, epochs=t.epochs,
                           batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
                           augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), seed=t.seed,
-                          device=device(cfg), num_workers=cfg.num_workers, progress=cfg.progress, adopt=cfg.adopt,
+                          device=device(cfg), num_workers=num_workers(cfg), progress=cfg.progress, adopt=cfg.adopt,
                           retrain=cfg.retrain)
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
     print(f"trunk v{job.version} ({job.trunk.model_name}, trunk_id {job.trunk.trunk_id}): {job.status}")

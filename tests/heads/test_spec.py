@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from heads.spec import (MAX_CONFIG_BYTES, HeadConfigError, list_heads, load_head_spec, read_config_file,
-                        resolve_head, resolve_head_class, search_dirs, validate)
+from heads.spec import (MAX_CONFIG_BYTES, HeadConfigError, find_head_file, list_heads, load_head_spec,
+                        read_config_file, resolve_head, resolve_head_class, search_dirs, validate)
 from trunk.targets import TargetError
 
 GOOD = {
@@ -120,11 +120,12 @@ def test_team_folder_on_search_path_works_like_conf(tmp_path):
     team = tmp_path / "team"
     write(conf, GOOD)
     write(team, patch({"name": "damage", "owner": "team-b"}), name="damage")
-    write(team, patch({"owner": "team-override"}))  # later search-path entries win, as in Hydra
+    write(team, patch({"owner": "team-shadow"}))  # Hydra's order: the first entry that has it wins
     dirs = search_dirs([f"file://{team}"], conf_dir=conf)
     assert list_heads(dirs) == ["colour", "damage"]
     assert resolve_head("damage", dirs, {"workspace": "/ws"}).owner == "team-b"
-    assert resolve_head("colour", dirs, {"workspace": "/ws"}).owner == "team-override"
+    assert resolve_head("colour", dirs, {"workspace": "/ws"}).owner == "team-a"
+    assert find_head_file("damage", dirs) == str(team / "heads" / "damage.yaml")
 
 
 def test_unknown_head_lists_known_ones(tmp_path):

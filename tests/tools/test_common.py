@@ -8,7 +8,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from tools.common import CONF_DIR, as_list, build_trunk
+from tools.common import CONF_DIR, build_trunk
 from trunk.model import TrunkError
 
 
@@ -36,11 +36,6 @@ def test_target_outside_the_platform_is_refused():
         build_trunk(cfg)
 
 
-def test_as_list_takes_lists_and_comma_strings():
-    assert as_list(OmegaConf.create({"x": ["a", "b"]}).x) == ["a", "b"]
-    assert as_list("a,b") == ["a", "b"] and as_list(None) == []
-
-
 def test_bench_pipeline_suite_runs_from_its_config(tmp_path, capsys):
     from tools.bench import run
 
@@ -52,16 +47,21 @@ def test_bench_pipeline_suite_runs_from_its_config(tmp_path, capsys):
     result = run(cfg)
     assert json.loads((tmp_path / "out.json").read_text())["images_per_s"] == result["images_per_s"]
     assert "end to end (files -> Parquet)" in capsys.readouterr().out
+    from tools.common import check_config
+
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         bad = compose(config_name="bench", overrides=["suite=nope"])
     with pytest.raises(ValueError, match="field 'suite': 'nope' is not one of: heads, pipeline"):
-        run(bad)
+        check_config(bad)  # the schema's check, before the tool runs
 
 
 def test_num_workers_auto_and_bad_values():
     from tools.common import num_workers
+    from tools.schema import BaseConfig
 
     assert num_workers(OmegaConf.create({"num_workers": "auto"})) >= 1
     assert num_workers(OmegaConf.create({"num_workers": 3})) == 3
     with pytest.raises(ValueError, match="field 'num_workers': 'many' is not a number or 'auto'"):
-        num_workers(OmegaConf.create({"num_workers": "many"}))
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BaseConfig), {"num_workers": "many"}))
+    with pytest.raises(ValueError, match="field 'num_workers': must be 0 or more, got -1"):
+        BaseConfig(num_workers=-1)

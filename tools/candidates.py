@@ -1,0 +1,109 @@
+"""The refresh candidate, one class per option of the ``candidate`` config group (conf/candidate/).
+
+``tools.refresh`` instantiates the chosen option (:func:`build_candidate`); only the classes in
+:data:`CANDIDATE_CLASSES` may be named, checked before anything is imported or called. Each
+gives the builder :func:`registry.refresh.refresh_job` runs (None: an existing trunk version).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+# The only `_target_`s a candidate config may name.
+CANDIDATE_CLASSES = ("tools.candidates.Registered", "tools.candidates.Multitask", "tools.candidates.Timm",
+                     "tools.candidates.Distill")
+
+
+@dataclass
+class Context:
+    """What every builder needs from the run: the root config, MLflow, the workspace, the device."""
+
+    cfg: DictConfig
+    client: Any
+    ws: Any
+    device: str
+    num_workers: int
+
+    @property
+    def augment(self) -> list:
+        return OmegaConf.to_container(self.cfg.augment.ops, resolve=True)
+
+
+class Registered:
+    """A trunk already registered: the alias ``candidate`` (``version`` None) or version N."""
+
+    def __init__(self, version: int | None = None) -> None:
+        self.version = version
+
+    @property
+    def name(self) -> str | int:
+        return "candidate" if self.version is None else self.version
+
+    def builder(self, ctx: Context) -> None:
+        return None
+
+
+class Multitask:
+    """The production trunk (``base: config``: the ``trunk`` group) retrained on every production head's data."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.name = "candidate"
+
+    def builder(self, ctx: Context) -> Callable[[], Any]:
+        from registry import refresh
+        from tools.common import build_trunk
+
+        m = self.settings
+        base = build_trunk(ctx.cfg.trunk) if m["base"] == "config" else None
+        return lambda: refresh.multitask_candidate(
+            ctx.client, ctx.ws, base=base, epochs=m["epochs"], batch_size=m["batch_size"], lr=m["lr"],
+            weight_decay=m["weight_decay"], augment_ops=ctx.augment, seed=m["seed"], device=ctx.device,
+            num_workers=ctx.num_workers, progress=ctx.cfg.progress)
+
+
+class Timm:
+    """The ``trunk`` config group's model as it is."""
+
+    name = "candidate"
+
+    def builder(self, ctx: Context) -> Callable[[], Any]:
+        from registry import refresh
+        from tools.common import build_trunk
+
+        return lambda: refresh.timm_candidate(ctx.client, build_trunk(ctx.cfg.trunk))
+
+
+class Distill:
+    """Production's trunk distilled into ``settings.student``."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+        self.name = "candidate"
+
+    def builder(self, ctx: Context) -> Callable[[], Any]:
+        from registry import refresh
+
+        d = self.settings
+        return lambda: refresh.distill_candidate(
+            ctx.client, ctx.ws, model_name=d["student"]["model_name"], model_kwargs=d["student"]["model_kwargs"],
+            student_seed=d["student"]["seed"], input=d["input"], taps=d["taps"], epochs=d["epochs"],
+            batch_size=d["batch_size"], lr=d["lr"], weight_decay=d["weight_decay"], augment_ops=ctx.augment,
+            seed=d["seed"], device=ctx.device, num_workers=ctx.num_workers, progress=ctx.cfg.progress)
+
+
+def build_candidate(cfg: DictConfig) -> Registered | Multitask | Timm | Distill:
+    """Instantiate ``cfg.candidate`` if it names one of :data:`CANDIDATE_CLASSES` and nothing else private."""
+    node = cfg.candidate
+    target = node.get("_target_")
+    if target not in CANDIDATE_CLASSES:
+        raise ValueError(f"field 'candidate._target_': '{target}' is not one of {', '.join(CANDIDATE_CLASSES)}")
+    for key in node:
+        if str(key).startswith("_") and key != "_target_":
+            raise ValueError(f"field 'candidate.{key}': '{key}' is not allowed in a candidate config")
+    return instantiate(node, _convert_="all")

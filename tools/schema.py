@@ -1,0 +1,304 @@
+"""The typed schema of every tool's config, registered in Hydra's ConfigStore.
+
+Each root config (``conf/<tool>.yaml``) lists ``<tool>_schema`` first in its defaults, so
+Hydra merges the YAML and the command line into these dataclasses: ``promote=no``,
+``batch_size=ten`` or an unknown key fail at composition. Checks a type cannot express
+(``num_workers`` is ``auto`` or a count, ``backend`` one of two names) live in
+``__post_init__``, which runs when :func:`tools.common.tool` turns the composed config into
+these objects (``OmegaConf.to_object``) before the tool starts. ``head`` is the head schema
+itself (:class:`heads.spec.HeadConfig`), filled from the ``head`` config group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from heads.spec import HeadConfig
+
+
+def one_of(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"field '{name}': '{value}' is not one of: {', '.join(options)}")
+
+
+def check_workers(name: str, value: Any) -> None:
+    """``auto`` or a count of processes (0: decode in the main process)."""
+    if value == "auto":
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"field '{name}': '{value}' is not a number or 'auto'")
+    if value < 0:
+        raise ValueError(f"field '{name}': must be 0 or more, got {value}")
+
+
+@dataclass
+class TrackingConfig:
+    uri: Optional[str] = None
+
+
+@dataclass
+class TrunkConfig:
+    # tools.common.build_trunk instantiates only trunk.model.Trunk.
+    _target_: str = "trunk.model.Trunk"
+    model_name: str = MISSING
+    pretrained: bool = False
+    weights: Optional[str] = None
+    seed: int = 0
+    data_config: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AugmentConfig:
+    ops: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class BaseConfig:
+    workspace: str = "workspace"
+    device: str = "auto"
+    # Any: `auto` or an int (OmegaConf has no Union); checked in __post_init__.
+    num_workers: Any = 0
+    batch_size: int = 64
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_workers("num_workers", self.num_workers)
+
+
+@dataclass
+class TrackedConfig(BaseConfig):
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.002
+    weight_decay: float = 0.0001
+    seed: int = 0
+
+
+@dataclass
+class TrainHeadConfig(TrackedConfig):
+    # The `head` group fills it; a default node, so that -m head=a,b head.train.lr=x composes.
+    head: HeadConfig = field(default_factory=HeadConfig)
+    trunk_version: str = "production"
+    promote: bool = True
+
+
+@dataclass
+class ExtractConfig(TrackedConfig):
+    input: Optional[str] = None
+    head: Optional[HeadConfig] = None
+    taps: list[str] = field(default_factory=lambda: ["pooled"])
+    trunk_version: str = "production"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.input is None) == (self.head is None):
+            raise ValueError("field 'input': give exactly one of input=<folder or manifest> or head=<name>")
+
+
+@dataclass
+class TradeoffConfig(TrackedConfig):
+    # The `head` group fills it; a default node, so that -m head=a,b head.train.lr=x composes.
+    head: HeadConfig = field(default_factory=HeadConfig)
+    taps: list[str] = field(default_factory=lambda: ["pooled"])
+    tolerance: float = 0.01
+    trunk_version: str = "production"
+    pooled_train: dict[str, Any] = field(default_factory=dict)
+    branch_train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainTrunkConfig(TrackedConfig):
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    tasks: list[str] = MISSING
+    train: TrainSettings = field(default_factory=TrainSettings)
+    adopt: bool = True
+    retrain: bool = False
+
+
+@dataclass
+class RegisterTrunkConfig(TrackedConfig):
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    adopt: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    actors: int = 1
+    gpus_per_actor: Optional[float] = None
+    decode_cpus: float = 1
+    actor_cpus: float = 1
+    decode_memory_mb: int = 1024
+    batches_per_block: int = 4
+    actor_start_timeout_s: float = 600
+
+
+@dataclass
+class ClassifyConfig(TrackedConfig):
+    input: str = MISSING
+    output: str = MISSING
+    rows_per_shard: int = 10000
+    allow_foreign_files: bool = False
+    # null, `production`, or a release version number.
+    release: Optional[str] = None
+    backend: str = "local"
+    draft: bool = True
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("backend", self.backend, ("local", "ray"))
+
+
+@dataclass
+class ReportConfig(TrackedConfig):
+    pass
+
+
+@dataclass
+class RollbackConfig(TrackedConfig):
+    to: Optional[int] = None
+
+
+@dataclass
+class DemoData:
+    n_images: int = 3000
+    n_holdout: int = 300
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DemoConfig(TrackedConfig):
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DemoData = field(default_factory=DemoData)
+    trunk_tasks: list[str] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+@dataclass
+class ContractConfig:
+    tolerance: float = 0.01
+    slice_tolerance: float = 0.03
+    min_slice_size: int = 20
+
+
+@dataclass
+class MultitaskSettings:
+    # production (continue from the production trunk) or config (the `trunk` group).
+    base: str = "production"
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 0.001
+    weight_decay: float = 0.0001
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        one_of("multitask.base", self.base, ("production", "config"))
+
+
+@dataclass
+class StudentSettings:
+    model_name: str = "test_resnet"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+@dataclass
+class DistillSettings:
+    student: StudentSettings = field(default_factory=StudentSettings)
+    input: Optional[str] = None
+    # `auto` or a list of taps (Any: OmegaConf has no Union).
+    taps: Any = "auto"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.002
+    weight_decay: float = 0.0001
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.taps != "auto" and not (isinstance(self.taps, list) and all(isinstance(t, str) for t in self.taps)):
+            raise ValueError(f"field 'distill.taps': '{self.taps}' is neither 'auto' nor a list of taps")
+
+
+@dataclass
+class RefreshConfig(TrackedConfig):
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # The `candidate` config group: how the candidate trunk is made (tools/candidates.py).
+    candidate: Any = MISSING
+    cascade: bool = True
+    promote: bool = True
+    contract: ContractConfig = field(default_factory=ContractConfig)
+    multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+
+
+@dataclass
+class PipelineBench:
+    n_images: int = 256
+    photo_size: list[int] = field(default_factory=lambda: [640, 480])
+    batch_size: int = 32
+    num_workers: Any = "auto"
+    n_heads: int = 8
+    repeats: int = 5
+    images_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        check_workers("pipeline.num_workers", self.num_workers)
+
+
+@dataclass
+class BenchConfig(BaseConfig):
+    suite: str = "heads"
+    model: str = "resnet18"
+    image_size: int = 224
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    batch_size: int = 4
+    n_batches: int = 2
+    warmup: int = 1
+    repeats: int = 15
+    separate_repeats: int = 5
+    train_repeats: int = 5
+    head_counts: list[int] = field(default_factory=lambda: [1, 8, 32])
+    linear_only: list[int] = field(default_factory=lambda: [32])
+    mlp_every: int = 4
+    num_classes: int = 10
+    n_models: int = 8
+    train_epochs: int = 3
+    seed: int = 0
+    threads: Optional[int] = None
+    output: Optional[str] = None
+    pipeline: PipelineBench = field(default_factory=PipelineBench)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("suite", self.suite, ("heads", "pipeline"))
+
+
+SCHEMAS = {
+    "train_head": TrainHeadConfig, "extract": ExtractConfig, "tradeoff": TradeoffConfig,
+    "train_trunk": TrainTrunkConfig, "register_trunk": RegisterTrunkConfig, "classify": ClassifyConfig,
+    "report": ReportConfig, "rollback": RollbackConfig, "demo": DemoConfig, "refresh": RefreshConfig,
+    "bench": BenchConfig,
+}
+
+
+def register() -> None:
+    """Store ``<tool>_schema`` for every tool (idempotent: ConfigStore replaces same-named nodes)."""
+    cs = ConfigStore.instance()
+    for name, schema in SCHEMAS.items():
+        cs.store(name=f"{name}_schema", node=schema)
