@@ -11,9 +11,10 @@ from tools.common import as_list, client, device, head_spec, tool, workspace
 
 @tool("extract")
 def main(cfg) -> None:
-    from heads.data import load_labelled_data
-    from registry.jobs import JobError, extract_job, resolve_trunk
-    from registry.summary import extract_lines
+    from heads.training.data import load_labelled_data
+    from registry.jobs.train import JobError, resolve_trunk
+    from registry.jobs.extract import extract_job
+    from registry.reports.summary import extract_lines
     from trunk.images import resolve_inputs
 
     ws = workspace(cfg)

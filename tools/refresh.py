@@ -48,8 +48,8 @@ def builder(cfg, mlflow_client, ws, dev: str, workers: int):
 
 @tool("refresh")
 def main(cfg) -> None:
-    from heads.contract import Tolerances
-    from registry.refresh import refresh_job
+    from heads.checks.contract import Tolerances
+    from registry.jobs.refresh import refresh_job
 
     ws = workspace(cfg)
     mlflow_client = client(cfg, ws)

@@ -13,7 +13,7 @@ from tools.common import as_list, build_trunk, client, device, head_spec, tool, 
 
 @tool("train_trunk")
 def main(cfg) -> None:
-    from registry.jobs import train_trunk_job
+    from registry.jobs.train import train_trunk_job
 
     ws = workspace(cfg)
     specs = [head_spec(name, ws) for name in as_list(cfg.tasks)]
