@@ -273,7 +273,7 @@ def branch_input(trunk: Any, x: torch.Tensor, tap: str) -> torch.Tensor:
 def branch_input_shape(trunk: Any, tap: str) -> tuple[int, ...]:
     """Per-image shape of :func:`branch_input`: the tap's declared ``trunk.tap(tap).shape``.
 
-    Known before anything runs, e.g. for :func:`heads.cost.measure_cost`.
+    Known before anything runs, e.g. for :func:`heads.training.cost.measure_cost`.
     """
     check_branch_tap(trunk, tap)
     return tuple(trunk.tap(tap).shape)

@@ -76,7 +76,7 @@ class DataConfig:
     val_fraction: float = 0.2
     split_seed: int = 0
     # Absolute folders, besides the data's own folder, that manifest (and golden) rows may
-    # point into. Rows outside them are refused before the file is opened (heads/data.py).
+    # point into. Rows outside them are refused before the file is opened (heads/training/data.py).
     allow_roots: list[str] = field(default_factory=list)
 
 

@@ -23,7 +23,7 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.suite == "pipeline":  # the schema allows heads or pipeline
         return run_pipeline(cfg)
-    from heads.benchmark import format_table, run_benchmark
+    from benchmarks.heads import format_table, run_benchmark
 
     dev = device(cfg)
     result = run_benchmark(
@@ -37,8 +37,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
-    """Run :func:`heads.bench_pipeline.run_pipeline_benchmark`, print its table, write its JSON."""
-    from heads.bench_pipeline import format_pipeline_table, run_pipeline_benchmark
+    """Run :func:`benchmarks.pipeline.run_pipeline_benchmark`, print its table, write its JSON."""
+    from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark
 
     p = cfg.pipeline
     result = run_pipeline_benchmark(
@@ -52,7 +52,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
 def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:
     """Stamp the result with how to reproduce it, write its JSON, print its table."""
-    from heads.benchmark import write_result
+    from benchmarks.heads import write_result
 
     result["command"] = " ".join(["python -m tools.bench", *_overrides()])
     result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

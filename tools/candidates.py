@@ -2,7 +2,7 @@
 
 ``tools.refresh`` instantiates the chosen option (:func:`build_candidate`); only the classes in
 :data:`CANDIDATE_CLASSES` may be named, checked before anything is imported or called. Each
-gives the builder :func:`registry.refresh.refresh_job` runs (None: an existing trunk version).
+gives the builder :func:`registry.jobs.refresh.refresh_job` runs (None: an existing trunk version).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Multitask:
         self.name = "candidate"
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
-        from registry import refresh
+        from registry.jobs import refresh
         from tools.common import build_trunk
 
         m = self.settings
@@ -73,7 +73,7 @@ class Timm:
     name = "candidate"
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
-        from registry import refresh
+        from registry.jobs import refresh
         from tools.common import build_trunk
 
         return lambda: refresh.timm_candidate(ctx.client, build_trunk(ctx.cfg.trunk))
@@ -87,7 +87,7 @@ class Distill:
         self.name = "candidate"
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
-        from registry import refresh
+        from registry.jobs import refresh
 
         d = self.settings
         return lambda: refresh.distill_candidate(

@@ -13,8 +13,8 @@ from tools.common import client, device, num_workers, tool, workspace
 
 @tool("classify")
 def main(cfg) -> None:
-    from registry.jobs import classify_job
-    from registry.summary import classify_lines
+    from registry.jobs.classify import classify_job
+    from registry.reports.summary import classify_lines
 
     ws = workspace(cfg)
     ray_options = OmegaConf.to_container(cfg.ray, resolve=True) if cfg.backend == "ray" else None

@@ -60,10 +60,10 @@ _failed: list[tuple[str, int]] = []
 
 
 def _platform_errors() -> tuple[type[BaseException], ...]:
-    from registry.cascade import CascadeError
-    from registry.jobs import JobError
-    from registry.releases import ReleaseError
-    from registry.tracking import RegistryError
+    from registry.jobs.cascade import CascadeError
+    from registry.jobs.train import JobError
+    from registry.store.releases import ReleaseError
+    from registry.store.tracking import RegistryError
 
     # OSError covers FileNotFoundError, PermissionError, read-only and full file systems.
     return (HeadConfigError, HeadArtifactError, TrunkError, JobError, ReleaseError, CascadeError, RegistryError,
@@ -260,14 +260,14 @@ def quiet_libraries() -> None:
 
 
 def workspace(cfg: DictConfig):
-    from registry.workspace import Workspace
+    from registry.store.workspace import Workspace
 
     return Workspace.at(cfg.workspace)
 
 
 def client(cfg: DictConfig, ws):
     """An MLflow client on the workspace's store, or on ``tracking.uri`` / ``MLFLOW_TRACKING_URI``."""
-    from registry.tracking import connect
+    from registry.store.tracking import connect
 
     return connect(ws.root, uri=cfg.tracking.get("uri"))
 

@@ -13,8 +13,8 @@ from tools.common import build_trunk, client, device, head_dirs, num_workers, to
 
 @tool("demo")
 def main(cfg) -> None:
-    from registry.demo import format_demo, run_demo
-    from registry.tracking import tracking_uri
+    from registry.jobs.demo import format_demo, run_demo
+    from registry.store.tracking import tracking_uri
 
     ws = workspace(cfg)
     result = run_demo(client(cfg, ws), ws, base=build_trunk(cfg.trunk), head_dirs=head_dirs(),

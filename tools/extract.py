@@ -11,9 +11,10 @@ from tools.common import client, device, head_spec, num_workers, tool, workspace
 
 @tool("extract")
 def main(cfg) -> None:
-    from heads.data import load_labelled_data
-    from registry.jobs import extract_job, resolve_trunk
-    from registry.summary import extract_lines
+    from heads.training.data import load_labelled_data
+    from registry.jobs.extract import extract_job
+    from registry.jobs.train import resolve_trunk
+    from registry.reports.summary import extract_lines
     from trunk.images import resolve_inputs
 
     ws = workspace(cfg)

@@ -17,8 +17,8 @@ from tools.common import client, device, num_workers, tool, workspace
 
 @tool("refresh")
 def main(cfg) -> None:
-    from heads.contract import Tolerances
-    from registry.refresh import refresh_job
+    from heads.checks.contract import Tolerances
+    from registry.jobs.refresh import refresh_job
 
     ws = workspace(cfg)
     mlflow_client = client(cfg, ws)

@@ -11,8 +11,8 @@ from tools.common import build_trunk, client, tool, workspace
 
 @tool("register_trunk")
 def main(cfg) -> None:
-    from registry.jobs import adopt_trunk
-    from registry.trunks import register_trunk
+    from registry.jobs.train import adopt_trunk
+    from registry.store.trunks import register_trunk
 
     ws = workspace(cfg)
     mlflow_client = client(cfg, ws)

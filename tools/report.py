@@ -10,7 +10,7 @@ from tools.common import client, tool, workspace
 
 @tool("report")
 def main(cfg) -> None:
-    from registry.report import log_report
+    from registry.reports.report import log_report
 
     ws = workspace(cfg)
     report = log_report(client(cfg, ws), ws.root)

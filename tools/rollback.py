@@ -10,14 +10,14 @@ from tools.common import client, tool, workspace
 
 
 def describe(release) -> str:
-    """``v2 (trunk v1; heads colour v1, shape v2)`` for a :class:`registry.releases.Release`."""
+    """``v2 (trunk v1; heads colour v1, shape v2)`` for a :class:`registry.store.releases.Release`."""
     heads = ", ".join(f"{name} v{version}" for name, version in sorted(release.heads.items()))
     return f"v{release.version} (trunk v{release.trunk_version}; {'heads ' + heads if heads else 'no heads'})"
 
 
 @tool("rollback")
 def main(cfg) -> None:
-    from registry.releases import rollback
+    from registry.store.releases import rollback
 
     ws = workspace(cfg)
     source, target = rollback(client(cfg, ws), to=cfg.to)  # the schema made `to` an int or None

@@ -12,7 +12,7 @@ from tools.common import client, device, head_spec, num_workers, tool, workspace
 
 @tool("tradeoff")
 def main(cfg) -> None:
-    from registry.tradeoff import sweep_taps
+    from registry.jobs.tradeoff import sweep_taps
 
     ws = workspace(cfg)
     spec = head_spec(cfg)

@@ -19,8 +19,8 @@ EXIT_NOT_PROMOTED = 1
 
 @tool("train_head")
 def main(cfg) -> None:
-    from registry.jobs import train_head_job
-    from registry.summary import head_job_lines
+    from registry.jobs.train import train_head_job
+    from registry.reports.summary import head_job_lines
 
     ws = workspace(cfg)
     spec = head_spec(cfg)

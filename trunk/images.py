@@ -32,7 +32,7 @@ from trunk.manifest import (
     CSV_SUFFIXES, PARQUET_SUFFIXES, Opener, is_uri, open_table, storage_errors, url_to_fs,
 )
 
-# The one list of image file extensions: folder walks here and head class folders (heads/data.py).
+# The one list of image file extensions: folder walks here and head class folders (heads/training/data.py).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".pnm"}
 )

@@ -1,7 +1,7 @@
 """Reading manifest tables: CSV and Parquet files, local paths or fsspec URIs, streamed.
 
-The one reader behind head data manifests (:mod:`heads.data`), golden sets
-(:mod:`heads.golden`) and bulk-classification input lists (:mod:`trunk.images`). It is
+The one reader behind head data manifests (:mod:`heads.training.data`), golden sets
+(:mod:`heads.checks.golden`) and bulk-classification input lists (:mod:`trunk.images`). It is
 built on pyarrow's readers: ``pyarrow.csv.open_csv`` (a streaming reader, a block at a
 time) and ``pyarrow.parquet.ParquetFile.iter_batches`` (only the columns asked for), so a
 manifest of millions of rows costs only the rows the caller keeps.

@@ -18,7 +18,7 @@ from heads.branch import (
     check_branch_tap,
     register_suffix,
 )
-from heads.cost import measure_cost
+from heads.training.cost import measure_cost
 from heads.modules import LinearHead
 from heads.store import WEIGHTS_FILE, load_head, save_head
 from trunk.model import POOLED, Trunk

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.classify import plan_batches
+from heads.classify.engine import plan_batches
 from heads.predict import BatchPredictor, batch_rows, empty_columns
-from tests.heads.classify_driver import make_bank
+from tests.heads.classify.driver import make_bank
 from trunk.loader import DecodedBatch
 
 

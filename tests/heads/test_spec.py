@@ -227,7 +227,7 @@ def test_only_keys_the_platform_provides_may_be_interpolated(tmp_path, monkeypat
 
 
 def test_stored_configs_are_checked_the_same_way(tmp_path, monkeypatch):
-    # registry/cascade.py re-reads a head's config from MLflow through these two functions.
+    # registry/jobs/cascade.py re-reads a head's config from MLflow through these two functions.
     monkeypatch.setenv("SECRET_TOKEN", "hunter2")
     stored = tmp_path / "stored.yaml"
     stored.write_text(yaml.safe_dump(patch({"description": "${oc.env:SECRET_TOKEN}"})))

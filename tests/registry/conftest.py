@@ -20,7 +20,7 @@ def migrated_db(tmp_path_factory) -> Path:
     """
     from mlflow import MlflowClient
 
-    from registry.tracking import quiet_mlflow
+    from registry.store.tracking import quiet_mlflow
 
     quiet_mlflow()
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
@@ -41,7 +41,7 @@ def workspace(tmp_path, migrated_db, monkeypatch) -> Path:
 
 @pytest.fixture
 def client(workspace):
-    from registry.tracking import connect
+    from registry.store.tracking import connect
 
     return connect(workspace)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.registry import cascade_state as cs
+from tests.registry.jobs import cascade_state as cs
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -12,9 +12,9 @@ import sys
 import pytest
 from hydra import compose, initialize_config_dir
 
-from registry.heads import register_head
-from registry.releases import bootstrap_release, get_release, promote_head
-from registry.trunks import register_trunk
+from registry.store.heads import register_head
+from registry.store.releases import bootstrap_release, get_release, promote_head
+from registry.store.trunks import register_trunk
 from tests.registry.conftest import client, make_result, migrated_db, trunk_a, workspace  # noqa: F401 (fixtures)
 from tests.tools.test_tools import run_tool
 from tools.common import CONF_DIR

@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import SMALL
 from trunk.model import Trunk, state_dict_digest
-from trunk.synthetic import ATTRIBUTES, generate_shapes
+from demo.shapes import ATTRIBUTES, generate_shapes
 from trunk.train import Task, TrunkTrainResult, train_trunk
 
 FLIP = [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]

@@ -1,0 +1,321 @@
+"""Bulk classification: the trunk once per image, every head of a release, Parquet out.
+
+The output folder and its guarantees are described in :mod:`heads.classify.output`. One row per
+input: ``path``, ``sha256`` (null when unreadable), ``error`` (null when decoded), then
+per head in sorted name order ``<head>_label`` (string) and ``<head>_score`` (float32,
+the softmax probability of the label), both null on error.
+
+Exactly once. Shard k always holds the same inputs (the input list is cut by position)
+and is cut into the same batches, so its rows depend only on the job; it appears whole or
+not at all and is committed at most once (:func:`heads.classify.output.commit_once`). A job
+killed at any moment and run again skips the shards on disk and computes the rest; a
+finished job (``_SUCCESS.json`` with the same fingerprint) writes nothing. Two jobs on
+one folder may both compute a shard, but only one commits it.
+
+Speed. Decoding runs in loader worker processes (JPEGs in Pillow's draft mode), a
+few batches ahead of the trunk; pixels are pinned for an overlapped copy when the trunk is
+on a GPU; finished shards are encoded and fsynced by a writer thread while the next
+batches run. ``backend="ray"`` runs the same per-batch code on Ray Data instead
+(:mod:`heads.classify.ray_backend`).
+
+No MLflow here: the registry resolves the release once and passes it in as a plain dict.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from heads.bank import HeadBank
+from heads.predict import BatchPredictor, batch_rows, empty_columns
+from heads.classify.output import (
+    JOB_FILE, SHARD_GLOB, SUCCESS_FILE, commit_json, commit_table, error_reason, foreign_files, job_fingerprint,
+    job_id, job_temps, output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_name,
+)
+from trunk.device import resolve_device
+from trunk.images import path_text
+from trunk.loader import iter_decoded
+from trunk.preprocess import decode_side, eval_transform
+
+BACKENDS = ("local", "ray")
+# The _JOB.json fields that decide a shard's rows, named in a refusal when they differ.
+JOB_FIELDS = ("release", "heads", "rows_per_shard", "images", "settings")
+
+__all__ = ["classify", "plan_batches", "BatchJob", "BACKENDS", "JOB_FILE", "SUCCESS_FILE", "shard_name",
+           "output_schema", "job_fingerprint", "error_reason"]
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """Batch ``j`` of shard ``k``: the positions of its inputs in the job's input list."""
+
+    shard: int
+    batch: int
+    indices: list[int]
+
+
+def plan_batches(n_inputs: int, rows_per_shard: int, batch_size: int, shards: Sequence[int]) -> list[BatchJob]:
+    """The batches of the given shards, none straddling two shards, in input order.
+
+    Args:
+        n_inputs: length of the job's input list.
+        rows_per_shard: inputs per shard.
+        batch_size: inputs per batch; a shard's last batch may be shorter.
+        shards: which shards to plan.
+    """
+    jobs = []
+    for k in shards:
+        start, stop = k * rows_per_shard, min((k + 1) * rows_per_shard, n_inputs)
+        for j, s in enumerate(range(start, stop, batch_size)):
+            jobs.append(BatchJob(k, j, list(range(s, min(s + batch_size, stop)))))
+    return jobs
+
+
+class _Assembler:
+    """Collects per-batch columns, in any arrival order, into whole shards."""
+
+    def __init__(self, jobs: Sequence[BatchJob], head_names: Sequence[str]) -> None:
+        self.expected = Counter(job.shard for job in jobs)
+        self.parts: dict[int, dict[int, dict[str, list]]] = {}
+        self.head_names = head_names
+
+    def add(self, shard: int, batch: int, columns: dict[str, list]) -> dict[str, list] | None:
+        """Store one batch; return the shard's columns when it is complete."""
+        parts = self.parts.setdefault(shard, {})
+        if batch in parts:
+            raise RuntimeError(f"shard {shard} batch {batch} arrived twice")
+        parts[batch] = columns
+        if len(parts) < self.expected[shard]:
+            return None
+        whole = empty_columns(self.head_names)
+        for j in sorted(parts):
+            for key, values in parts[j].items():
+                whole[key] += values
+        del self.parts[shard]
+        return whole
+
+
+def _local_batches(trunk, bank: HeadBank, names: list[str], jobs: list[BatchJob], transform, draft_side,
+                   device: torch.device, num_workers: int, amp: bool | None) -> Iterator[tuple[int, int, dict]]:
+    predictor = BatchPredictor(trunk, bank, device, amp=amp)
+    decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
+                           draft_side=draft_side, pin_memory=device.type == "cuda")
+    for job, batch in zip(jobs, decoded, strict=True):
+        columns = empty_columns(bank.names)
+        batch_rows(batch, predictor(batch.pixels), columns)
+        yield job.shard, job.batch, columns
+
+
+def _refusal(path: Path, on_disk: Mapping[str, Any], ours: Mapping[str, Any]) -> ValueError:
+    """A one-line refusal naming the file and the first field that differs."""
+    differing = [f for f in JOB_FIELDS if json.dumps(on_disk.get(f), sort_keys=True, default=str)
+                 != json.dumps(ours.get(f), sort_keys=True, default=str)]
+    what = f"field '{differing[0]}' differs" if differing else "the input list differs"
+    if differing == ["settings"]:
+        what = f"field 'settings' is {on_disk.get('settings')} there, {ours.get('settings')} here"
+    return ValueError(f"{path}: holds another job's output ({what}); use a new output folder")
+
+
+def classify(
+    trunk,
+    bank: HeadBank,
+    paths: Sequence[str | Path],
+    output: str | Path,
+    *,
+    release: Mapping[str, Any],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    rows_per_shard: int = 10000,
+    progress: bool = True,
+    draft: bool = True,
+    amp: bool | None = None,
+    backend: str = "local",
+    ray_options: Mapping[str, Any] | None = None,
+    allow_foreign_files: bool = False,
+) -> dict[str, Any]:
+    """Classify images with every head of a release into a resumable Parquet folder.
+
+    Args:
+        trunk: a :class:`trunk.model.Trunk`; run once per batch for ``bank.taps`` only.
+        bank: the release's heads.
+        paths: image files or fsspec URIs, in the order their rows are written; bad
+            files become rows with an ``error``, never a failed job. A name that is not
+            valid UTF-8 (``os.fsdecode``'s surrogates) is read as is; its ``path`` cell
+            is :func:`trunk.images.path_text` of it.
+        output: the output folder (created if missing), on a POSIX file system. It must
+            be empty or hold this same job: a folder holding another job's output is
+            refused, and so is one holding files the platform does not write.
+        release: what is being run, as the registry resolved it (name, version, trunk
+            version, trunk_id, heads ``{name: version}``); copied into ``_JOB.json`` and
+            ``_SUCCESS.json``. When it has a ``trunk_id``, it must be the trunk's.
+        batch_size: images per trunk forward.
+        num_workers: decoding processes (0: decode in this process). Ray ignores it.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a ``torch.device``.
+        rows_per_shard: inputs per Parquet shard.
+        progress: show a bar with images/s and ETA.
+        draft: decode JPEGs in Pillow's draft mode, no smaller than the trunk needs.
+        amp: bf16 autocast + channels_last; None: on CUDA only.
+        backend: ``local`` (this process plus loader workers) or ``ray`` (Ray Data).
+        ray_options: for ``backend="ray"``, see :func:`heads.classify.ray_backend.ray_batches`.
+        allow_foreign_files: run in a folder that also holds files the platform did not
+            write; they are left untouched either way (the job removes only its own temps).
+
+    Returns:
+        The ``_SUCCESS.json`` content: ``release``, ``fingerprint``, ``counts``
+        (``images``, ``ok``, ``errors``, ``shards``), ``errors_by_reason``,
+        ``images_per_s``, ``seconds`` (both for the work the committing call did),
+        ``heads``, ``schema`` (column names), ``settings``, ``backend``,
+        ``shards_reused`` and ``shards_written``.
+
+    Raises:
+        ValueError: one line, for bad arguments, a release for another trunk, or a
+            folder holding another job's output or (without ``allow_foreign_files``)
+            files the platform did not write.
+        OSError: the folder cannot be written (read-only, disk full, ...), with its
+            ``filename`` set; rerun the same job once fixed: it resumes exactly.
+    """
+    start = time.perf_counter()
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
+    if backend == "ray":
+        from heads.classify.ray_backend import check_options
+
+        check_options(ray_options or {})  # before anything is written
+    trunk_id = release.get("trunk_id")
+    if trunk_id and trunk_id != trunk.trunk_id:
+        raise ValueError(f"release field 'trunk_id' is {trunk_id} but the trunk given is {trunk.trunk_id}")
+    for tap in bank.taps:
+        trunk.tap(tap)  # raises a one-line TrunkError naming the valid taps
+
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    names = [str(p) for p in paths]
+    release = json.loads(json.dumps(dict(release), default=str))  # a plain, JSON-safe copy
+    heads = sorted(bank.names)
+    schema = output_schema(heads)
+    draft_side = decode_side(trunk.data_config) if draft else None
+    # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
+    settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
+    fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
+    job = {"fingerprint": fingerprint, "release": release, "heads": heads, "rows_per_shard": rows_per_shard,
+           "images": len(names), "settings": settings, "schema": schema.names}
+    out = Path(output)
+    job_key = job_id(fingerprint)  # names this job's temp files: the only ones it ever removes
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: output is not a folder")
+    foreign = foreign_files(out)
+    if foreign and not allow_foreign_files:
+        raise ValueError(f"{out}: holds '{path_text(foreign[0])}', which the platform did not write; use an empty "
+                         "output folder, or allow_foreign_files=true to leave such files alone")
+
+    success_path, job_path = out / SUCCESS_FILE, out / JOB_FILE
+    if success_path.is_file():
+        done = read_json(success_path)
+        if done.get("fingerprint") != fingerprint:
+            raise _refusal(success_path, done, job)
+        return done  # finished before: write nothing
+    if not job_path.is_file() and out.is_dir() and any(out.glob(SHARD_GLOB)):
+        raise ValueError(f"{out}: holds Parquet shards but no {JOB_FILE}; use a new output folder")
+    n_shards = math.ceil(len(names) / rows_per_shard)
+    job["shards"] = n_shards
+    out.mkdir(parents=True, exist_ok=True)
+    if not commit_json(out, JOB_FILE, job, job=job_key):  # another run wrote it: it must be this same job
+        on_disk = read_json(job_path)
+        if on_disk.get("fingerprint") != fingerprint:
+            raise _refusal(job_path, on_disk, job)
+    remove_stale_temps(out, job_key)
+
+    # Which shards are already on disk, whole and well-formed.
+    errors_of: dict[int, list[str | None]] = {}
+    for k in range(n_shards):
+        rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+        existing = shard_errors(out / shard_name(k), schema, rows)
+        if existing is not None:
+            errors_of[k] = existing
+        elif (out / shard_name(k)).exists():
+            set_aside(out, shard_name(k), job=job_key)  # damaged (not by us: commits are whole): recompute it
+    reused = len(errors_of)
+    pending = [k for k in range(n_shards) if k not in errors_of]
+    jobs = plan_batches(len(names), rows_per_shard, batch_size, pending)
+
+    transform = eval_transform(trunk.data_config)
+    if backend == "ray":
+        from heads.classify.ray_backend import ray_batches
+
+        batches = ray_batches(trunk, bank, names, jobs, transform, draft_side, device=device, amp=amp,
+                              options=ray_options or {})
+    else:
+        batches = _local_batches(trunk, bank, names, jobs, transform, draft_side, device, num_workers, amp)
+
+    written = processed = 0
+    assembler = _Assembler(jobs, heads)
+    commits: list[tuple[int, Future]] = []
+    done_rows = sum(len(v) for v in errors_of.values())
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
+            tqdm(total=len(names), initial=done_rows, unit="img", desc="classify", disable=not progress,
+                 dynamic_ncols=True) as bar:
+        for k, j, columns in batches:
+            n = len(columns["path"])
+            processed += n
+            bar.update(n)
+            whole = assembler.add(k, j, columns)
+            if whole is None:
+                continue
+            errors_of[k] = whole["error"]
+            # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
+            whole["path"] = [path_text(p) for p in whole["path"]]
+            table = pa.Table.from_pydict(whole, schema=schema)
+            commits.append((k, writer.submit(commit_table, out, shard_name(k), table, job=job_key)))
+            # Surface a failed write now rather than after the whole input.
+            for _, future in commits:
+                if future.done():
+                    future.result()
+        for k, future in commits:
+            if future.result():
+                written += 1
+            else:  # another job committed it first; its rows are the same by construction
+                rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+                errors_of[k] = shard_errors(out / shard_name(k), schema, rows) or errors_of[k]
+    missing = [k for k in range(n_shards) if k not in errors_of]
+    if missing:
+        raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")
+
+    seconds = time.perf_counter() - start
+    errors = [e for k in range(n_shards) for e in errors_of[k]]
+    reasons = Counter(error_reason(e) for e in errors if e is not None)
+    n_errors = sum(reasons.values())
+    summary = {
+        "release": release,
+        "fingerprint": fingerprint,
+        "counts": {"images": len(names), "ok": len(names) - n_errors, "errors": n_errors, "shards": n_shards},
+        "errors_by_reason": dict(sorted(reasons.items())),
+        "images_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
+        "seconds": round(seconds, 3),
+        "heads": heads,
+        "schema": schema.names,
+        "settings": settings,
+        "backend": backend,
+        "shards_reused": reused,
+        "shards_written": written,
+    }
+    if not commit_json(out, SUCCESS_FILE, summary, job=job_key):
+        return read_json(success_path)  # a concurrent run of this job finished first
+    for tmp in job_temps(out, job_key):
+        tmp.unlink(missing_ok=True)  # every shard is committed: this job's leftovers of killed runs are garbage
+    return summary

@@ -1,0 +1,21 @@
+"""Filling the feature cache for a trunk (``tools.extract``, and head training's missing rows)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from registry.store.workspace import Workspace
+from trunk.extract import ExtractResult, extract
+from trunk.model import POOLED, Trunk
+
+log = logging.getLogger(__name__)
+
+
+def extract_job(trunk: Trunk, paths: Sequence[str], *, workspace: Workspace, taps: Sequence[str] = (POOLED,),
+                batch_size: int, num_workers: int, device: str, progress: bool) -> ExtractResult:
+    """Fill the workspace's feature cache for ``paths``; computes only what is missing."""
+    for tap in taps:
+        trunk.tap(tap)  # unknown tap: a TrunkError listing the valid ones, before any work
+    return extract(trunk, paths, workspace.cache, taps=tuple(taps), batch_size=batch_size,
+                   num_workers=num_workers, device=device, progress=progress)

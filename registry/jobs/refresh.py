@@ -1,0 +1,192 @@
+"""Candidate trunks for a refresh, and the refresh job: build a candidate, then run the cascade.
+
+Three ways to build a candidate, each registered as a ``trunk`` version with alias
+``candidate`` (production is never touched here; only the cascade promotes):
+
+- ``multitask``: the production trunk retrained multi-task on the union of every
+  production head's labelled data (an image adds loss only to the tasks it is labelled
+  for; :func:`registry.jobs.train.train_trunk_job`);
+- ``timm``: a new timm architecture or weights file, as the ``trunk`` config group says;
+- ``distill``: the production trunk distilled into a smaller student on unlabelled images
+  (:func:`trunk.distill.distill_trunk`: features on ``pooled`` and, by default, on the taps
+  the production branch heads fork at, where the student has them).
+
+Building is resumable like everything else: a candidate made before from the same recipe
+(tag ``train_recipe`` or ``distill_recipe``) is reused, not rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+
+from heads.checks.contract import Tolerances
+from heads.spec import HeadSpec
+from heads.training.data import load_labelled_data
+from registry.jobs.train import train_trunk_job
+from registry.jobs.cascade import (
+    CANDIDATE,
+    CascadeError,
+    CascadeResult,
+    run_cascade,
+    stored_spec,
+)
+from registry.store.heads import head_tags
+from registry.store.releases import PRODUCTION, get_release
+from registry.store.trunks import (
+    TRUNK_MODEL,
+    find_trunk_version_by_tag,
+    get_trunk_version,
+    load_trunk,
+    register_trunk,
+)
+from registry.store.workspace import Workspace
+from trunk.distill import distill_trunk
+from trunk.images import resolve_inputs
+from trunk.model import POOLED, Trunk
+from trunk.speed import compare_trunks
+
+log = logging.getLogger(__name__)
+
+DISTILL_RECIPE_TAG = "distill_recipe"
+
+
+@dataclass
+class Candidate:
+    """A candidate trunk, registered and aliased ``candidate``.
+
+    Attributes:
+        version: the ``trunk`` version.
+        trunk: the trunk.
+        how: ``multitask``, ``timm``, ``distill`` or ``alias``.
+        status: ``built`` or ``reused (same recipe)``.
+        figures: what building measured (distillation: loss, cosine, speed-up).
+    """
+
+    version: int
+    trunk: Trunk
+    how: str
+    status: str
+    figures: dict[str, float]
+
+
+def mark_candidate(client: MlflowClient, version: int) -> None:
+    """Point the ``trunk`` alias ``candidate`` at a version."""
+    client.set_registered_model_alias(TRUNK_MODEL, CANDIDATE, str(int(version)))
+
+
+def production_specs(client: MlflowClient, workspace: Workspace) -> tuple[Any, list[HeadSpec]]:
+    """The production release and the stored config of each of its heads."""
+    release = get_release(client, PRODUCTION)
+    if release is None or not release.heads:
+        raise CascadeError("there is no production release with heads, so there is nothing to refresh")
+    context = {"workspace": str(workspace.root)}
+    return release, [stored_spec(client, n, v, context) for n, v in sorted(release.heads.items())]
+
+
+def multitask_candidate(client: MlflowClient, workspace: Workspace, *, base: Trunk | None, epochs: int,
+                        batch_size: int, lr: float, weight_decay: float, augment_ops: list | None, seed: int,
+                        device: str, num_workers: int, progress: bool) -> Candidate:
+    """Retrain ``base`` (default: the production trunk) on the union of the production heads' data."""
+    release, specs = production_specs(client, workspace)
+    base = base if base is not None else load_trunk(client, release.trunk_version)
+    job = train_trunk_job(client, base, specs, workspace=workspace, epochs=epochs, batch_size=batch_size, lr=lr,
+                          weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,
+                          num_workers=num_workers, progress=progress, adopt=False)
+    mark_candidate(client, job.version)
+    status = "reused (same recipe)" if job.status.startswith("reused") else "built"
+    return Candidate(job.version, job.trunk, "multitask", status, dict(job.metrics))
+
+
+def timm_candidate(client: MlflowClient, trunk: Trunk) -> Candidate:
+    """Register a trunk built from the ``trunk`` config group as it is."""
+    version = register_trunk(client, trunk, description=f"{trunk.model_name} as configured (refresh candidate)")
+    mark_candidate(client, version)
+    return Candidate(version, trunk, "timm", "built", {})
+
+
+def branch_taps(client: MlflowClient, release) -> list[str]:
+    """The taps the release's branch heads fork at (every tap but ``pooled``)."""
+    return sorted({head_tags(client, n, v).get("tap") for n, v in release.heads.items()} - {POOLED, None})
+
+
+def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name: str,
+                      model_kwargs: Mapping[str, Any], student_seed: int, input: str | None,
+                      taps: Sequence[str] | str, epochs: int, batch_size: int, lr: float, weight_decay: float,
+                      augment_ops: list | None, seed: int, device: str, num_workers: int,
+                      progress: bool) -> Candidate:
+    """Distill the production trunk into a student; register it as the candidate.
+
+    Args:
+        model_name, model_kwargs, student_seed: the student (timm name, kwargs, init seed);
+            it gets the teacher's data config, so both see the very same batches.
+        input: unlabelled images (folder, manifest or URI); None: every production head's
+            training images, labels unused.
+        taps: taps to distill besides ``pooled``, or ``auto``: the production branch heads'
+            taps that the student also has.
+    """
+    release, specs = production_specs(client, workspace)
+    teacher = load_trunk(client, release.trunk_version)
+    student = Trunk(model_name, seed=student_seed, data_config=teacher.data_config, model_kwargs=dict(model_kwargs))
+    if input:
+        paths = [str(p) for p in resolve_inputs(input)]
+    else:
+        paths = sorted({s.path for spec in specs for s in load_labelled_data(spec).train})
+    if taps == "auto":
+        wanted = branch_taps(client, release)
+        taps = [t for t in wanted if t in student.taps and t in teacher.taps]
+        skipped = sorted(set(wanted) - set(taps))
+        if skipped:
+            log.warning("student %s has no tap %s: distilling pooled%s only there", model_name, ", ".join(skipped),
+                        "".join(f", {t}" for t in taps))
+    taps = list(taps)
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "augment": augment_ops, "taps": taps}
+    paths_sha = hashlib.sha256("\n".join(paths).encode()).hexdigest()
+    recipe = hashlib.sha256(json.dumps([teacher.trunk_id, student.trunk_id, paths_sha, settings], sort_keys=True,
+                                       default=str).encode()).hexdigest()[:16]
+    done = find_trunk_version_by_tag(client, DISTILL_RECIPE_TAG, recipe)
+    if done is not None:
+        mark_candidate(client, done)
+        metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
+        return Candidate(done, load_trunk(client, done), "distill", "reused (same recipe)", dict(metrics))
+    result = distill_trunk(teacher, student, paths, taps=taps, epochs=epochs, batch_size=batch_size, lr=lr,
+                           weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,
+                           num_workers=num_workers, progress=progress)
+    pixels = torch.randn(64, *teacher.data_config["input_size"], generator=torch.Generator().manual_seed(0))
+    speed = compare_trunks(teacher, result.trunk, pixels, device=device)
+    figures = {**result.metrics, "speedup_vs_teacher": speed["speedup"], "flops_ratio_vs_teacher": speed["flops_ratio"],
+               "teacher_ms_per_image": speed["teacher_ms_per_image"],
+               "student_ms_per_image": speed["student_ms_per_image"]}
+    params = {"teacher_trunk_version": release.trunk_version, "teacher_trunk_id": teacher.trunk_id,
+              "student": model_name, "images": len(paths), **{k: v for k, v in settings.items() if k != "augment"}}
+    version = register_trunk(client, result.trunk, description=f"{model_name} distilled from trunk "
+                                                                 f"v{release.trunk_version}",
+                             params=params, metrics=figures,
+                             tags={DISTILL_RECIPE_TAG: recipe, "distilled_from": str(release.trunk_version)})
+    mark_candidate(client, version)
+    return Candidate(version, result.trunk, "distill", "built", figures)
+
+
+def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[], Candidate] | None,
+                candidate: str | int = CANDIDATE, tolerances: Tolerances, batch_size: int, num_workers: int,
+                device: str, progress: bool, promote: bool = True, cascade: bool = True,
+                echo: Callable[[str], None] = print) -> tuple[Candidate | None, CascadeResult | None]:
+    """Build a candidate (unless ``build`` is None: use ``candidate``), then run the cascade on it."""
+    built = None
+    if build is not None:
+        built = build()
+        echo(f"candidate trunk v{built.version} ({built.trunk.model_name}, trunk_id {built.trunk.trunk_id}): "
+             f"{built.how}, {built.status}")
+        candidate = built.version
+    if not cascade:
+        return built, None
+    return built, run_cascade(client, workspace, candidate=candidate, tolerances=tolerances, batch_size=batch_size,
+                              num_workers=num_workers, device=device, progress=progress, promote=promote, echo=echo)

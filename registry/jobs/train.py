@@ -1,0 +1,276 @@
+"""Training jobs: trunks (multi-task, adopted) and heads (trained, gated, registered, promoted).
+
+Each ties trunk/ and heads/ to the MLflow registry through :mod:`registry.store`; a tool
+composes its Hydra config and calls one function here with explicit arguments.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mlflow import MlflowClient
+
+from heads.checks.gate import GateReport, check_gate
+from heads.result import HeadResult
+from heads.spec import HeadSpec
+from heads.store import LoadedHead
+from heads.training.branch_train import fit_branch_head
+from heads.training.cost import measure_in_bank
+from heads.training.data import LabelledData, load_labelled_data
+from heads.training.fit import fit_head
+from registry.jobs.extract import extract_job
+from registry.store.heads import load_head_version, register_head
+from registry.store.releases import (
+    PRODUCTION,
+    Release,
+    ReleaseError,
+    create_release,
+    get_release,
+    promote_head,
+)
+from registry.store.trunks import (
+    find_trunk_version_by_tag,
+    get_trunk_version,
+    load_trunk,
+    register_trunk,
+)
+from registry.store.workspace import Workspace
+from trunk.loader import iter_decoded
+from trunk.model import POOLED, Trunk
+from trunk.preprocess import eval_transform
+from trunk.train import Task, train_trunk
+
+log = logging.getLogger(__name__)
+
+RECIPE_TAG = "train_recipe"
+
+
+RECIPE_TAG = "train_recipe"
+
+
+class JobError(RuntimeError):
+    """A job cannot go on; the message says why and what to do."""
+
+
+# -- trunks -----------------------------------------------------------------------------
+def resolve_trunk(client: MlflowClient, trunk_version: str | int) -> tuple[Trunk, int]:
+    """The trunk to work on: ``production`` (the production release's) or a version number."""
+    if str(trunk_version) == PRODUCTION:
+        release = get_release(client, PRODUCTION)
+        if release is None:
+            raise JobError("there is no production release yet: register a trunk first "
+                           "(python -m tools.train_trunk, python -m tools.register_trunk or python -m tools.demo)")
+        version = release.trunk_version
+    else:
+        try:
+            version = int(trunk_version)
+        except ValueError:
+            raise JobError(f"trunk_version must be 'production' or a version number, got '{trunk_version}'") from None
+    return load_trunk(client, version), version
+
+
+def adopt_trunk(client: MlflowClient, version: int) -> tuple[str, Release | None]:
+    """Make a freshly registered trunk serve when nothing depends on the current one.
+
+    With no production release, or one without heads, production moves to a release of
+    just this trunk. With heads in production the trunk becomes ``candidate``: those heads
+    must be retrained on it first (the refresh cascade), so production is left alone.
+    """
+    current = get_release(client, PRODUCTION)
+    if current is not None and current.trunk_version == version:
+        return "already in production", current
+    if current is None or not current.heads:
+        release = create_release(client, version, {}, expected_production=current.version if current else None,
+                                 note=f"trunk v{version}, no heads yet")
+        return "production", release
+    client.set_registered_model_alias("trunk", "candidate", str(version))
+    return "candidate", None
+
+
+@dataclass
+class TrunkJobResult:
+    version: int
+    trunk: Trunk
+    metrics: dict[str, float]
+    status: str
+    release: Release | None
+
+
+def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
+                    epochs: int, batch_size: int, lr: float, weight_decay: float, augment_ops: list | None,
+                    seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True,
+                    retrain: bool = False) -> TrunkJobResult:
+    """Train ``base`` multi-task on the labelled data of ``specs``; register it as a ``trunk`` version.
+
+    A trunk trained before from the same recipe (base trunk_id, each task's data_sha and
+    classes, the settings and augmentation) is reused rather than trained again, unless
+    ``retrain``; the recipe's hash is the version tag ``train_recipe``.
+    """
+    if not specs:
+        raise JobError("tasks is empty: name at least one head config whose data trains the trunk")
+    tasks, recipe = [], []
+    for spec in specs:
+        data = load_labelled_data(spec)
+        tasks.append(Task(spec.name, data.classes, [s.path for s in data.train], [s.label for s in data.train]))
+        recipe.append([spec.name, data.data_sha, data.classes])
+    settings = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "augment": augment_ops}
+    fingerprint = hashlib.sha256(json.dumps([base.trunk_id, recipe, settings], sort_keys=True,
+                                            default=str).encode()).hexdigest()[:16]
+    if not retrain:
+        done = find_trunk_version_by_tag(client, RECIPE_TAG, fingerprint)
+        if done is not None:  # the same base, data and settings were trained before: reuse it
+            trunk = load_trunk(client, done)
+            status, release = adopt_trunk(client, done) if adopt else ("registered", None)
+            metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
+            return TrunkJobResult(done, trunk, dict(metrics), f"reused (same recipe), {status}", release)
+    trained = train_trunk(base, tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                          augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
+                          progress=progress)
+    params = {"base_trunk_id": base.trunk_id, "tasks": ",".join(s.name for s in specs), "epochs": epochs,
+              "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed}
+    version = register_trunk(client, trained.trunk, description=f"multi-task on {params['tasks']}",
+                             params=params, metrics=trained.metrics, tags={RECIPE_TAG: fingerprint})
+    status, release = adopt_trunk(client, version) if adopt else ("registered", None)
+    return TrunkJobResult(version, trained.trunk, dict(trained.metrics), status, release)
+
+
+def features_for(trunk: Trunk, spec: HeadSpec, data: LabelledData, *, workspace: Workspace, batch_size: int,
+                 num_workers: int, device: str, progress: bool):
+    """Cached features for a head's train and val images, extracting what is missing first.
+
+    Images that cannot be decoded are left out with a warning; a class left with no
+    training image is a config error naming the data.
+    """
+    samples = data.train + data.val
+    result = extract_job(trunk, [s.path for s in samples], workspace=workspace, taps=(spec.tap,),
+                         batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+    sha_of = dict(zip((s.path for s in samples), result.shas))
+    if result.errors:
+        shown = "; ".join(f"{p}: {r}" for p, r in list(result.errors.items())[:3])
+        log.warning("%s: %d images could not be decoded and are left out (%s%s)", spec.source,
+                    len(result.errors), shown, " ..." if len(result.errors) > 3 else "")
+    train = [s for s in data.train if sha_of[s.path]]
+    val = [s for s in data.val if sha_of[s.path]]
+    empty = sorted(set(data.classes) - {data.classes[s.label] for s in train})
+    if empty:
+        raise spec.error("data", f"class {', '.join(repr(c) for c in empty)} has no decodable training image")
+    if not val:
+        raise spec.error("data", "no decodable validation image")
+    cache = result.caches[spec.tap]  # the instance that verified these rows during extraction
+    train_x = cache.load([sha_of[s.path] for s in train])
+    val_x = cache.load([sha_of[s.path] for s in val])
+    kept = LabelledData(classes=data.classes, train=train, val=val, data_sha=data.data_sha, source=data.source,
+                        has_slices=data.has_slices)
+    return kept, train_x, val_x, result
+
+
+# -- heads ------------------------------------------------------------------------------
+@dataclass
+class HeadJobResult:
+    result: HeadResult
+    version: int
+    trunk_version: int
+    gate: GateReport
+    release: Release | None = None
+    refused: str | None = None
+    extract_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace, trunk_version: str | int = PRODUCTION,
+                   batch_size: int, num_workers: int, device: str, progress: bool,
+                   promote: bool = True) -> HeadJobResult:
+    """Train, evaluate, cost and register one head; promote it into a new release if its gate passes.
+
+    A head on ``pooled`` trains on cached features (extracting what is missing first). A
+    branch head (an earlier tap) trains from images: the trunk's prefix runs frozen, the
+    copied layers after the tap and the classifier learn, with the config's augmentation.
+
+    Production is read before training: if other teams promote meanwhile, the promotion
+    is rebuilt on top of theirs; if this head itself moved (another version of it reached
+    production since), it is refused and ``refused`` says why (the tool exits non-zero).
+    """
+    started_from = get_release(client, PRODUCTION)
+    trunk, tv = resolve_trunk(client, trunk_version)
+    result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
+                                          num_workers=num_workers, device=device, progress=progress)
+    version = register_head(client, result, trunk_version=tv, gate_report=gate)
+    job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
+    if gate.passed and promote:
+        try:
+            job.release = promote_head(client, spec.name, version, started_from=started_from)
+        except ReleaseError as e:
+            job.refused = str(e)
+    return job
+
+
+def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_version: int, *, workspace: Workspace,
+                  batch_size: int, num_workers: int, device: str, progress: bool,
+                  data: LabelledData | None = None) -> tuple[HeadResult, GateReport, dict[str, Any]]:
+    """Train, evaluate and cost one head on one trunk, and check its own gate; registers nothing.
+
+    Returns:
+        ``(result, gate, extraction summary)``.
+    """
+    tv = trunk_version
+    spec.check_tap(trunk.taps)
+    data = data if data is not None else load_labelled_data(spec)
+    out_dir = workspace.run_dir("head", spec.name)
+    if spec.tap == POOLED:
+        data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
+                                                       num_workers=num_workers, device=device, progress=progress)
+        result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id, out_dir=out_dir, device=device,
+                          progress=progress)
+        summary = dict(extracted.summary)
+        result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
+    elif spec.config.get("augment"):
+        # Augmented images need the prefix every step: train from images.
+        result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=spec.config["augment"],
+                                 device=device, num_workers=num_workers, progress=progress)
+        # What caching this tap would cost, so teams see the storage side of the knob too.
+        result.metrics["cache_bytes_per_image"] = float(math.prod(trunk.tap(spec.tap).shape) * 2 + 32)
+        summary = {}
+    else:
+        # No augmentation: the tap's features are the same every epoch, so cache them once.
+        data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
+                                                       num_workers=num_workers, device=device, progress=progress)
+        shape = tuple(trunk.tap(spec.tap).shape)
+        result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=None, device=device,
+                                 num_workers=num_workers, progress=progress,
+                                 cached=(train_x.view(-1, *shape), val_x.view(-1, *shape)))
+        summary = dict(extracted.summary)
+        result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
+    measure_in_release(client, trunk, tv, result, [s.path for s in data.val], device=device)
+    slice_sizes = {k: v["n"] for k, v in result.slice_accuracy.items()}
+    slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
+    gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
+    return result, gate, summary
+
+
+def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, result: HeadResult,
+                       paths: Sequence[str], *, device: str, n_images: int = 64) -> None:
+    """Set ``added_ms_per_image`` to what the head adds inside the production release's bank.
+
+    The bank holds every production head on the same trunk plus this one (replacing an
+    older version of it), and runs on the trunk's features of up to ``n_images`` of the
+    head's validation images. The head timed alone is kept as ``added_ms_per_image_alone``.
+    """
+    heads: dict[str, LoadedHead] = {}
+    release = get_release(client, PRODUCTION)
+    if release is not None and release.trunk_version == trunk_version:
+        heads = {n: load_head_version(client, n, v) for n, v in release.heads.items() if n != result.name}
+    heads[result.name] = LoadedHead(result.module, result.meta())
+    batch = next(iter_decoded(list(paths)[:n_images], eval_transform(trunk.data_config), batch_size=n_images))
+    trunk.to(device)
+    with torch.inference_mode():
+        features = trunk(batch.pixels.to(device), sorted({h.tap for h in heads.values()}))
+    result.metrics["added_ms_per_image_alone"] = result.metrics["added_ms_per_image"]
+    result.metrics["added_ms_per_image"] = measure_in_bank(result.name, heads, features, device=device)
+    result.metrics["bank_heads"] = len(heads)

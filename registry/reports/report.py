@@ -1,0 +1,339 @@
+"""The production leaderboard and the heads' trunk dependencies.
+
+The leaderboard is every head of release@production with accuracy and cost. The
+dependency view is every registered ``head.<name>``: its production version, its latest
+version and the trunk version that one was trained on, flagged ``STALE`` when that
+trunk's ``trunk_id`` is not production's (the head was retrained for another trunk, or
+production moved to a trunk the head has no version for); plus, per trunk version, the
+head versions trained on it.
+
+``log_report`` writes the table (Markdown), a PNG of accuracy against added cost and the
+dependencies (``dependencies.md``) into ``<workspace>/reports/<time>/`` and logs all
+three to the MLflow experiment ``reports``. It first marks what killed promoters left
+behind (:func:`registry.store.releases.reap_leftovers`: release runs stuck RUNNING set KILLED,
+never-served release versions tagged ``orphan=true``), so nothing dead looks live.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from registry.store.heads import get_head_version, model_name
+from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
+from registry.store.tracking import experiment_id, is_not_found
+from registry.store.trunks import TRUNK_MODEL, metrics_batch
+
+log = logging.getLogger(__name__)
+# A report does not queue long behind a promotion; the next report or promotion marks leftovers.
+LEFTOVERS_WAIT_S = 10.0
+
+COLUMNS = ("head", "version", "owner", "tap", "val_accuracy", "added_gflops", "added_ms_per_image", "params")
+_FORMATS = {"val_accuracy": "{:.4f}", "added_gflops": "{:.4g}", "added_ms_per_image": "{:.4f}", "params": "{:,.0f}"}
+
+
+def production_table(client: MlflowClient, alias: str = PRODUCTION) -> list[dict[str, Any]]:
+    """One row per head of the release behind ``alias``, sorted by head name.
+
+    Returns:
+        Rows with keys ``COLUMNS`` (metrics are floats, None when not logged);
+        empty when there is no such release or it has no heads.
+    """
+    release = get_release(client, alias)
+    if release is None:
+        return []
+    rows = []
+    for name, version in sorted(release.heads.items()):
+        mv = get_head_version(client, name, version)
+        metrics = client.get_run(mv.run_id).data.metrics
+        rows.append({"head": name, "version": int(version), "owner": mv.tags.get("owner", ""),
+                     "tap": mv.tags.get("tap", ""),
+                     **{m: metrics.get(m) for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params")}})
+    return rows
+
+
+def _cell(column: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    fmt = _FORMATS.get(column)
+    return fmt.format(value) if fmt else str(value)
+
+
+def _cells(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
+    return [[_cell(c, row.get(c)) for c in COLUMNS] for row in rows]
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    """An aligned plain-text table (numbers right-aligned), one line per head."""
+    if not rows:
+        return "(no heads in production)"
+    body = _cells(rows)
+    widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(COLUMNS)]
+    numeric = [c in _FORMATS or c == "version" for c in COLUMNS]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(s.rjust(w) if num else s.ljust(w) for s, w, num in zip(cells, widths, numeric)).rstrip()
+
+    return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """The same table as Markdown (MLflow's UI renders ``.md`` artifacts)."""
+    lines = [f"# {title}", ""] if title else []
+    lines += ["| " + " | ".join(COLUMNS) + " |",
+              "| " + " | ".join("---:" if c in _FORMATS or c == "version" else "---" for c in COLUMNS) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in _cells(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Scatter val_accuracy against added GFLOPs and added ms per image, one point per head."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, cost, label in ((axes[0], "added_gflops", "added GFLOPs per image"),
+                            (axes[1], "added_ms_per_image", "added ms per image")):
+        points = [(r[cost], r["val_accuracy"], r["head"]) for r in rows
+                  if r.get(cost) is not None and r.get("val_accuracy") is not None]
+        if points:
+            ax.scatter([p[0] for p in points], [p[1] for p in points])
+            for x, y, name in points:
+                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val accuracy")
+    fig.suptitle("production heads: accuracy vs added cost" if rows else "no heads in production")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+DEPENDENCY_COLUMNS = ("head", "production", "latest", "latest on trunk", "stale")
+HEAD_PREFIX = model_name("")
+
+
+def _all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
+    """Every result of an MLflow search, across its pages (registered models come 100 a page)."""
+    found: list[Any] = []
+    token = None
+    while True:
+        page = search(filter_string, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found
+
+
+def _head_versions(client: MlflowClient) -> dict[str, list[Any]]:
+    """``{head name: its model versions, oldest first}`` for every registered ``head.<name>``."""
+    models = _all_pages(client.search_registered_models, f"name LIKE '{HEAD_PREFIX}%'")
+    out: dict[str, list[Any]] = {}
+    for model in sorted(models, key=lambda m: m.name):
+        if not model.name.startswith(HEAD_PREFIX):  # SQL LIKE ignores case
+            continue
+        versions = _all_pages(client.search_model_versions, f"name='{model.name}'")
+        out[model.name[len(HEAD_PREFIX):]] = sorted(versions, key=lambda mv: int(mv.version))
+    return out
+
+
+def _trunk_versions_by_id(client: MlflowClient) -> dict[str, int]:
+    """``{trunk_id: lowest trunk version}``, for head versions registered without a trunk_version tag."""
+    out: dict[str, int] = {}
+    for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'"):
+        trunk_id = mv.tags.get("trunk_id")
+        if trunk_id and (trunk_id not in out or int(mv.version) < out[trunk_id]):
+            out[trunk_id] = int(mv.version)
+    return out
+
+
+def _trunk_of(mv: Any, by_id: Mapping[str, int]) -> int | None:
+    tag = mv.tags.get("trunk_version")
+    if tag is not None and str(tag).isdigit():
+        return int(tag)
+    return by_id.get(mv.tags.get("trunk_id", ""))
+
+
+def trunk_aliases(client: MlflowClient) -> dict[int, list[str]]:
+    """``{trunk version: its aliases on the registered model trunk}`` (e.g. ``candidate``); {} when none."""
+    try:
+        aliases = client.get_registered_model(TRUNK_MODEL).aliases
+    except MlflowException as e:
+        if is_not_found(e):
+            return {}
+        raise
+    out: dict[int, list[str]] = {}
+    for alias, version in sorted(aliases.items()):
+        out.setdefault(int(version), []).append(alias)
+    return dict(sorted(out.items()))
+
+
+def head_dependencies(client: MlflowClient) -> list[dict[str, Any]]:
+    """One row per registered ``head.<name>``: what production serves, what is newest, and on which trunk.
+
+    Returns:
+        Rows sorted by head name, with keys ``head``, ``production_version`` (the
+        version in release@production, None when not in it), ``latest_version`` (None
+        when the model has no versions), ``latest_trunk_version`` (the latest version's
+        tag ``trunk_version``), ``latest_trunk_id``, ``production_trunk_version`` (None
+        without a production release), ``stale`` (the latest version's trunk_id is not
+        production's; False when there is no production) and ``trunk_versions``
+        (``{trunk version: [head versions trained on it]}``, ascending).
+    """
+    release = get_release(client, PRODUCTION)
+    by_id = _trunk_versions_by_id(client)
+    rows = []
+    for name, versions in _head_versions(client).items():
+        latest = versions[-1] if versions else None
+        by_trunk: dict[int, list[int]] = {}
+        for mv in versions:
+            trunk_version = _trunk_of(mv, by_id)
+            if trunk_version is not None:
+                by_trunk.setdefault(trunk_version, []).append(int(mv.version))
+        latest_trunk_id = latest.tags.get("trunk_id") if latest is not None else None
+        rows.append({
+            "head": name,
+            "production_version": release.heads.get(name) if release else None,
+            "latest_version": int(latest.version) if latest is not None else None,
+            "latest_trunk_version": _trunk_of(latest, by_id) if latest is not None else None,
+            "latest_trunk_id": latest_trunk_id,
+            "production_trunk_version": release.trunk_version if release else None,
+            "stale": bool(release is not None and latest is not None and latest_trunk_id != release.trunk_id),
+            "trunk_versions": dict(sorted(by_trunk.items())),
+        })
+    return rows
+
+
+def _dependents(rows: Sequence[dict[str, Any]], trunks: Sequence[int] = ()) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {int(t): [] for t in trunks}
+    for row in sorted(rows, key=lambda r: r["head"]):
+        for trunk_version, versions in row["trunk_versions"].items():
+            out.setdefault(int(trunk_version), []).extend(f"{row['head']} v{v}" for v in versions)
+    return dict(sorted(out.items()))
+
+
+def trunk_dependents(client: MlflowClient) -> dict[int, list[str]]:
+    """For each ``trunk`` version, the head versions trained on it.
+
+    Returns:
+        ``{trunk version: ["colour v1", "shape v2", ...]}`` ascending, heads by name then
+        version (from each head version's tag ``trunk_version``); every registered trunk
+        version is a key, with an empty list when no head was trained on it.
+    """
+    trunks = [int(mv.version) for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'")]
+    return _dependents(head_dependencies(client), trunks)
+
+
+def _version(value: Any) -> str:
+    return "-" if value is None else f"v{value}"
+
+
+def _stale_flag(row: Mapping[str, Any], production_trunk: int | None) -> str:
+    if not row.get("stale"):
+        return "ok"
+    return f"STALE: latest on trunk {_version(row.get('latest_trunk_version'))}, production trunk " \
+           f"{_version(production_trunk)}"
+
+
+def format_dependencies(rows: Sequence[dict[str, Any]], production_trunk: int | None,
+                        aliases: Mapping[int, Sequence[str]] | None = None) -> str:
+    """The heads' trunk dependencies as plain text: a table, then the heads by trunk version.
+
+    Args:
+        rows: from :func:`head_dependencies`.
+        production_trunk: the trunk version of release@production (None: no production).
+        aliases: ``{trunk version: aliases}`` from :func:`trunk_aliases`, to label
+            trunks such as ``candidate``.
+
+    Returns:
+        A table ``head | production | latest | latest on trunk | stale`` (stale reads
+        ``STALE: latest on trunk vX, production trunk vY`` or ``ok``) and a section
+        ``heads by trunk version`` with one line per trunk that has heads, serves
+        production or carries an alias: ``trunk v1 (production): colour v1, shape v2``.
+    """
+    by_trunk = {int(k): list(v) for k, v in (aliases or {}).items()}
+    if rows:
+        body = [[row["head"], _version(row.get("production_version")), _version(row.get("latest_version")),
+                 _version(row.get("latest_trunk_version")), _stale_flag(row, production_trunk)] for row in rows]
+        widths = [max(len(c), *(len(r[i]) for r in body)) for i, c in enumerate(DEPENDENCY_COLUMNS)]
+
+        def line(cells: Sequence[str]) -> str:
+            return "  ".join(s.ljust(w) for s, w in zip(cells, widths)).rstrip()
+
+        lines = [line(DEPENDENCY_COLUMNS), line(["-" * w for w in widths]), *(line(r) for r in body)]
+    else:
+        lines = ["(no heads registered)"]
+    trunks = [t for t in (production_trunk,) if t is not None] + list(by_trunk)
+    lines += ["", "heads by trunk version"]
+    for trunk_version, heads in _dependents(rows, trunks).items():
+        labels = (["production"] if trunk_version == production_trunk else []) + \
+            [a for a in by_trunk.get(trunk_version, []) if a != "production" or trunk_version != production_trunk]
+        lines.append(f"trunk v{trunk_version} ({', '.join(labels) or '-'}): {', '.join(heads) or '(no heads)'}")
+    return "\n".join(lines)
+
+
+def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCTION) -> dict[str, Any]:
+    """Build the production leaderboard and log it to the experiment ``reports``.
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        workspace: the local copies go to ``<workspace>/reports/<time>/``.
+        alias: which release to report on.
+
+    Returns:
+        ``{"rows", "table" (text), "markdown" (path), "png" (path), "run_id", "release",
+        "dependencies" (rows of :func:`head_dependencies`), "dependencies_text",
+        "dependencies_markdown" (path), "leftovers" (what :func:`reap_leftovers` marked;
+        empty lists when the promotion lock was busy)}``. The dependencies are always
+        measured against ``production``, the release that serves.
+    """
+    try:
+        leftovers = reap_leftovers(client, wait_s=LEFTOVERS_WAIT_S)
+    except ReleaseError as e:
+        log.warning("leftovers of killed promoters not marked this time: %s", e)
+        leftovers = {"killed_runs": [], "finished_runs": [], "orphan_versions": []}
+    release = get_release(client, alias)
+    rows = production_table(client, alias)
+    dependencies = head_dependencies(client)
+    served = release if alias == PRODUCTION else get_release(client, PRODUCTION)
+    dependencies_text = format_dependencies(dependencies, served.trunk_version if served else None,
+                                            trunk_aliases(client))
+    out = Path(workspace) / "reports" / time.strftime("%Y%m%d-%H%M%S")
+    suffix = 0
+    while out.exists():  # two reports in one second must not overwrite each other
+        suffix += 1
+        out = out.with_name(f"{out.name.split('+')[0]}+{suffix}")
+    out.mkdir(parents=True)
+    title = f"release v{release.version} ({alias}), trunk v{release.trunk_version}" if release else f"no {alias} release"
+    markdown = out / "production_table.md"
+    markdown.write_text(format_markdown(rows, title))
+    png = plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png")
+    against = f"release v{served.version} (production), trunk v{served.trunk_version}" if served else "no production"
+    dependencies_md = out / "dependencies.md"
+    dependencies_md.write_text(f"# head dependencies, against {against}\n\n```\n{dependencies_text}\n```\n")
+    tags = {"alias": alias}
+    if release:
+        tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
+    run = client.create_run(experiment_id(client, "reports"), run_name=f"report-{alias}", tags=tags)
+    client.log_batch(run.info.run_id, metrics=metrics_batch(
+        {"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
+         "orphan_releases_marked": len(leftovers["orphan_versions"])}))
+    client.log_artifact(run.info.run_id, str(markdown))
+    client.log_artifact(run.info.run_id, str(png))
+    client.log_artifact(run.info.run_id, str(dependencies_md))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
+            "run_id": run.info.run_id, "release": release, "dependencies": dependencies,
+            "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,
+            "leftovers": leftovers}

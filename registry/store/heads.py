@@ -1,0 +1,282 @@
+"""Head versions in MLflow: one registered model ``head.<name>`` per head.
+
+Each version's run (experiment ``heads``, run name ``<name>``) carries DESIGN's metrics
+(``val_accuracy``, ``val_macro_f1``, ``params``, ``added_gflops``,
+``added_ms_per_image``) plus ``recall.<class>``, ``slice_accuracy.<slice>`` and
+``slice_size.<slice>`` (names outside MLflow's character set get ``_``); the
+version carries the tags ``trunk_id``, ``tap``, ``config_sha``, ``data_sha``, ``owner``,
+``trunk_version``, ``gate`` (``passed``/``failed``) and the content hashes of its head
+files, ``weights_sha256`` and ``spec_sha256`` (hex sha256 of ``head.safetensors`` and
+``head.json``). Artifacts: ``head/`` (safetensors plus JSON, loaded without unpickling),
+``confusion.png``, ``config/<name>.yaml`` and ``gate.txt``.
+
+Loading a version checks both files against its hash tags before parsing either, so a
+file swapped in the artifact store after registration is refused. A version registered
+before the hashes were recorded has no such tags: it is refused too, unless the caller
+passes ``allow_unverified=True`` (logged as a warning), or an operator who has checked it
+records its hashes once with :func:`record_head_hashes`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
+
+from heads.training.evaluate import plot_confusion
+from heads.checks.gate import GateReport, check_gate
+from heads.result import HeadResult
+from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
+from registry.store.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
+from registry.store.trunks import get_trunk_version, metrics_batch, params_batch
+
+ARTIFACT_PATH = "head"
+REQUIRED_METRICS = ("val_accuracy", "val_macro_f1", "params", "added_gflops", "added_ms_per_image")
+# MLflow accepts these characters in metric and param names; anything else becomes '_'.
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
+# Version tags holding the hex sha256 of head.safetensors and head.json, recorded at registration.
+WEIGHTS_SHA_TAG, SPEC_SHA_TAG = DIGEST_KEYS
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+logger = logging.getLogger(__name__)
+
+
+def model_name(name: str) -> str:
+    """The registered model of a head: ``head.<name>``."""
+    return f"head.{name}"
+
+
+def safe_key(key: str) -> str:
+    """A metric or param name MLflow accepts (letters, digits, ``_ - . /`` and space)."""
+    out = _UNSAFE.sub("_", str(key)).strip()
+    out = re.sub(r"/+", "/", out).strip("/")  # MLflow refuses '..', leading '/' and '//'
+    return out.replace("..", "_") or "_"
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 0.1}}`` -> ``{"train.lr": 0.1}`` (lists stay whole)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, full + "."))
+        else:
+            out[full] = value
+    return out
+
+
+def _slice_metrics(slice_accuracy: Mapping[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name, entry in slice_accuracy.items():
+        acc = entry.get("accuracy") if isinstance(entry, Mapping) else entry
+        if acc is not None:
+            out[safe_key(f"slice_accuracy.{name}")] = float(acc)
+        if isinstance(entry, Mapping) and entry.get("n") is not None:
+            out[safe_key(f"slice_size.{name}")] = float(entry["n"])
+    return out
+
+
+def head_run_metrics(result: HeadResult) -> dict[str, float]:
+    """Every metric a head's run logs, under MLflow-safe names.
+
+    Raises:
+        RegistryError: one of DESIGN's required metrics is missing.
+    """
+    missing = [m for m in REQUIRED_METRICS if m not in result.metrics]
+    if missing:
+        raise RegistryError(f"head '{result.name}': result lacks metric(s) {', '.join(missing)}; "
+                            f"required: {', '.join(REQUIRED_METRICS)}")
+    metrics = {safe_key(k): float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    metrics.update({safe_key(f"recall.{c}"): float(r) for c, r in result.per_class_recall.items()})
+    metrics.update(_slice_metrics(result.slice_accuracy))
+    return metrics
+
+
+def _write_artifacts(result: HeadResult, gate: GateReport, title: str, root: Path) -> None:
+    save_head(root / ARTIFACT_PATH, result.module, result.meta())
+    (root / "config").mkdir()
+    (root / "config" / f"{result.name}.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(result.spec.config)))
+    (root / "gate.txt").write_text(gate.format(title) + "\n")
+    for path in result.artifacts.values():
+        path = Path(path)
+        if path.is_file():
+            (root / path.name).write_bytes(path.read_bytes())
+    if not (root / "confusion.png").exists() and result.confusion:
+        plot_confusion(result.confusion, result.classes, root / "confusion.png", title=f"{result.name} (validation)")
+
+
+def gate_for(result: HeadResult) -> GateReport:
+    """The head's own gate, checked on its own figures."""
+    return check_gate(result.spec.gate, result.metrics, result.slice_accuracy)
+
+
+def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: int,
+                  gate_report: GateReport | None = None, tags: Mapping[str, str] | None = None,
+                  metrics: Mapping[str, float] | None = None, artifacts: Mapping[str, str] | None = None) -> int:
+    """Register a trained head as a new version of ``head.<name>``.
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        result: the trained, evaluated and costed head.
+        trunk_version: the ``trunk`` version whose features it was trained on; its
+            ``trunk_id`` must equal the result's.
+        gate_report: the gate's verdict; checked here from the head's config when None.
+        tags: extra version tags (the refresh cascade marks its versions with ``cascade``).
+        metrics: extra run metrics (e.g. the golden set's result).
+        artifacts: extra text files for the run, ``{file name: contents}``.
+
+    Returns:
+        The new version number. A head that failed its gate is registered too (its
+        figures are worth seeing) with tag ``gate=failed``; releases refuse it.
+
+    Raises:
+        RegistryError: the trunk version does not exist or has another trunk_id, or a
+            required metric is missing.
+    """
+    trunk_mv = get_trunk_version(client, trunk_version)
+    trunk_id = trunk_mv.tags.get("trunk_id")
+    if trunk_id != result.trunk_id:
+        raise RegistryError(f"head '{result.name}' was trained on trunk_id {result.trunk_id} but trunk "
+                            f"v{trunk_version} is trunk_id {trunk_id}; pass the trunk version it was trained on")
+    metrics = {**head_run_metrics(result), **{safe_key(k): float(v) for k, v in (metrics or {}).items()}}
+    gate = gate_report if gate_report is not None else gate_for(result)
+    name = model_name(result.name)
+    tags = {"trunk_id": result.trunk_id, "tap": result.tap, "config_sha": result.spec.config_sha,
+            "data_sha": result.data_sha, "owner": result.spec.owner, "trunk_version": str(int(trunk_version)),
+            "gate": "passed" if gate.passed else "failed", **dict(tags or {})}
+    ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
+    run = client.create_run(experiment_id(client, "heads"), run_name=result.name,
+                            tags={"head": result.name, **tags})
+    run_id = run.info.run_id
+    try:
+        params = {safe_key(k): v for k, v in flatten(result.spec.config).items()}
+        params.update({"classes": ",".join(result.classes), "num_classes": len(result.classes),
+                       "in_features": result.in_features, "trunk_version": int(trunk_version)})
+        client.log_batch(run_id, metrics=metrics_batch(metrics), params=params_batch(params))
+        with tempfile.TemporaryDirectory(prefix="head-") as tmp:
+            _write_artifacts(result, gate, f"{name} (trunk v{trunk_version})", Path(tmp))
+            for file_name, text in (artifacts or {}).items():
+                (Path(tmp) / file_name).write_text(text)
+            # Hashed from the very files uploaded next; loading compares the store's copy to them.
+            digests = artifact_digests(Path(tmp) / ARTIFACT_PATH)
+            client.log_artifacts(run_id, tmp)
+        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
+                                         run_id=run_id, tags={**tags, **digests},
+                                         description=result.spec.config.get("description") or None)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return int(mv.version)
+
+
+def get_head_version(client: MlflowClient, name: str, version: int):
+    """The MLflow ``ModelVersion`` of ``head.<name>`` v<version>; RegistryError when missing."""
+    try:
+        return client.get_model_version(model_name(name), str(int(version)))
+    except MlflowException as e:
+        if is_not_found(e):
+            raise RegistryError(f"{model_name(name)} v{version} does not exist in the registry") from None
+        raise
+
+
+def head_tags(client: MlflowClient, name: str, version: int) -> dict[str, str]:
+    """The tags of ``head.<name>`` v<version> (trunk_id, tap, owner, gate, ...)."""
+    return dict(get_head_version(client, name, version).tags)
+
+
+def _label(name: str, version: int) -> str:
+    return f"{model_name(name)} v{int(version)}"
+
+
+def _recorded_digests(mv, label: str, allow_unverified: bool) -> dict[str, str] | None:
+    """The version's hash tags; None (after a warning) for an unhashed version the caller accepts."""
+    recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
+    present = [k for k, v in recorded.items() if v]
+    if not present:
+        if not allow_unverified:
+            raise HeadArtifactError(
+                f"{label}: registered without content hashes (tags {', '.join(DIGEST_KEYS)}), so its files "
+                f"cannot be verified; re-register it, or after checking it record them with "
+                f"registry.store.heads.record_head_hashes, or load it with allow_unverified=True")
+        logger.warning("%s: registered without content hashes; loading it unverified as asked", label)
+        return None
+    for key, value in recorded.items():
+        if not value or not _SHA256.match(value):
+            raise HeadArtifactError(f"{label}: tag '{key}' is {value!r}, not a sha256 recorded at registration "
+                                    f"(tampered or corrupt)")
+    return recorded
+
+
+def load_head_version(client: MlflowClient, name: str, version: int, *, allow_unverified: bool = False) -> LoadedHead:
+    """Rebuild ``head.<name>`` v<version> from its safetensors and JSON (no unpickling).
+
+    Both files are checked against the sha256 tags recorded at registration before either
+    is parsed, and the spec may only build a platform head class with the arguments the
+    platform writes (see :mod:`heads.store`).
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        name: the head's name (without ``head.``).
+        version: its version number.
+        allow_unverified: accept a version registered before content hashes were recorded
+            (no hash tags), with a warning. A version with hash tags is always verified.
+
+    Raises:
+        RegistryError: no such version, or its stored ``trunk_id`` disagrees with its tag.
+        HeadArtifactError: one line naming the head and version: a file does not match
+            its recorded hash, the version has no hashes (unless allowed), or a file is not
+            what the platform writes (not safetensors, not JSON, a refused class or argument).
+    """
+    mv = get_head_version(client, name, version)
+    label = _label(name, version)
+    expected = _recorded_digests(mv, label, allow_unverified)
+    with tempfile.TemporaryDirectory(prefix="head-") as tmp:
+        local = client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp)
+        head = load_head(Path(local), expected=expected, label=label)
+    tagged = mv.tags.get("trunk_id")
+    if tagged and tagged != head.meta.get("trunk_id"):
+        raise RegistryError(f"{model_name(name)} v{version}: tag 'trunk_id' says {tagged} but its head.json "
+                            f"says {head.meta.get('trunk_id')}")
+    return head
+
+
+def record_head_hashes(client: MlflowClient, name: str, version: int) -> dict[str, str]:
+    """Record the content hashes of a version registered before they existed (trust on first use).
+
+    The hashes are those of the files in the artifact store now, so call this only for a
+    version whose artifacts you trust as they are; the head must also load (its spec and
+    weights pass every other check). A version that already has hash tags is left alone.
+
+    Returns:
+        The tags written, ``{"weights_sha256": ..., "spec_sha256": ...}``.
+
+    Raises:
+        RegistryError: the version already has hash tags.
+        HeadArtifactError: its files do not load.
+    """
+    mv = get_head_version(client, name, version)
+    label = _label(name, version)
+    if any(mv.tags.get(k) for k in DIGEST_KEYS):
+        raise RegistryError(f"{label} already has content hashes recorded; they are not replaced")
+    with tempfile.TemporaryDirectory(prefix="head-") as tmp:
+        local = Path(client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp))
+        digests = artifact_digests(local)
+        load_head(local, expected=digests, label=label)
+    for key, value in digests.items():
+        client.set_model_version_tag(model_name(name), str(int(version)), key, value)
+    logger.info("%s: recorded content hashes %s", label, digests)
+    return digests
+
+
+def head_metrics(client: MlflowClient, name: str, version: int) -> dict[str, float]:
+    """The metrics logged on the run of ``head.<name>`` v<version>."""
+    mv = get_head_version(client, name, version)
+    return dict(client.get_run(mv.run_id).data.metrics)

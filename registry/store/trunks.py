@@ -1,0 +1,130 @@
+"""Trunk versions in MLflow: registered model ``trunk``, one version per ``trunk_id``.
+
+A version's artifacts are exactly what :meth:`trunk.model.Trunk.save` writes
+(safetensors weights plus a JSON spec), under the run's artifact path ``trunk``; loading
+rebuilds the trunk from them and checks that the weights still hash to the version's
+``trunk_id`` tag. Nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.utils.time import get_current_time_millis
+
+from registry.store.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
+from trunk.model import Trunk
+
+TRUNK_MODEL = "trunk"
+ARTIFACT_PATH = "trunk"
+# MLflow's limit on one param value; longer values are cut, not refused.
+MAX_PARAM_CHARS = 6000
+
+
+def find_trunk_version(client: MlflowClient, trunk_id: str) -> int | None:
+    """The lowest ``trunk`` version tagged with this trunk_id, or None."""
+    return find_trunk_version_by_tag(client, "trunk_id", trunk_id)
+
+
+def find_trunk_version_by_tag(client: MlflowClient, key: str, value: str) -> int | None:
+    """The lowest ``trunk`` version whose tag ``key`` equals ``value``, or None."""
+    found = client.search_model_versions(f"name='{TRUNK_MODEL}' and tags.{key}='{value}'")
+    versions = sorted(int(v.version) for v in found)
+    return versions[0] if versions else None
+
+
+def trunk_version_tags(client: MlflowClient, version: int) -> dict[str, str]:
+    """The tags of one ``trunk`` version.
+
+    Raises:
+        RegistryError: no such version.
+    """
+    return dict(get_trunk_version(client, version).tags)
+
+
+def get_trunk_version(client: MlflowClient, version: int):
+    """The MLflow ``ModelVersion`` of ``trunk`` v<version>; RegistryError when missing."""
+    try:
+        return client.get_model_version(TRUNK_MODEL, str(int(version)))
+    except MlflowException as e:
+        if is_not_found(e):
+            raise RegistryError(f"trunk v{version} does not exist in the registry") from None
+        raise
+
+
+def params_batch(params: Mapping[str, Any]) -> list[Param]:
+    """MLflow params from a flat mapping (values stringified, cut to MLflow's limit)."""
+    return [Param(str(k), str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+
+
+def metrics_batch(metrics: Mapping[str, Any]) -> list[Metric]:
+    """MLflow metrics at step 0 from a flat mapping of numbers."""
+    now = get_current_time_millis()
+    return [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]
+
+
+def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
+                   params: Mapping[str, Any] | None = None,
+                   metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> int:
+    """Register a trunk as a version of ``trunk``, unless its trunk_id already is one.
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        trunk: the trunk to store.
+        description: free text on the run and the model version.
+        params: extra run params (e.g. training settings).
+        metrics: run metrics (e.g. training accuracies).
+        tags: extra version tags (e.g. the training recipe's fingerprint).
+
+    Returns:
+        The version number: the existing one when a version with the same ``trunk_id``
+        exists (the same id means the same features, so a second copy is useless).
+    """
+    existing = find_trunk_version(client, trunk.trunk_id)
+    if existing is not None:
+        return existing
+    ensure_registered_model(client, TRUNK_MODEL, "Shared image backbones; one version per trunk_id.")
+    tags = {**(tags or {}), "trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
+    run = client.create_run(experiment_id(client, "trunks"), run_name=f"trunk-{trunk.trunk_id}",
+                            tags={**tags, **({"mlflow.note.content": description} if description else {})})
+    run_id = run.info.run_id
+    try:
+        all_params: dict[str, Any] = {"model_name": trunk.model_name, "trunk_id": trunk.trunk_id,
+                                      "preprocess_key": trunk.preprocess_key}
+        all_params.update({f"data_config.{k}": v for k, v in trunk.data_config.items()})
+        all_params.update({f"model_kwargs.{k}": v for k, v in trunk.model_kwargs.items()})
+        all_params.update(params or {})
+        client.log_batch(run_id, metrics=metrics_batch(metrics or {}), params=params_batch(all_params))
+        with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
+            trunk.save(tmp)
+            client.log_artifacts(run_id, tmp, artifact_path=ARTIFACT_PATH)
+        mv = client.create_model_version(TRUNK_MODEL, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
+                                         run_id=run_id, tags=tags, description=description or None)
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    return int(mv.version)
+
+
+def load_trunk(client: MlflowClient, version: int) -> Trunk:
+    """Rebuild ``trunk`` v<version> from its artifacts.
+
+    Raises:
+        RegistryError: no such version, or its weights do not hash to its ``trunk_id`` tag.
+    """
+    mv = get_trunk_version(client, version)
+    with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
+        local = client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp)
+        trunk = Trunk.load(Path(local))
+    tagged = mv.tags.get("trunk_id")
+    if tagged and tagged != trunk.trunk_id:
+        raise RegistryError(f"trunk v{version}: tag 'trunk_id' says {tagged} but its weights hash to "
+                            f"{trunk.trunk_id}; the stored artifacts were altered")
+    return trunk

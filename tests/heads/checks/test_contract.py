@@ -1,0 +1,86 @@
+"""The refresh cascade's model contract: pure arithmetic on MLflow-style metric dicts."""
+
+from __future__ import annotations
+
+import pytest
+
+from heads.checks.contract import GoldenResult, Tolerances, check_contract, slices, worst_slice
+
+PROD = {"val_accuracy": 0.90, "slice_accuracy.day": 0.92, "slice_size.day": 50,
+        "slice_accuracy.night": 0.80, "slice_size.night": 40, "slice_accuracy.rare": 0.5, "slice_size.rare": 3}
+TOL = Tolerances(tolerance=0.01, slice_tolerance=0.03, min_slice_size=20)
+
+
+def cand(**changes):
+    out = {"val_accuracy": 0.91, "slice_accuracy.day": 0.93, "slice_size.day": 50,
+           "slice_accuracy.night": 0.80, "slice_size.night": 40, "slice_accuracy.rare": 0.0, "slice_size.rare": 3}
+    out.update(changes)
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def failed(report):
+    return [c.name for c in report.failed]
+
+
+def test_a_candidate_as_good_passes_and_small_slices_are_not_held():
+    report = check_contract(PROD, cand(), tolerances=TOL)
+    assert report.passed, report.format()
+    rare = next(c for c in report.checks if c.name == "slice_accuracy.rare")
+    assert rare.passed and "not held" in rare.note  # 0.0 on 3 images is noise, not a regression
+
+
+def test_overall_drop_beyond_tolerance_fails_and_within_passes():
+    assert failed(check_contract(PROD, cand(val_accuracy=0.885), tolerances=TOL)) == ["val_accuracy"]
+    assert check_contract(PROD, cand(val_accuracy=0.8901), tolerances=TOL).passed
+
+
+def test_one_slice_regression_fails_alone():
+    report = check_contract(PROD, cand(**{"slice_accuracy.night": 0.76}), tolerances=TOL)
+    assert failed(report) == ["slice_accuracy.night"]
+    assert "production 0.8" in report.failed[0].note
+
+
+def test_a_slice_missing_from_the_candidate_fails():
+    report = check_contract(PROD, cand(**{"slice_accuracy.night": None, "slice_size.night": None}), tolerances=TOL)
+    assert failed(report) == ["slice_accuracy.night"]
+    assert "missing" in report.failed[0].note
+
+
+def test_a_missing_head_fails_with_its_reason():
+    report = check_contract(PROD, None, tolerances=TOL, missing_reason="trunk 'x' has no tap 'layer2'")
+    assert not report.passed and failed(report) == ["head"]
+    assert "no tap 'layer2'" in report.failed[0].note
+
+
+def test_the_heads_own_gate_and_the_golden_set_are_part_of_the_contract():
+    assert failed(check_contract(PROD, cand(), tolerances=TOL, own_gate_passed=False)) == ["own gate"]
+    golden = GoldenResult("g.csv", 4, [("a.png", "cat", "dog")])
+    report = check_contract(PROD, cand(), tolerances=TOL, golden=golden)
+    assert failed(report) == ["golden"] and "a.png: want cat, got dog" in report.failed[0].note
+    assert check_contract(PROD, cand(), tolerances=TOL, golden=GoldenResult("g.csv", 4)).passed
+
+
+def test_tolerances_come_from_the_head_with_platform_defaults():
+    defaults = Tolerances(0.01, 0.03, 20)
+    own = Tolerances.for_head({"tolerance": 0.05, "slice_tolerance": None, "min_slice_size": 10}, defaults)
+    assert own == Tolerances(0.05, 0.03, 10)
+    assert Tolerances.for_head({}, defaults) == defaults
+    assert check_contract(PROD, cand(val_accuracy=0.86), tolerances=own).passed
+
+
+def test_slices_and_worst_slice_read_mlflow_names():
+    assert slices(PROD)["night"] == (0.80, 40)
+    assert worst_slice(PROD) == ("rare", 0.5)
+    assert worst_slice(PROD, min_size=20) == ("night", 0.80)
+    assert worst_slice({"val_accuracy": 1.0}) is None
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5])
+def test_a_tolerance_outside_0_1_is_a_config_error_naming_the_field(value, tmp_path):
+    from heads.spec import HeadConfigError, validate
+
+    (tmp_path / "a").mkdir()
+    raw = {"name": "x", "owner": "o", "data": {"root": str(tmp_path)}, "module": {"_target_": "heads.modules.LinearHead"},
+           "gate": {"slice_tolerance": value}}
+    with pytest.raises(HeadConfigError, match=r"x.yaml: field 'gate.slice_tolerance'"):
+        validate(raw, "x.yaml", expected_name="x")

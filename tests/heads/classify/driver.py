@@ -1,0 +1,151 @@
+"""A bulk-classification job in its own process, for crash and race tests.
+
+    python -m tests.heads.classify.driver <manifest.txt> <output> [--kill POINT:N] [--workers W]
+
+Prints ``ready`` once torch, timm and the models are loaded (so a test can aim its SIGKILL
+at the job itself, not at the imports), then runs :func:`heads.classify.engine.classify` and
+prints one JSON line: this process's commits and the job summary.
+
+``--kill POINT:N`` makes the process SIGKILL itself the N-th time it reaches POINT, a
+real kill at a place a timer rarely hits:
+
+- ``write``: halfway through writing a temp file (half a Parquet file on disk);
+- ``link``: temp file written and fsynced, not yet linked to its final name;
+- ``linked``: linked, the folder not yet fsynced;
+- ``batch``: after the N-th batch's rows are assembled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from collections import Counter
+
+import torch
+
+from heads.bank import HeadBank
+from heads.modules import LinearHead, MLPHead
+from heads.store import LoadedHead
+
+SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}
+RELEASE = {"name": "release", "version": "7", "trunk_version": "2", "heads": {"colour": "1", "shape": "4"}}
+
+
+def make_bank(trunk) -> HeadBank:
+    """Two fixed heads with seeded random weights (a linear and an MLP) on ``pooled``."""
+    width = trunk.tap("pooled").channels
+    torch.manual_seed(0)
+    modules = {"shape": (LinearHead(width, 4), 4), "colour": (MLPHead(width, 3, hidden=8), 3)}
+    heads = {}
+    for name, (module, n) in modules.items():
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        heads[name] = LoadedHead(module.eval(), {"name": name, "tap": "pooled", "classes": [f"{name}{i}" for i in range(n)]})
+    return HeadBank(heads)
+
+
+def _die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(point: str, n: int) -> None:
+    """Make the process kill itself the n-th time it reaches ``point``."""
+    import heads.classify.engine as classify_mod
+    import heads.classify.output as shards
+
+    seen = Counter()
+
+    def reached(name: str) -> None:
+        seen[name] += 1
+        if name == point and seen[name] == n:
+            _die()
+
+    if point == "write":
+        real_write = shards._write_synced
+
+        def half_written(path, write):
+            import io
+
+            buf = io.BytesIO()
+            write(buf)
+            data = buf.getvalue()
+            with open(path, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.fsync(f.fileno())
+                reached("write")
+            real_write(path, write)
+
+        shards._write_synced = half_written
+    elif point in ("link", "linked"):
+        real_link = os.link
+
+        class _OS:  # the module's view of os: link() with a kill before or after it
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            @staticmethod
+            def link(src, dst):
+                reached("link")
+                real_link(src, dst)
+                reached("linked")
+
+        shards.os = _OS()
+    elif point == "batch":
+        real_add = classify_mod._Assembler.add
+
+        def add(self, shard, batch, columns):
+            out = real_add(self, shard, batch, columns)
+            reached("batch")
+            return out
+
+        classify_mod._Assembler.add = add
+    else:
+        raise SystemExit(f"unknown kill point '{point}'")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("manifest")
+    parser.add_argument("output")
+    parser.add_argument("--kill", default=None)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--rows-per-shard", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    import heads.classify.output as shards
+    from heads.classify.engine import classify
+    from trunk.model import Trunk
+
+    trunk = Trunk("test_resnet", data_config=SMALL)
+    bank = make_bank(trunk)
+    paths = [line for line in open(args.manifest).read().splitlines() if line]
+    if args.kill:
+        point, n = args.kill.split(":")
+        _arm(point, int(n))
+
+    committed: list[str] = []
+    real_commit = shards.commit_once
+
+    def counting(directory, name, write, **kw):
+        ok = real_commit(directory, name, write, **kw)
+        if ok:
+            committed.append(name)
+        return ok
+
+    shards.commit_once = counting
+    print("ready", flush=True)
+    summary = classify(trunk, bank, paths, args.output, release={**RELEASE, "trunk_id": trunk.trunk_id},
+                       batch_size=args.batch_size, num_workers=args.workers, rows_per_shard=args.rows_per_shard,
+                       progress=False)
+    print(json.dumps({"committed": committed, "summary": summary}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

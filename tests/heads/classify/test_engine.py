@@ -1,0 +1,183 @@
+"""Bulk classification on a real tiny trunk, real heads, real files and real Parquet."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from heads.bank import HeadBank
+from heads.classify.engine import JOB_FILE, SUCCESS_FILE, classify
+from heads.modules import LinearHead, MLPHead
+from heads.classify.output import job_id
+from heads.store import LoadedHead
+from trunk.decode import load_image
+from trunk.preprocess import eval_transform
+
+ROWS_PER_SHARD = 3
+
+
+@pytest.fixture
+def bank(tiny_trunk):
+    width = tiny_trunk.tap("pooled").channels
+    torch.manual_seed(0)
+    modules = {"shape": (LinearHead(width, 4), 4), "colour": (LinearHead(width, 3, dropout=0.2), 3),
+               "count": (MLPHead(width, 5, hidden=8), 5)}
+    heads = {}
+    for name, (module, n_classes) in modules.items():
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        classes = [f"{name}{i}" for i in range(n_classes)]
+        heads[name] = LoadedHead(module.eval(), {"name": name, "tap": "pooled", "classes": classes})
+    return HeadBank(heads)
+
+
+@pytest.fixture
+def release(tiny_trunk):
+    return {"name": "release", "version": "3", "trunk_version": "1", "trunk_id": tiny_trunk.trunk_id,
+            "heads": {"colour": "2", "count": "1", "shape": "5"}}
+
+
+@pytest.fixture
+def inputs(tmp_path, image_factory):
+    """Shard 0 holds a text file named .jpg; shard 2 is all errors (missing, empty)."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 20), (20, 220, 220)]
+    good = [image_factory(f"img/good{i}.png", color=c, size=36 + 4 * i, seed=i) for i, c in enumerate(colours)]
+    bad = tmp_path / "img" / "notes.jpg"
+    bad.write_text("this is not an image\n")
+    empty = tmp_path / "img" / "empty.jpg"
+    empty.write_bytes(b"")
+    missing = tmp_path / "img" / "gone.jpg"
+    return [str(p) for p in [good[0], good[1], bad, good[2], good[3], good[4], missing, empty]]
+
+
+def expected_columns(heads: list[str]) -> list[tuple[str, pa.DataType]]:
+    cols = [("path", pa.string()), ("sha256", pa.string()), ("error", pa.string())]
+    for h in heads:
+        cols += [(f"{h}_label", pa.string()), (f"{h}_score", pa.float32())]
+    return cols
+
+
+def listing(folder: Path) -> dict[str, tuple[int, int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in folder.iterdir()}
+
+
+def run(tiny_trunk, bank, inputs, out, release):
+    return classify(tiny_trunk, bank, inputs, out, release=release, batch_size=2,
+                    rows_per_shard=ROWS_PER_SHARD, progress=False)
+
+
+def test_one_row_per_input_with_contract_schema(tmp_path, tiny_trunk, bank, inputs, release):
+    out = tmp_path / "out"
+    summary = run(tiny_trunk, bank, inputs, out, release)
+
+    assert sorted(p.name for p in out.iterdir()) == [
+        JOB_FILE, SUCCESS_FILE, "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    want = expected_columns(["colour", "count", "shape"])
+    for k in range(3):
+        schema = pq.read_schema(out / f"part-{k:05d}.parquet")
+        assert [(f.name, f.type) for f in schema] == want  # same types even in the all-error shard
+    rows = pa.concat_tables([pq.read_table(out / f"part-{k:05d}.parquet") for k in range(3)]).to_pylist()
+    assert [r["path"] for r in rows] == inputs
+
+    by_path = {r["path"]: r for r in rows}
+    notes, gone, empty = by_path[inputs[2]], by_path[inputs[6]], by_path[inputs[7]]
+    assert notes["error"].startswith("not an image") and notes["sha256"] is not None
+    assert gone["error"].startswith("file not found") and gone["sha256"] is None
+    assert empty["error"].startswith("empty file")
+    for r in (notes, gone, empty):
+        assert all(r[f"{h}_label"] is None and r[f"{h}_score"] is None for h in bank.names)
+
+    # Good rows: what the bank says on a direct forward of the same images.
+    good = [p for p in inputs if by_path[p]["error"] is None]
+    assert len(good) == 5
+    transform = eval_transform(tiny_trunk.data_config)
+    loaded = [load_image(p) for p in good]
+    x = torch.stack([transform(img) for img, _ in loaded])
+    with torch.inference_mode():
+        direct = bank.predict(tiny_trunk(x, bank.taps))
+    for i, p in enumerate(good):
+        assert by_path[p]["sha256"] == loaded[i][1]
+        for h in bank.names:
+            labels, scores = direct[h]
+            assert by_path[p][f"{h}_label"] == labels[i]
+            assert by_path[p][f"{h}_score"] == pytest.approx(scores[i].item(), abs=1e-5)
+
+    assert summary["counts"] == {"images": 8, "ok": 5, "errors": 3, "shards": 3}
+    assert summary["errors_by_reason"] == {"empty file": 1, "file not found": 1, "not an image": 1}
+    assert summary["release"] == release
+    assert summary["heads"] == ["colour", "count", "shape"]
+    assert summary["schema"] == [c for c, _ in want]
+    assert summary["images_per_s"] > 0 and summary["seconds"] > 0
+    assert json.loads((out / SUCCESS_FILE).read_text()) == summary
+    assert json.loads((out / JOB_FILE).read_text())["fingerprint"] == summary["fingerprint"]
+
+
+def test_rerun_writes_nothing(tmp_path, tiny_trunk, bank, inputs, release):
+    out = tmp_path / "out"
+    first = run(tiny_trunk, bank, inputs, out, release)
+    before = listing(out)
+    again = run(tiny_trunk, bank, inputs, out, release)
+    assert again == first
+    assert listing(out) == before
+
+
+def test_resume_rewrites_only_the_missing_shard(tmp_path, tiny_trunk, bank, inputs, release):
+    # Inputs whose last shard has images, so the rewrite runs the trunk.
+    inputs = inputs[:6]
+    out = tmp_path / "out"
+    first = run(tiny_trunk, bank, inputs, out, release)
+    last = out / "part-00001.parquet"
+    original = last.read_bytes()
+    last.unlink()
+    (out / SUCCESS_FILE).unlink()
+    kept = listing(out)
+
+    resumed = run(tiny_trunk, bank, inputs, out, release)
+    after = listing(out)
+    for name, stat in kept.items():
+        assert after[name] == stat  # shard 0 and _JOB.json untouched
+    assert last.read_bytes() == original
+    assert sorted(after) == sorted([*kept, last.name, SUCCESS_FILE])
+    assert resumed["shards_reused"] == 1
+    assert resumed["counts"] == first["counts"] and resumed["fingerprint"] == first["fingerprint"]
+
+
+def test_foreign_job_is_refused(tmp_path, tiny_trunk, bank, inputs, release):
+    out = tmp_path / "out"
+    run(tiny_trunk, bank, inputs, out, release)
+    other = {**release, "version": "4"}
+    with pytest.raises(ValueError, match=rf"{out / SUCCESS_FILE}: holds another job's output \(field 'release'"):
+        run(tiny_trunk, bank, inputs, out, other)
+    (out / SUCCESS_FILE).unlink()  # an unfinished job is just as foreign
+    before = listing(out)
+    with pytest.raises(ValueError, match=rf"{out / JOB_FILE}: holds another job's output \(field 'images'"):
+        run(tiny_trunk, bank, inputs[:-1], out, release)
+    assert listing(out) == before
+
+
+def test_release_for_another_trunk_is_refused(tmp_path, tiny_trunk, bank, inputs, release):
+    with pytest.raises(ValueError, match="release field 'trunk_id' is deadbeef"):
+        run(tiny_trunk, bank, inputs, tmp_path / "out", {**release, "trunk_id": "deadbeef"})
+    assert not (tmp_path / "out").exists()
+
+
+def test_damaged_shard_is_rewritten(tmp_path, tiny_trunk, bank, inputs, release):
+    out = tmp_path / "out"
+    run(tiny_trunk, bank, inputs, out, release)
+    first = out / "part-00000.parquet"
+    original = first.read_bytes()
+    first.write_bytes(original[: len(original) // 2])  # not a shard a clean run could leave
+    job = job_id(json.loads((out / JOB_FILE).read_text())["fingerprint"])
+    (out / f".vtp-{job}.part-00001.parquet.999.0123abcd.tmp").write_bytes(b"half a shard from a killed run")
+    (out / SUCCESS_FILE).unlink()
+    resumed = run(tiny_trunk, bank, inputs, out, release)
+    assert first.read_bytes() == original
+    assert resumed["shards_reused"] == 2
+    assert not list(out.glob(".*.tmp"))
+    # The damaged shard is kept, set aside under the job's own name.
+    assert [p.name.startswith(f".vtp-{job}.part-00000.parquet.damaged-") for p in out.glob(".*")] == [True]

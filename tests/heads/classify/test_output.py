@@ -1,0 +1,136 @@
+"""heads.classify.output: commit-once writes and the output folder's files, on a real file system."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+
+import pyarrow as pa
+import pytest
+
+from heads.classify.output import (
+    TEMP_GLOB, commit_json, commit_once, commit_table, foreign_files, job_id, job_temps, output_schema, read_json,
+    remove_stale_temps, set_aside, shard_errors, temp_prefix,
+)
+
+JOB = job_id("ab" * 32)
+
+
+def test_second_commit_of_a_name_changes_nothing(tmp_path):
+    assert commit_once(tmp_path, "f.bin", lambda f: f.write(b"first"), job=JOB)
+    before = os.stat(tmp_path / "f.bin")
+    assert not commit_once(tmp_path, "f.bin", lambda f: f.write(b"second"), job=JOB)
+    assert (tmp_path / "f.bin").read_bytes() == b"first"
+    assert os.stat(tmp_path / "f.bin").st_ino == before.st_ino
+    assert not list(tmp_path.glob(TEMP_GLOB))
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    def boom(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        commit_once(tmp_path, "f.bin", boom, job=JOB)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _racer(directory, start, i, results):
+    while time.time() < start:
+        pass
+    results.put((i, commit_once(directory, "shard.bin", lambda f: f.write(f"writer {i}".encode() * 1000), job=JOB)))
+
+
+def test_racing_processes_commit_exactly_once(tmp_path):
+    ctx = mp.get_context("fork")
+    results = ctx.Queue()
+    start = time.time() + 0.5
+    procs = [ctx.Process(target=_racer, args=(tmp_path, start, i, results)) for i in range(6)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    outcomes = dict(results.get(timeout=5) for _ in procs)
+    winners = [i for i, won in outcomes.items() if won]
+    assert len(winners) == 1
+    assert (tmp_path / "shard.bin").read_bytes() == f"writer {winners[0]}".encode() * 1000
+    assert not list(tmp_path.glob(TEMP_GLOB))
+
+
+def test_json_and_tables_round_trip(tmp_path):
+    assert commit_json(tmp_path, "_JOB.json", {"a": 1}, job=JOB)
+    assert read_json(tmp_path / "_JOB.json") == {"a": 1}
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json: not valid JSON"):
+        read_json(tmp_path / "bad.json")
+    schema = output_schema(["b", "a"])
+    assert schema.names == ["path", "sha256", "error", "a_label", "a_score", "b_label", "b_score"]
+    table = pa.Table.from_pydict({"path": ["x", "y"], "sha256": [None, "s"], "error": ["gone", None],
+                                  "a_label": [None, "l"], "a_score": [None, 0.5],
+                                  "b_label": [None, "m"], "b_score": [None, 0.25]}, schema=schema)
+    assert commit_table(tmp_path, "part-00000.parquet", table, job=JOB)
+    assert shard_errors(tmp_path / "part-00000.parquet", schema, 2) == ["gone", None]
+    assert shard_errors(tmp_path / "part-00000.parquet", schema, 3) is None  # wrong row count
+    assert shard_errors(tmp_path / "part-00000.parquet", output_schema(["a"]), 2) is None
+    assert shard_errors(tmp_path / "missing.parquet", schema, 2) is None
+
+
+def _age(path, seconds):
+    os.utime(path, (time.time() - seconds, time.time() - seconds))
+
+
+def test_damaged_file_is_set_aside_and_stale_temps_go(tmp_path):
+    (tmp_path / "part-00000.parquet").write_bytes(b"PAR1 garbage")
+    assert shard_errors(tmp_path / "part-00000.parquet", output_schema(["a"]), 1) is None
+    set_aside(tmp_path, "part-00000.parquet", job=JOB)
+    assert not (tmp_path / "part-00000.parquet").exists()
+    assert [p.name.startswith(f".vtp-{JOB}.part-00000.parquet.damaged-") for p in tmp_path.iterdir()] == [True]
+    old, new = tmp_path / f".vtp-{JOB}.x.1.0123abcd.tmp", tmp_path / f".vtp-{JOB}.y.2.4567cdef.tmp"
+    old.write_bytes(b"old")
+    new.write_bytes(b"new")
+    _age(old, 7200)
+    assert remove_stale_temps(tmp_path, JOB) == 1  # a live job's fresh temp file is spared
+    assert new.exists() and not old.exists()
+    assert foreign_files(tmp_path) == []  # every file here is the platform's
+
+
+def test_only_the_jobs_own_temps_are_removed(tmp_path):
+    # Before: every ".*.tmp" older than an hour went, whoever wrote it.
+    other = job_id("cd" * 32)
+    theirs = {".old-upload.tmp": 7200, ".thesis.tmp": 0, f".vtp-{other}.part-00000.parquet.7.ab.tmp": 7200,
+              f".vtp-{JOB}.tmp": 7200, f".vtp-{JOB}x.part-00000.parquet.1.ab.tmp": 7200}
+    for name, age in theirs.items():
+        (tmp_path / name).write_bytes(b"not yours")
+        _age(tmp_path / name, age)
+    ours = tmp_path / f"{temp_prefix(JOB)}part-00003.parquet.12.cafe0123.tmp"
+    ours.write_bytes(b"a killed run's half shard")
+    _age(ours, 7200)
+    assert job_temps(tmp_path, JOB) == [ours]
+    assert remove_stale_temps(tmp_path, JOB) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+    assert all((tmp_path / n).read_bytes() == b"not yours" for n in theirs)
+
+
+def test_temp_files_are_named_with_the_job(tmp_path):
+    seen = []
+
+    def write(f):
+        seen.append(os.path.basename(f.name))
+        f.write(b"x")
+
+    assert commit_once(tmp_path, "part-00000.parquet", write, job=JOB)
+    assert seen[0].startswith(f".vtp-{JOB}.part-00000.parquet.") and seen[0].endswith(".tmp")
+    with pytest.raises(ValueError, match="job id must be 16 hex digits"):
+        commit_once(tmp_path, "part-00001.parquet", write, job="../x")
+
+
+def test_foreign_files_are_everything_the_platform_does_not_write(tmp_path):
+    platform = ["_JOB.json", "_SUCCESS.json", "part-00000.parquet", "part-123456.parquet",
+                f".vtp-{JOB}.part-00000.parquet.1.ab.tmp", f".vtp-{JOB}.part-00001.parquet.damaged-0123abcd"]
+    foreign = [".thesis.tmp", ".part-00000.parquet.9.ab.tmp", "part-1.parquet", "notes.txt", ".vtp-nothex.tmp",
+               os.fsdecode(b"bad\xff.bin")]
+    for name in platform + foreign:
+        (tmp_path / name).write_bytes(b"")
+    assert foreign_files(tmp_path) == sorted(foreign)
+    assert foreign_files(tmp_path / "missing") == []

@@ -1,0 +1,135 @@
+"""The production leaderboard and head dependencies: rows from MLflow, aligned tables, a PNG, logged to `reports`."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from registry.store.heads import register_head
+from registry.store.releases import bootstrap_release, promote_head
+from registry.reports.report import (
+    COLUMNS, format_dependencies, format_table, head_dependencies, log_report, plot_accuracy_vs_cost, production_table,
+    trunk_aliases, trunk_dependents,
+)
+from registry.store.trunks import register_trunk
+
+
+@pytest.fixture
+def production(client, trunk_a, make_result):
+    tv = register_trunk(client, trunk_a)
+    bootstrap_release(client, tv)
+    colour = make_result(trunk_a, "colour", val_accuracy=0.93)
+    shape = make_result(trunk_a, "shape", classes=("circle", "square"), val_accuracy=0.81)
+    promote_head(client, "colour", register_head(client, colour, trunk_version=tv))
+    promote_head(client, "shape", register_head(client, shape, trunk_version=tv))
+    return {"colour": colour, "shape": shape}
+
+
+def test_production_table_rows(client, production):
+    rows = production_table(client)
+    assert [r["head"] for r in rows] == ["colour", "shape"]
+    for row in rows:
+        assert set(row) == set(COLUMNS)
+        result = production[row["head"]]
+        assert row["version"] == 1 and row["owner"] == "team-vision" and row["tap"] == "pooled"
+        for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params"):
+            assert row[m] == pytest.approx(result.metrics[m])
+
+
+def test_format_table_is_aligned(client, production):
+    text = format_table(production_table(client))
+    lines = text.splitlines()
+    assert lines[0].split() == list(COLUMNS)
+    assert len(lines) == 4 and set(lines[1]) <= {"-", " "}
+    assert lines[2].split()[:5] == ["colour", "1", "team-vision", "pooled", "0.9300"]
+    assert lines[3].split()[:5] == ["shape", "1", "team-vision", "pooled", "0.8100"]
+    # Right-aligned numbers end in the same column.
+    assert lines[2].index("0.9300") + 6 == lines[3].index("0.8100") + 6 == lines[0].index("val_accuracy") + 12
+
+
+def test_empty_production(client):
+    assert production_table(client) == []
+    assert format_table([]) == "(no heads in production)"
+
+
+def test_plot_writes_png(client, production, tmp_path):
+    path = plot_accuracy_vs_cost(production_table(client), tmp_path / "plots" / "acc.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.width > 200
+
+
+def test_log_report_logs_table_and_png(client, production, workspace, tmp_path):
+    out = log_report(client, workspace)
+    assert out["rows"] == production_table(client)
+    assert out["table"] == format_table(out["rows"])
+    assert out["png"].is_file() and out["png"].is_relative_to(workspace)
+    run = client.get_run(out["run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == "reports"
+    assert run.data.tags["release_version"] == "3"
+    assert run.data.metrics["heads"] == 2
+    files = {f.path for f in client.list_artifacts(out["run_id"])}
+    assert files == {"production_table.md", "accuracy_vs_cost.png", "dependencies.md"}
+    md = open(client.download_artifacts(out["run_id"], "production_table.md", str(tmp_path))).read()
+    assert "| colour | 1 | team-vision | pooled | 0.9300 |" in md
+    second = log_report(client, workspace)  # a second report in the same second keeps the first
+    assert second["png"] != out["png"] and out["png"].is_file()
+
+
+# -- head dependencies and stale flags -----------------------------------------------------
+@pytest.fixture
+def refreshed(client, production, trunk_a, trunk_b, make_result):
+    """Production on trunk a (colour v1, shape v1); a candidate trunk b with colour v2 retrained on it."""
+    ta = register_trunk(client, trunk_a)
+    tb = register_trunk(client, trunk_b)
+    client.set_registered_model_alias("trunk", "candidate", str(tb))
+    register_head(client, make_result(trunk_b, "colour", seed=1), trunk_version=tb)
+    return ta, tb
+
+
+def test_stale_head_is_flagged_and_listed_under_its_trunk(client, refreshed, trunk_a, trunk_b):
+    ta, tb = refreshed
+    colour, shape = head_dependencies(client)
+    assert colour == {"head": "colour", "production_version": 1, "latest_version": 2, "latest_trunk_version": tb,
+                      "latest_trunk_id": trunk_b.trunk_id, "production_trunk_version": ta, "stale": True,
+                      "trunk_versions": {ta: [1], tb: [2]}}
+    assert shape["stale"] is False and shape["trunk_versions"] == {ta: [1]} and shape["latest_trunk_id"] == \
+        trunk_a.trunk_id
+    assert trunk_dependents(client) == {ta: ["colour v1", "shape v1"], tb: ["colour v2"]}
+    assert trunk_aliases(client) == {tb: ["candidate"]}
+
+    lines = format_dependencies([colour, shape], ta, trunk_aliases(client)).splitlines()
+    assert lines[0].split() == ["head", "production", "latest", "latest", "on", "trunk", "stale"]
+    assert lines[2].split()[:4] == ["colour", "v1", "v2", f"v{tb}"]
+    assert lines[2].endswith(f"STALE: latest on trunk v{tb}, production trunk v{ta}")
+    assert lines[3].split() == ["shape", "v1", "v1", f"v{ta}", "ok"]
+    assert lines[lines.index("heads by trunk version") + 1:] == [f"trunk v{ta} (production): colour v1, shape v1",
+                                                                 f"trunk v{tb} (candidate): colour v2"]
+
+
+def test_dependencies_without_production(client, trunk_a, make_result):
+    tv = register_trunk(client, trunk_a)
+    register_head(client, make_result(trunk_a, "colour"), trunk_version=tv)
+    [row] = head_dependencies(client)
+    assert (row["production_version"], row["production_trunk_version"], row["stale"]) == (None, None, False)
+    text = format_dependencies([row], None)
+    assert text.splitlines()[2].split() == ["colour", "-", "v1", f"v{tv}", "ok"]
+    assert text.endswith(f"trunk v{tv} (-): colour v1")
+    assert format_dependencies([], None, {3: ["candidate"]}).splitlines() == [
+        "(no heads registered)", "", "heads by trunk version", "trunk v3 (candidate): (no heads)"]
+
+
+def test_nothing_registered(client):
+    assert head_dependencies(client) == [] and trunk_dependents(client) == {} and trunk_aliases(client) == {}
+
+
+def test_log_report_logs_dependencies(client, refreshed, workspace, tmp_path):
+    ta, tb = refreshed
+    out = log_report(client, workspace)
+    assert out["dependencies"] == head_dependencies(client)
+    assert out["dependencies_text"] == format_dependencies(out["dependencies"], ta, {tb: ["candidate"]})
+    assert {f.path for f in client.list_artifacts(out["run_id"])} == {
+        "production_table.md", "accuracy_vs_cost.png", "dependencies.md"}
+    md = open(client.download_artifacts(out["run_id"], "dependencies.md", str(tmp_path))).read()
+    assert f"STALE: latest on trunk v{tb}, production trunk v{ta}" in md
+    assert f"trunk v{tb} (candidate): colour v2" in md
+    assert client.get_run(out["run_id"]).data.metrics["stale_heads"] == 1

@@ -1,0 +1,93 @@
+"""Two trunks side by side: time, FLOPs and parameters of their ``pooled`` forward.
+
+Used to tell what a distilled student buys over its teacher. Both trunks run on the very
+same batch, interleaved round by round (:func:`trunk.timing.interleaved`), so load on a
+shared machine hits both alike; the speedup is the median of per-round ratios, which
+stays steady even when absolute times drift. FLOPs are counted on one image with
+``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, 2 FLOPs
+per multiply-add), as :mod:`heads.training.cost` does for heads.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from trunk.timing import interleaved
+from trunk.model import POOLED, Trunk
+
+
+def _gflops(trunk: Trunk, image: torch.Tensor) -> float:
+    # One image: the count is per image already, no division by batch size needed.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        trunk(image, [POOLED])
+    return counter.get_total_flops() / 1e9
+
+
+def trunk_size(trunk: Trunk) -> dict[str, float]:
+    """GFLOPs per image (at the trunk's own input size) and parameters of one trunk."""
+    image = torch.zeros(1, *trunk.data_config["input_size"])
+    probe = copy.deepcopy(trunk).cpu().eval()
+    with torch.inference_mode():
+        gflops = _gflops(probe, image)
+    return {"gflops": gflops, "params": int(sum(p.numel() for p in trunk.parameters()))}
+
+
+def compare_trunks(
+    teacher: Trunk,
+    student: Trunk,
+    pixels: torch.Tensor,
+    *,
+    device: str | torch.device = "cpu",
+    repeats: int = 20,
+    warmup: int = 3,
+) -> dict[str, float]:
+    """Time, FLOPs and parameters of two trunks' ``pooled`` forward on the same batch.
+
+    The trunks themselves are left untouched: copies are measured, in eval mode, under
+    the process's current torch thread settings.
+
+    Args:
+        teacher: the reference trunk (the numerator of ``speedup`` and ``flops_ratio``).
+        student: the trunk compared with it.
+        pixels: a preprocessed batch ``(B, 3, H, W)`` both trunks accept.
+        device: where to run.
+        repeats: timed rounds; each round runs both trunks once, in rotating order.
+        warmup: untimed rounds first.
+
+    Returns:
+        ``teacher_ms_per_image`` and ``student_ms_per_image`` (median round over the batch
+        size), ``speedup`` (median of per-round teacher/student time ratios),
+        ``teacher_gflops`` and ``student_gflops`` (per image), ``flops_ratio``
+        (teacher/student), ``teacher_params`` and ``student_params``.
+
+    Raises:
+        ValueError: ``pixels`` is not a non-empty ``(B, 3, H, W)`` batch.
+    """
+    if pixels.ndim != 4 or pixels.shape[0] < 1 or pixels.shape[1] != 3:
+        raise ValueError(f"pixels must be a non-empty (B, 3, H, W) batch, got shape {tuple(pixels.shape)}")
+    device = torch.device(device)
+    trunks = {name: copy.deepcopy(t).to(device).eval() for name, t in (("teacher", teacher), ("student", student))}
+    x = pixels.to(device)
+    batch = x.shape[0]
+    with torch.inference_mode():
+        gflops = {name: _gflops(t, x[:1]) for name, t in trunks.items()}
+        # Default arguments bind each trunk now, not the loop variable's last value.
+        times = interleaved({name: (lambda t=t: t(x, [POOLED])) for name, t in trunks.items()},
+                            warmup=warmup, repeats=repeats, device=device)
+    ratios = [a / b for a, b in zip(times["teacher"], times["student"])]
+    out: dict[str, float] = {
+        "teacher_ms_per_image": statistics.median(times["teacher"]) / batch,
+        "student_ms_per_image": statistics.median(times["student"]) / batch,
+        "speedup": statistics.median(ratios),
+        "teacher_gflops": gflops["teacher"],
+        "student_gflops": gflops["student"],
+        "flops_ratio": gflops["teacher"] / gflops["student"] if gflops["student"] > 0 else float("inf"),
+        "teacher_params": int(sum(p.numel() for p in teacher.parameters())),
+        "student_params": int(sum(p.numel() for p in student.parameters())),
+    }
+    return out
