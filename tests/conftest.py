@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+import torch
 
 warnings.filterwarnings("ignore", category=UserWarning, module="timm")
 
@@ -37,3 +38,12 @@ def image_factory(tmp_path):
         return write_image(tmp_path / name, color, size=size, seed=seed, fmt=fmt)
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core CPU: intra-op threads cost far more in sync than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
