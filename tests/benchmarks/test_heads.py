@@ -67,17 +67,6 @@ def test_batches_depend_only_on_the_seed():
     assert not torch.equal(a[0], make_batches((3, 8, 8), 2, 1, seed=2)[0])
 
 
-def test_interleaved_warms_up_then_rotates_the_order():
-    calls: list[str] = []
-    contenders = {name: (lambda name=name: calls.append(name)) for name in "abc"}
-    times = interleaved(contenders, warmup=1, repeats=3)
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    assert set(times) == set("abc")
-    assert all(len(v) == 3 and all(t >= 0 for t in v) for v in times.values())
-    with pytest.raises(ValueError, match="repeats must be at least 1"):
-        interleaved(contenders, warmup=0, repeats=0)
-
-
 def test_per_batch_gives_every_contender_the_same_batch_each_round():
     batches = [torch.full((1,), float(i)) for i in range(3)]
     seen: dict[str, list[float]] = {"a": [], "b": []}
