@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from trunk.files import write_json_atomic
+
 ATTRIBUTES: dict[str, list[str]] = {
     "shape": ["circle", "square", "triangle", "cross"],
     "colour": ["red", "green", "blue", "yellow"],
@@ -289,5 +291,5 @@ def generate_shapes(
     for attr, attr_rows in rows.items():
         _write_csv(dataset.manifests[attr], ["path", "label", "split", "slice"], attr_rows)
     _write_csv(dataset.holdout_labels, ["path", *ATTRIBUTES], holdout_rows)
-    (out_dir / DONE_FILE).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
+    write_json_atomic(out_dir / DONE_FILE, params, indent=2, sort_keys=True)  # the marker: whole or absent
     return dataset

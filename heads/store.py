@@ -24,12 +24,13 @@ from typing import Any
 
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from heads.branch import BranchHead
 from heads.modules import LinearHead, MLPHead
-from heads.spec import resolve_head_class
+from heads.spec import item_property, resolve_head_class
+from trunk.files import atomic_write, write_json_atomic
 from trunk.timm_args import FLOAT, INT, STR, TimmArgumentError, check_model_kwargs, check_model_name
 from trunk.targets import TargetError
 
@@ -88,14 +89,8 @@ class LoadedHead:
 
     module: nn.Module
     meta: dict[str, Any]
-
-    @property
-    def name(self) -> str:
-        return self.meta["name"]
-
-    @property
-    def tap(self) -> str:
-        return self.meta["tap"]
+    name = item_property("meta", "name")
+    tap = item_property("meta", "tap")
 
     @property
     def classes(self) -> list[str]:
@@ -157,7 +152,7 @@ def build_module(target: str, kwargs: dict[str, Any], in_features: int, num_clas
 
 
 def save_head(directory: str | Path, module: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write a head's weights and spec into ``directory``.
+    """Write a head's weights and spec into ``directory``, each atomically (:mod:`trunk.files`).
 
     Args:
         directory: created if missing.
@@ -174,9 +169,10 @@ def save_head(directory: str | Path, module: nn.Module, meta: dict[str, Any]) ->
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     weights = directory / WEIGHTS_FILE
-    save_file(state, str(weights), metadata={"name": str(meta["name"])})
-    spec = {"format": FORMAT_VERSION, **meta, WEIGHTS_SHA256: sha256_bytes(weights.read_bytes())}
-    (directory / SPEC_FILE).write_text(json.dumps(spec, indent=2, default=str) + "\n")
+    blob = save_safetensors(state, metadata={"name": str(meta["name"])})
+    atomic_write(weights, lambda f: f.write(blob))
+    spec = {"format": FORMAT_VERSION, **meta, WEIGHTS_SHA256: sha256_bytes(blob)}
+    write_json_atomic(directory / SPEC_FILE, spec, indent=2, default=str)
     return directory
 
 

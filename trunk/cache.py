@@ -20,9 +20,10 @@ Why safetensors shards:
   training can stream rows without holding the cache in memory;
 - no pickle: a shard is a JSON header plus raw tensor bytes, safe to load from anywhere;
 - one self-describing file per shard (dtype, shape and our key in the header), written
-  whole to a dot-prefixed temp file, fsynced and atomically renamed, so a crash leaves
-  either a complete shard or nothing visible. Appending is adding a shard; several
-  processes can append at once without locks (unique names; first copy of a row wins).
+  whole to a dot-prefixed temp file, fsynced and atomically renamed
+  (:func:`trunk.files.atomic_write`), so a crash leaves either a complete shard or nothing
+  visible. Appending is adding a shard; several processes can append at once without
+  locks (unique names; first copy of a row wins).
 
 Integrity: a shard's bytes can rot or be overwritten in place without changing its size,
 which no header check notices. Each shard's metadata therefore records CRC-32 checksums:
@@ -62,6 +63,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
+
+from trunk.files import atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -132,20 +135,6 @@ def _sha_to_bytes(sha: str) -> bytes:
     if len(raw) != SHA_BYTES:
         raise ValueError(f"feature cache: '{sha}' is not a sha256 hex digest")
     return raw
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside ``directory`` durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def quantize_int8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -546,17 +535,7 @@ class FeatureCache:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{SHARD_PREFIX}{uuid.uuid4().hex}{SHARD_SUFFIX}"
         final = self.directory / name
-        tmp = self.directory / f".{name}.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(self.directory)
+        atomic_write(final, lambda f: f.write(blob))
         self._add_shard(final, shas, dim, (BLOCK_ROWS, crcs))
         return final
 

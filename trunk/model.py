@@ -31,10 +31,12 @@ from typing import Any
 
 import timm
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_save
 from timm.data import resolve_data_config
 from torch import nn
 
+from trunk.files import atomic_write, write_json_atomic
 from trunk.timm_args import TimmArgumentError, check_model_kwargs
 
 POOLED = "pooled"
@@ -301,12 +303,13 @@ class Trunk(nn.Module):
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write ``trunk.safetensors`` and ``trunk.json`` into ``directory``."""
+        """Write ``trunk.safetensors`` and ``trunk.json`` into ``directory``, each atomically (:mod:`trunk.files`)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"trunk_id": self.trunk_id})
-        (directory / SPEC_FILE).write_text(json.dumps(self.spec(), indent=2) + "\n")
+        blob = safetensors_save(state, metadata={"trunk_id": self.trunk_id})
+        atomic_write(directory / WEIGHTS_FILE, lambda f: f.write(blob))
+        write_json_atomic(directory / SPEC_FILE, self.spec(), indent=2)
         return directory
 
     @classmethod

@@ -7,9 +7,9 @@ The folder is a contract (DESIGN.md, "Bulk classification output")::
     part-00001.parquet   ...
     _SUCCESS.json        written last: release, counts, errors by reason, throughput
 
-Every file is committed once: written to a temp file named with the job's id (see
-:func:`temp_prefix`), flushed and fsynced,
-then *hard-linked* to its final name and the folder fsynced. ``link(2)`` fails when the
+Every file is committed once (:func:`trunk.files.atomic_write` with ``exclusive=True``):
+written to a temp file named with the job's id (see :func:`temp_prefix`), flushed and
+fsynced, then *hard-linked* to its final name and the folder fsynced. ``link(2)`` fails when the
 name exists, so two jobs racing on one folder cannot both commit a shard: the loser gets
 ``False`` back and drops its copy (both copies hold the same rows, since a shard's rows
 depend only on the job's fingerprint). A reader never sees a partial file. This needs a
@@ -36,7 +36,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trunk.cache import fsync_dir
+from trunk.files import atomic_write, fsync_dir, json_bytes
 
 JOB_FILE = "_JOB.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -128,39 +128,15 @@ def foreign_files(directory: Path) -> list[str]:
 
 
 # -- commit-once writes -------------------------------------------------------------------
-def _temp(directory: Path, name: str, job: str) -> Path:
-    return directory / f"{temp_prefix(job)}{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
-
-
-def _named(e: OSError, path: Path) -> OSError:
-    """``e``, or the same error naming ``path`` when it names no file (fsync, Arrow's writes)."""
-    if e.filename is not None:
-        return e
-    text = str(e).strip()
-    strerror = e.strerror or (text.splitlines()[0] if text else type(e).__name__)
-    try:
-        named = type(e)(e.errno, strerror, str(path))
-    except TypeError:  # an OSError subclass with its own constructor
-        named = OSError(e.errno, strerror, str(path))
-    named.__cause__ = e
-    return named
-
-
-def _write_synced(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def commit_once(directory: Path, name: str, write: Callable[[IO[bytes]], Any], *, job: str) -> bool:
-    """Write ``directory/name`` whole, unless it already exists.
+    """Write ``directory/name`` whole, unless it already exists (:func:`trunk.files.atomic_write`, exclusive).
 
     Args:
         directory: an existing folder on a POSIX file system.
         name: the final file name.
         write: writes the content to the binary file object it is given.
-        job: the writing job's :func:`job_id`; the temp file is named with it.
+        job: the writing job's :func:`job_id`; the temp file is named with it
+            (``.vtp-<job id>.<name>.<pid>.<rand8>.tmp``), so :func:`job_temps` finds it.
 
     Returns:
         True when this call created the file; False when it was already there (another
@@ -170,24 +146,7 @@ def commit_once(directory: Path, name: str, write: Callable[[IO[bytes]], Any], *
         OSError: the write, link or fsync failed (read-only folder, disk full, ...); its
             ``filename`` names the file, and no partial file is left under ``name``.
     """
-    tmp = _temp(directory, name, job)
-    try:
-        _write_synced(tmp, write)
-        try:
-            os.link(tmp, directory / name)
-        except FileExistsError:
-            return False
-        except FileNotFoundError:
-            # A finished run of this job swept our temp file away: it committed everything.
-            if (directory / name).exists():
-                return False
-            raise
-        fsync_dir(directory)
-    except OSError as e:
-        raise _named(e, tmp) from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return True
+    return atomic_write(Path(directory) / name, write, exclusive=True, temp_prefix=temp_prefix(job))
 
 
 def set_aside(directory: Path, name: str, *, job: str) -> None:
@@ -201,7 +160,7 @@ def set_aside(directory: Path, name: str, *, job: str) -> None:
 
 def commit_json(directory: Path, name: str, content: Mapping[str, Any], *, job: str) -> bool:
     """:func:`commit_once` of a JSON document."""
-    blob = (json.dumps(content, indent=2, default=str) + "\n").encode()
+    blob = json_bytes(content, indent=2, default=str)
     return commit_once(directory, name, lambda f: f.write(blob), job=job)
 
 

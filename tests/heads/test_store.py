@@ -49,6 +49,21 @@ def test_round_trip_gives_identical_outputs(tmp_path, cls, kwargs):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([WEIGHTS_FILE, SPEC_FILE])
 
 
+def test_save_commits_weights_and_spec_atomically(tmp_path, monkeypatch):
+    # Each file is fsynced under a temp name and renamed in: the synced inode is the final one.
+    real, synced = os.fsync, set()
+
+    def counting(fd):  # the one fault injection: a wrapper that records what was synced
+        synced.add(os.fstat(fd).st_ino)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    save_head(tmp_path, LinearHead(8, 3), meta_for(None, "heads.modules.LinearHead", {}))
+    assert {(tmp_path / WEIGHTS_FILE).stat().st_ino, (tmp_path / SPEC_FILE).stat().st_ino} <= synced
+    assert sorted(os.listdir(tmp_path)) == sorted([SPEC_FILE, WEIGHTS_FILE])
+    assert load_head(tmp_path).meta["name"] == "colour"
+
+
 def test_missing_meta_field_refused_on_save(tmp_path):
     meta = meta_for(None, "heads.modules.LinearHead", {})
     del meta["trunk_id"]

@@ -55,7 +55,7 @@ def _die() -> None:
 def _arm(point: str, n: int) -> None:
     """Make the process kill itself the n-th time it reaches ``point``."""
     import heads.classify.engine as classify_mod
-    import heads.classify.output as shards
+    from trunk import files  # where every commit's write and link happen
 
     seen = Counter()
 
@@ -65,7 +65,7 @@ def _arm(point: str, n: int) -> None:
             _die()
 
     if point == "write":
-        real_write = shards._write_synced
+        real_write = files._write_synced
 
         def half_written(path, write):
             import io
@@ -80,7 +80,7 @@ def _arm(point: str, n: int) -> None:
                 reached("write")
             real_write(path, write)
 
-        shards._write_synced = half_written
+        files._write_synced = half_written
     elif point in ("link", "linked"):
         real_link = os.link
 
@@ -94,7 +94,7 @@ def _arm(point: str, n: int) -> None:
                 real_link(src, dst)
                 reached("linked")
 
-        shards.os = _OS()
+        files.os = _OS()
     elif point == "batch":
         real_add = classify_mod._Assembler.add
 

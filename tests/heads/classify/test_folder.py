@@ -208,9 +208,9 @@ def test_disk_full_then_freed_resumes_exactly(tmp_path, tiny_trunk, bank, images
             os.truncate(filler, filler.stat().st_size - 9 * 1024)
         else:
             # The one fault simulated: no file system of a chosen size can be made here.
-            import heads.classify.output as shards
+            import trunk.files as trunk_files
 
-            real = shards._write_synced
+            real = trunk_files._write_synced
             calls = []
 
             def full_after_two(path, write):
@@ -219,7 +219,7 @@ def test_disk_full_then_freed_resumes_exactly(tmp_path, tiny_trunk, bank, images
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
                 real(path, write)
 
-            monkeypatch.setattr(shards, "_write_synced", full_after_two)
+            monkeypatch.setattr(trunk_files, "_write_synced", full_after_two)
         with pytest.raises(OSError) as err:
             run(tiny_trunk, bank, images, out)
         assert err.value.errno == errno.ENOSPC
