@@ -20,7 +20,6 @@ Pure torch/timm: no MLflow, no files except :func:`write_result`.
 from __future__ import annotations
 
 import itertools
-import json
 import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ from torch import nn
 from heads.bank import HeadBank
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead
+from trunk.files import write_json_atomic
 from trunk.timing import interleaved
 from trunk.loop import fit
 from trunk.model import POOLED, Trunk
@@ -125,6 +125,14 @@ def _median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
+def _time_inference(contenders: Mapping[str, Callable[[torch.Tensor], None]], batches: Sequence[torch.Tensor],
+                    warmup: int, repeats: int, device: str | torch.device) -> dict[str, list[float]]:
+    """Interleaved ms per batch of each forward-only contender: ``warmup`` and ``repeats`` passes over ``batches``."""
+    with torch.inference_mode():
+        return interleaved(per_batch(contenders, batches), warmup=warmup * len(batches),
+                           repeats=repeats * len(batches), device=device)
+
+
 def bench_heads(
     trunk: Trunk,
     batches: Sequence[torch.Tensor],
@@ -172,9 +180,7 @@ def bench_heads(
         return lambda x: bank(trunk(x, bank.taps))
 
     contenders = {"trunk": bare, **{case: with_bank(b) for case, b in banks.items()}}
-    with torch.inference_mode():
-        times = interleaved(per_batch(contenders, batches), warmup=warmup * len(batches),
-                            repeats=repeats * len(batches), device=device)
+    times = _time_inference(contenders, batches, warmup, repeats, device)
     return {
         "trunk_ms": _median(times["trunk"]),
         "cases": [{"case": case, **meta[case], "ms": _median(times[case]),
@@ -238,9 +244,7 @@ def bench_separate(
         for model in models:
             model(x)
 
-    with torch.inference_mode():
-        times = interleaved(per_batch({"shared": shared, "separate": separate}, batches),
-                            warmup=warmup * len(batches), repeats=repeats * len(batches), device=device)
+    times = _time_inference({"shared": shared, "separate": separate}, batches, warmup, repeats, device)
     return {
         "n_models": n_models,
         "shared_ms": _median(times["shared"]),
@@ -374,6 +378,12 @@ def check_goals(cases: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return goals
 
 
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where a benchmark ran: device type and name, torch threads, torch and timm versions."""
+    return {"device": device.type, "device_name": _device_name(device), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timm": timm.__version__}
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -443,11 +453,7 @@ def run_benchmark(
     return {
         "model": model_name,
         "image_size": image_size,
-        "device": device.type,
-        "device_name": _device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        **environment(device),
         "batch_size": batch_size,
         "n_batches": n_batches,
         "warmup": warmup,
@@ -494,10 +500,8 @@ def format_table(result: Mapping[str, Any]) -> str:
 
 
 def write_result(result: Mapping[str, Any], path: str | Path) -> Path:
-    """Write the result as indented JSON, creating the folder; atomic via a rename."""
+    """Write the result as indented JSON, creating the folder; atomic (:func:`trunk.files.write_json_atomic`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, result, indent=2)
     return path

@@ -32,12 +32,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 
 from heads.bank import HeadBank
-from benchmarks.heads import _device_name, make_heads
+from benchmarks.heads import environment, make_heads
 from heads.classify.engine import classify
 from heads.predict import BatchPredictor
 from trunk.timing import interleaved
@@ -165,11 +164,7 @@ def run_pipeline_benchmark(
         "batch_size": batch_size,
         "num_workers": num_workers,
         "n_heads": len(bank.names),
-        "device": device.type,
-        "device_name": _device_name(device),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
+        **environment(device),
         "warmup": warmup,
         "repeats": repeats,
         "images_per_s": median,

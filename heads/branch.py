@@ -25,7 +25,7 @@ rebuild it from its spec and then load its safetensors weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,8 +388,3 @@ def branch_kwargs(trunk: Any, tap: str, /, **module_kwargs: Any) -> dict[str, An
     if clash:
         raise ValueError(f"module.{clash[0]} is set by the platform from the trunk and attach.tap")
     return {"model_name": trunk.model_name, "tap": tap, "model_kwargs": dict(trunk.model_kwargs), **module_kwargs}
-
-
-def suffix_families() -> Mapping[type, SuffixBuilder]:
-    """The registered families (read-only view), e.g. to parametrize tests over them."""
-    return dict(_SUFFIX_BUILDERS)

@@ -131,6 +131,18 @@ class HeadConfig:
     description: str = ""
 
 
+def item_property(attribute: str, *keys: str) -> property:
+    """A read-only property giving ``self.<attribute>[keys[0]][keys[1]]...``: one field of a config dict."""
+
+    def get(self: Any) -> Any:
+        value = getattr(self, attribute)
+        for key in keys:
+            value = value[key]
+        return value
+
+    return property(get, doc=f"``{attribute}{''.join(f'[{k!r}]' for k in keys)}``")
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """A validated head config plus where it came from.
@@ -143,33 +155,13 @@ class HeadSpec:
     config: dict[str, Any]
     source: str
 
-    @property
-    def name(self) -> str:
-        return self.config["name"]
-
-    @property
-    def owner(self) -> str:
-        return self.config["owner"]
-
-    @property
-    def tap(self) -> str:
-        return self.config["attach"]["tap"]
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return self.config["data"]
-
-    @property
-    def train(self) -> dict[str, Any]:
-        return self.config["train"]
-
-    @property
-    def gate(self) -> dict[str, Any]:
-        return self.config["gate"]
-
-    @property
-    def module(self) -> dict[str, Any]:
-        return self.config["module"]
+    name = item_property("config", "name")
+    owner = item_property("config", "owner")
+    tap = item_property("config", "attach", "tap")
+    data = item_property("config", "data")
+    train = item_property("config", "train")
+    gate = item_property("config", "gate")
+    module = item_property("config", "module")
 
     @property
     def config_sha(self) -> str:

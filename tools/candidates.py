@@ -48,23 +48,31 @@ class Registered:
         return None
 
 
-class Multitask:
-    """The production trunk (``base: config``: the ``trunk`` group) retrained on every production head's data."""
+class _Trained:
+    """A candidate trained in this run, from the root config's settings node (``multitask`` or ``distill``)."""
+
+    name = "candidate"
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self.settings = settings
-        self.name = "candidate"
+
+    def training_args(self, ctx: Context) -> dict[str, Any]:
+        """The keyword arguments both training candidates take, from the settings and the run."""
+        s = self.settings
+        return dict(epochs=s["epochs"], batch_size=s["batch_size"], lr=s["lr"], weight_decay=s["weight_decay"],
+                    augment_ops=ctx.augment, seed=s["seed"], device=ctx.device, num_workers=ctx.num_workers,
+                    progress=ctx.cfg.progress)
+
+
+class Multitask(_Trained):
+    """The production trunk (``base: config``: the ``trunk`` group) retrained on every production head's data."""
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
         from registry.jobs import refresh
         from tools.common import build_trunk
 
-        m = self.settings
-        base = build_trunk(ctx.cfg.trunk) if m["base"] == "config" else None
-        return lambda: refresh.multitask_candidate(
-            ctx.client, ctx.ws, base=base, epochs=m["epochs"], batch_size=m["batch_size"], lr=m["lr"],
-            weight_decay=m["weight_decay"], augment_ops=ctx.augment, seed=m["seed"], device=ctx.device,
-            num_workers=ctx.num_workers, progress=ctx.cfg.progress)
+        base = build_trunk(ctx.cfg.trunk) if self.settings["base"] == "config" else None
+        return lambda: refresh.multitask_candidate(ctx.client, ctx.ws, base=base, **self.training_args(ctx))
 
 
 class Timm:
@@ -79,12 +87,8 @@ class Timm:
         return lambda: refresh.timm_candidate(ctx.client, build_trunk(ctx.cfg.trunk))
 
 
-class Distill:
+class Distill(_Trained):
     """Production's trunk distilled into ``settings.student``."""
-
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.settings = settings
-        self.name = "candidate"
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
         from registry.jobs import refresh
@@ -92,9 +96,7 @@ class Distill:
         d = self.settings
         return lambda: refresh.distill_candidate(
             ctx.client, ctx.ws, model_name=d["student"]["model_name"], model_kwargs=d["student"]["model_kwargs"],
-            student_seed=d["student"]["seed"], input=d["input"], taps=d["taps"], epochs=d["epochs"],
-            batch_size=d["batch_size"], lr=d["lr"], weight_decay=d["weight_decay"], augment_ops=ctx.augment,
-            seed=d["seed"], device=ctx.device, num_workers=ctx.num_workers, progress=ctx.cfg.progress)
+            student_seed=d["student"]["seed"], input=d["input"], taps=d["taps"], **self.training_args(ctx))
 
 
 def build_candidate(cfg: DictConfig) -> Registered | Multitask | Timm | Distill:

@@ -77,6 +77,8 @@ class TrackedConfig(BaseConfig):
 
 @dataclass
 class TrainSettings:
+    """The optimiser settings every training run takes (multitask and distill override defaults)."""
+
     epochs: int = 5
     batch_size: int = 64
     lr: float = 0.002
@@ -134,6 +136,8 @@ class RegisterTrunkConfig(TrackedConfig):
 
 @dataclass
 class RayConfig:
+    """``backend=ray``: the cluster and its actors (:mod:`heads.classify.ray_backend`)."""
+
     address: Optional[str] = None
     actors: int = 1
     gpus_per_actor: Optional[float] = None
@@ -173,6 +177,8 @@ class RollbackConfig(TrackedConfig):
 
 @dataclass
 class DemoData:
+    """The demo's synthetic data set: :func:`demo.shapes.generate_shapes`'s arguments."""
+
     n_images: int = 3000
     n_holdout: int = 300
     size: int = 64
@@ -191,20 +197,18 @@ class DemoConfig(TrackedConfig):
 
 @dataclass
 class ContractConfig:
+    """The refresh contract's tolerances (:mod:`heads.checks.contract`)."""
+
     tolerance: float = 0.01
     slice_tolerance: float = 0.03
     min_slice_size: int = 20
 
 
 @dataclass
-class MultitaskSettings:
+class MultitaskSettings(TrainSettings):
+    lr: float = 0.001
     # production (continue from the production trunk) or config (the `trunk` group).
     base: str = "production"
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 0.001
-    weight_decay: float = 0.0001
-    seed: int = 0
 
     def __post_init__(self) -> None:
         one_of("multitask.base", self.base, ("production", "config"))
@@ -212,22 +216,20 @@ class MultitaskSettings:
 
 @dataclass
 class StudentSettings:
+    """The student trunk distillation starts from (random init from ``seed``)."""
+
     model_name: str = "test_resnet"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
 
 
 @dataclass
-class DistillSettings:
+class DistillSettings(TrainSettings):
+    epochs: int = 10
     student: StudentSettings = field(default_factory=StudentSettings)
     input: Optional[str] = None
     # `auto` or a list of taps (Any: OmegaConf has no Union).
     taps: Any = "auto"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.002
-    weight_decay: float = 0.0001
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.taps != "auto" and not (isinstance(self.taps, list) and all(isinstance(t, str) for t in self.taps)):
@@ -249,6 +251,8 @@ class RefreshConfig(TrackedConfig):
 
 @dataclass
 class PipelineBench:
+    """``suite=pipeline``: :func:`benchmarks.pipeline.run_pipeline_benchmark`'s own settings."""
+
     n_images: int = 256
     photo_size: list[int] = field(default_factory=lambda: [640, 480])
     batch_size: int = 32

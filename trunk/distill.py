@@ -20,24 +20,23 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trunk.augment import build_train_transform
-from trunk.dataset import ImageDataset, ImageItem, readable
-from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng
-from trunk.model import POOLED, Trunk, TrunkError
+from trunk.dataset import ImageItem, readable
 from trunk.device import resolve_device
-from trunk.train import _decodable, training_loader
+from trunk.loop import EpochStats, fit, seeded_rng
+from trunk.model import POOLED, Trunk, TrunkError
+from trunk.train import TrunkTrainResult, _decodable, check_settings, image_training, trained_trunk
 
 
 @dataclass
-class DistillResult:
-    """What :func:`distill_trunk` gives back.
+class DistillResult(TrunkTrainResult):
+    """What :func:`distill_trunk` gives back: a trained trunk's result, with distillation's figures.
 
     Attributes:
         trunk: the distilled student (a new object with a new ``trunk_id``).
@@ -48,11 +47,6 @@ class DistillResult:
             ``distill_seconds``.
         skipped: one line per image that could not be decoded (path and reason).
     """
-
-    trunk: Trunk
-    history: list[dict]
-    metrics: dict[str, float]
-    skipped: list[str] = field(default_factory=list)
 
 
 def _collate(items: list[ImageItem]) -> torch.Tensor | None:
@@ -130,14 +124,9 @@ def distill_trunk(
         taps: earlier map taps to distill as well as ``pooled`` (e.g. ``["layer2"]`` when
             branch heads fork there); both trunks must have each one.
         epochs: passes over the images.
-        batch_size: images per step.
-        lr: peak learning rate of AdamW, decayed to 0 on a cosine over all steps.
-        weight_decay: AdamW weight decay.
-        augment_ops: albumentations ops as config entries (see :mod:`trunk.augment`).
         seed: seeds projector init, shuffling and augmentation; global RNGs are left as found.
-        device: ``cpu``, ``cuda`` or ``auto``.
-        num_workers: data-loader worker processes (0: decode in this process).
-        progress: a progress bar per epoch.
+        batch_size, lr, weight_decay, augment_ops, device, num_workers, progress: as for
+            :func:`trunk.train.train_trunk`.
 
     Returns:
         The distilled trunk, per-epoch history and final metrics. The loss of a step is the
@@ -150,10 +139,7 @@ def distill_trunk(
             be decoded.
         TrunkError: a tap one of the trunks lacks (a ``ValueError`` too), naming the valid taps.
     """
-    if epochs < 1 or batch_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
-        )
+    check_settings(epochs, batch_size, num_workers)
     taps = _check_pair(teacher, student, taps)
     if isinstance(paths, str) or not paths:
         raise ValueError("field 'paths': distill_trunk needs a non-empty list of image paths")
@@ -175,12 +161,10 @@ def distill_trunk(
         tap_projs = nn.ModuleList(
             [nn.Conv2d(student.tap(t).channels, teacher.tap(t).channels, kernel_size=1) for t in taps]
         ).to(dev)
-        transform = build_train_transform(teacher.data_config, augment_ops, seed=seed)
-        loader = training_loader(ImageDataset(paths, transform), _collate, batch_size=batch_size,
-                                 num_workers=num_workers, seed=seed, device=dev)
-        params = [*model.parameters(), *pooled_proj.parameters(), *tap_projs.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        schedule = cosine_schedule(optimizer, epochs * len(loader))
+        loader, optimizer, schedule = image_training(
+            teacher.data_config, paths, None, _collate, [model, pooled_proj, tap_projs], augment_ops=augment_ops,
+            seed=seed, batch_size=batch_size, num_workers=num_workers, lr=lr, weight_decay=weight_decay,
+            epochs=epochs, device=dev)
         width = teacher.tap(POOLED).channels
         # Sums weighted by images, so a short last batch counts for what it holds; the
         # loop keeps the total loss's.
@@ -218,9 +202,7 @@ def distill_trunk(
                       epochs=epochs, device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
                       desc="distill").history
 
-    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
-    new = Trunk(student.model_name, data_config=student.data_config, model_kwargs=student.model_kwargs,
-                state_dict=state)
+    new = trained_trunk(model, student)
     last = history[-1]
     metrics: dict[str, float] = {"distill_loss": float(last["loss"])}
     for t in wanted:

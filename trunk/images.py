@@ -116,25 +116,6 @@ def _keep_image(rel: str) -> bool:
     )
 
 
-def list_image_uris(uri: str) -> list[str]:
-    """Every image under a folder URI, recursively (``fs.find``), as full URIs.
-
-    Chosen and skipped as :func:`list_images` does, and in the same order (by path
-    components, as ``Path`` sorts), so ``file:///x`` lists what ``/x`` lists.
-
-    Raises:
-        ValueError: unknown protocol or missing backend, the folder does not exist, is not
-            a folder, or holds no images.
-    """
-    fs, root = url_to_fs(uri)
-    with storage_errors(uri):
-        if not fs.isdir(root):
-            if fs.exists(root):
-                raise ValueError(f"{uri}: not a folder")
-            raise ValueError(f"{uri}: image folder does not exist")
-    return _find_images(uri, fs, root)
-
-
 def _find_images(uri: str, fs, root: str) -> list[str]:
     prefix = root.rstrip("/") + "/"
     with storage_errors(uri):

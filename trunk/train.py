@@ -89,6 +89,58 @@ def training_loader(dataset: ImageDataset, collate_fn, *, batch_size: int, num_w
     )
 
 
+def check_settings(epochs: int, batch_size: int, num_workers: int) -> None:
+    """One line naming the settings when any is out of range. Shared by trunk training and distillation."""
+    if epochs < 1 or batch_size < 1 or num_workers < 0:
+        raise ValueError(
+            f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
+        )
+
+
+def image_training(
+    data_config: Mapping[str, Any],
+    paths: Sequence[str],
+    targets: torch.Tensor | None,
+    collate_fn,
+    modules: Sequence[nn.Module],
+    *,
+    augment_ops: Sequence[Mapping[str, Any]] | None,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    lr: float,
+    weight_decay: float,
+    epochs: int,
+    device: torch.device,
+) -> tuple[DataLoader, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The augmented loader, AdamW over ``modules`` and the per-step cosine schedule.
+
+    Shared by trunk training and distillation. Called inside the run's :func:`seeded_rng`,
+    after the modules are built, so the random draws keep their order.
+
+    Args:
+        data_config: the trunk's data config (the eval transform after augmentation).
+        paths: the training images.
+        targets: one target row per path (None: images only).
+        collate_fn: list of items -> batch.
+        modules: every module whose parameters train, in order.
+        augment_ops, seed, batch_size, num_workers, lr, weight_decay, epochs: as the callers take them.
+        device: where training runs (pinned batches on CUDA).
+    """
+    transform = build_train_transform(data_config, augment_ops, seed=seed)
+    loader = training_loader(ImageDataset(paths, transform, targets=targets), collate_fn, batch_size=batch_size,
+                             num_workers=num_workers, seed=seed, device=device)
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return loader, optimizer, cosine_schedule(optimizer, epochs * len(loader))
+
+
+def trained_trunk(model: Trunk, start: Trunk) -> Trunk:
+    """A new :class:`Trunk` (a new ``trunk_id``) with ``model``'s trained weights and ``start``'s settings."""
+    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
+    return Trunk(start.model_name, data_config=start.data_config, model_kwargs=start.model_kwargs, state_dict=state)
+
+
 def _check_tasks(tasks: Sequence[Task]) -> None:
     if not tasks:
         raise ValueError("train_trunk needs at least one task")
@@ -177,10 +229,7 @@ def train_trunk(
     Raises:
         ValueError: bad tasks or settings, or no image could be decoded.
     """
-    if epochs < 1 or batch_size < 1 or num_workers < 0:
-        raise ValueError(
-            f"need epochs >= 1, batch_size >= 1, num_workers >= 0; got {epochs}, {batch_size}, {num_workers}"
-        )
+    check_settings(epochs, batch_size, num_workers)
     _check_tasks(tasks)
     dev = resolve_device(device)  # a bad name fails here, before every image is decoded
     started = time.perf_counter()
@@ -194,12 +243,10 @@ def train_trunk(
         width = trunk.tap(POOLED).channels
         # A list, not a ModuleDict: task names need not be valid attribute names.
         classifiers = nn.ModuleList([nn.Linear(width, len(t.classes)) for t in tasks]).to(dev).train()
-        transform = build_train_transform(trunk.data_config, augment_ops, seed=seed)
-        loader = training_loader(ImageDataset(paths, transform, targets=labels), _collate, batch_size=batch_size,
-                                 num_workers=num_workers, seed=seed, device=dev)
-        params = [*model.parameters(), *classifiers.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        schedule = cosine_schedule(optimizer, epochs * len(loader))
+        loader, optimizer, schedule = image_training(
+            trunk.data_config, paths, labels, _collate, [model, classifiers], augment_ops=augment_ops, seed=seed,
+            batch_size=batch_size, num_workers=num_workers, lr=lr, weight_decay=weight_decay, epochs=epochs,
+            device=dev)
         loss_fn = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
         sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
 
@@ -239,8 +286,7 @@ def train_trunk(
                       device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
                       desc="trunk").history
 
-    state = {k: v.detach().cpu() for k, v in model.model.state_dict().items()}
-    new = Trunk(trunk.model_name, data_config=trunk.data_config, model_kwargs=trunk.model_kwargs, state_dict=state)
+    new = trained_trunk(model, trunk)
     last = history[-1]
     metrics: dict[str, float] = {"train_loss": float(last["loss"])}
     for t in tasks:

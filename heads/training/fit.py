@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -15,6 +14,7 @@ from heads.result import HeadResult
 from heads.spec import HeadSpec
 from heads.store import build_module, save_head
 from heads.training.train import predict_logits, train_on_features
+from trunk.files import write_json_atomic
 from trunk.loop import seeded_rng
 
 CONFUSION_FILE = "confusion.png"
@@ -120,7 +120,7 @@ def finish_head(
         title=f"{spec.name}: validation (accuracy {ev.accuracy:.3f}, n={len(val_y)})",
     )
     history_json = out_dir / HISTORY_FILE
-    history_json.write_text(json.dumps(history, indent=1) + "\n")
+    write_json_atomic(history_json, history, indent=1)
     result = HeadResult(
         spec=spec,
         module=module,

@@ -148,15 +148,20 @@ def test_checks_happen_once_per_block_per_instance(tmp_path):
     assert reader._verified == {(cache.shards[0], 0), (cache.shards[0], 1)}
 
 
+def raw_shard(cache, name: str, n: int, fmt: str):
+    """A shard of ``n`` rows written by hand, with no checksums, in format ``fmt``: (shas, features, path)."""
+    cache.directory.mkdir(parents=True)
+    shas, x = shas_for(n), feats_for(n)
+    sha_t = torch.frombuffer(bytearray(b"".join(bytes.fromhex(s) for s in shas)), dtype=torch.uint8).reshape(n, 32)
+    meta = {"format": fmt, "trunk_id": "t", "tap": "pooled", "preprocess_key": "p", "dtype": "float16", "dim": "24"}
+    path = cache.directory / name
+    path.write_bytes(safetensors_save({"sha256": sha_t, "features": x.half()}, metadata=meta))
+    return shas, x, path
+
+
 def test_legacy_shard_without_checksums_is_read_with_one_warning(tmp_path, caplog):
     cache = fresh(tmp_path)
-    cache.directory.mkdir(parents=True)
-    shas, x = shas_for(5), feats_for(5)
-    sha_t = torch.frombuffer(bytearray(b"".join(bytes.fromhex(s) for s in shas)), dtype=torch.uint8).reshape(5, 32)
-    meta = {"format": "feature-cache/1", "trunk_id": "t", "tap": "pooled", "preprocess_key": "p",
-            "dtype": "float16", "dim": "24"}
-    blob = safetensors_save({"sha256": sha_t, "features": x.half()}, metadata=meta)
-    (cache.directory / "shard-legacy.safetensors").write_bytes(blob)
+    shas, x, _ = raw_shard(cache, "shard-legacy.safetensors", 5, "feature-cache/1")
     with caplog.at_level(logging.WARNING, logger="trunk.cache"):
         got = cache.load(shas)
         cache.load(shas)
@@ -195,13 +200,7 @@ def test_extraction_recomputes_the_rows_of_a_truncated_shard(tiny_trunk, image_f
 
 def test_shard_of_an_unknown_format_is_skipped_not_quarantined(tmp_path, caplog):
     cache = fresh(tmp_path)
-    cache.directory.mkdir(parents=True)
-    shas, x = shas_for(2), feats_for(2)
-    sha_t = torch.frombuffer(bytearray(b"".join(bytes.fromhex(s) for s in shas)), dtype=torch.uint8).reshape(2, 32)
-    meta = {"format": "feature-cache/9", "trunk_id": "t", "tap": "pooled", "preprocess_key": "p",
-            "dtype": "float16", "dim": "24"}
-    newer = cache.directory / "shard-newer.safetensors"
-    newer.write_bytes(safetensors_save({"sha256": sha_t, "features": x.half()}, metadata=meta))
+    shas, _, newer = raw_shard(cache, "shard-newer.safetensors", 2, "feature-cache/9")
     with caplog.at_level(logging.WARNING, logger="trunk.cache"):
         assert cache.missing(shas) == shas and cache.shards == []
     assert newer.exists() and not (cache.directory / QUARANTINE).exists()

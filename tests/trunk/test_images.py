@@ -6,6 +6,7 @@ import csv
 import io
 import os
 import random
+import re
 from pathlib import Path
 
 import fsspec
@@ -60,42 +61,44 @@ def test_csv_manifest(tmp_path):
     assert read_path_list(manifest) == [str(tmp_path / "a.png"), "/x/b.png"]
 
 
-def test_csv_manifest_errors_name_file_and_field(tmp_path):
-    no_col = tmp_path / "m.csv"
-    no_col.write_text("file,label\na.png,cat\n")
-    with pytest.raises(ValueError) as e:
-        read_path_list(no_col)
-    assert str(e.value) == f"{no_col}: field 'path': column missing; columns: file, label"
-    blank = tmp_path / "blank.csv"
-    blank.write_text("path,label\na.png,cat\n,dog\n")
-    with pytest.raises(ValueError, match=f"^{blank}: field 'path': empty in row 3$"):
-        read_path_list(blank)
-    header_only = tmp_path / "h.csv"
-    header_only.write_text("path\n")
-    with pytest.raises(ValueError, match="manifest lists no images"):
-        read_path_list(header_only)
-
-
-def test_parquet_manifest_and_missing_column(tmp_path):
+def test_parquet_manifest(tmp_path):
     good = tmp_path / "m.parquet"
     pq.write_table(pa.table({"path": ["a.png", "/y/b.png"], "label": ["x", "y"]}), good)
     assert read_path_list(good) == [str(tmp_path / "a.png"), "/y/b.png"]
-    bad = tmp_path / "bad.parquet"
-    pq.write_table(pa.table({"file": ["a.png"]}), bad)
-    with pytest.raises(ValueError) as e:
-        read_path_list(bad)
-    assert str(e.value) == f"{bad}: field 'path': column missing; columns: file"
-    garbage = tmp_path / "garbage.parquet"
-    garbage.write_text("not parquet")
-    with pytest.raises(ValueError, match=f"^{garbage}: not a readable Parquet file"):
-        read_path_list(garbage)
 
 
-def test_unknown_or_missing_manifest(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown manifest type '\.json'"):
-        read_path_list(tmp_path / "m.json")
-    with pytest.raises(ValueError, match=f"^{tmp_path / 'm.txt'}: manifest file does not exist$"):
-        read_path_list(tmp_path / "m.txt")
+@pytest.fixture(params=["local", "memory"])
+def manifest_dir(request, tmp_path) -> str:
+    """A folder for manifests: a local path, or an fsspec URI (the same reader serves both)."""
+    if request.param == "local":
+        return str(tmp_path)
+    request.getfixturevalue("memfs")
+    return "memory://m"
+
+
+# content: bytes, a Parquet table's columns, or None (no file); message: a regular
+# expression for all of the one line after the manifest's name.
+@pytest.mark.parametrize("name, content, message", [
+    ("nocol.csv", b"file,label\na.png,cat\n", r"field 'path': column missing; columns: file, label"),
+    ("blank.csv", b"path,label\na.png,cat\n,dog\n", r"field 'path': empty in row 3"),
+    ("header.csv", b"path\n", r"manifest lists no images"),
+    ("nocol.parquet", {"file": ["a.png"]}, r"field 'path': column missing; columns: file"),
+    ("blank.parquet", {"path": ["a.png", " "]}, r"field 'path': empty in row 1"),
+    ("garbage.parquet", b"not parquet", r"not a readable Parquet file \(.+\)"),
+    ("empty.txt", b"# nothing\n\n", r"manifest lists no images"),
+    ("missing.txt", None, r"manifest file does not exist"),
+    ("m.json", b"[]", r"unknown manifest type '\.json'.*"),
+])
+def test_manifest_errors_name_file_and_field(manifest_dir, name, content, message):
+    manifest = f"{manifest_dir}/{name}"
+    if content is not None:
+        with fsspec.open(manifest, "wb") as f:
+            if isinstance(content, dict):
+                pq.write_table(pa.table(content), f)
+            else:
+                f.write(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(manifest)}: {message}$"):
+        read_path_list(manifest)
 
 
 def test_resolve_inputs_folder_or_manifest(image_factory, tmp_path):
@@ -174,27 +177,6 @@ def test_memory_manifests_txt_csv_parquet(memfs):
     for suffix in ("txt", "csv", "parquet"):
         assert resolve_inputs(f"memory://data/lists/in.{suffix}") == EXPECTED_MEMORY, suffix
         assert read_path_list(f"memory://data/lists/in.{suffix}") == EXPECTED_MEMORY, suffix
-
-
-def test_memory_manifest_errors_name_uri_and_field(memfs):
-    memfs.pipe("memory://m/nocol.csv", b"file,label\na.png,cat\n")
-    with pytest.raises(ValueError) as e:
-        resolve_inputs("memory://m/nocol.csv")
-    assert str(e.value) == "memory://m/nocol.csv: field 'path': column missing; columns: file, label"
-    with fsspec.open("memory://m/blank.parquet", "wb") as f:
-        pq.write_table(pa.table({"path": ["a.png", " "]}), f)
-    with pytest.raises(ValueError, match=r"^memory://m/blank\.parquet: field 'path': empty in row 1$"):
-        read_path_list("memory://m/blank.parquet")
-    memfs.pipe("memory://m/garbage.parquet", b"not parquet")
-    with pytest.raises(ValueError, match=r"^memory://m/garbage\.parquet: not a readable Parquet file \("):
-        read_path_list("memory://m/garbage.parquet")
-    memfs.pipe("memory://m/empty.txt", b"# nothing\n\n")
-    with pytest.raises(ValueError, match=r"^memory://m/empty\.txt: manifest lists no images$"):
-        read_path_list("memory://m/empty.txt")
-    with pytest.raises(ValueError, match=r"^memory://m/missing\.txt: manifest file does not exist$"):
-        resolve_inputs("memory://m/missing.txt")
-    with pytest.raises(ValueError, match=r"^memory://m/x\.json: unknown manifest type '\.json'"):
-        read_path_list("memory://m/x.json")
 
 
 def test_unknown_protocol_or_missing_backend_is_one_line():

@@ -158,30 +158,19 @@ def test_missing_column_is_named(tmp_path):
     assert e.field == "data.manifest" and "missing column 'label'" in str(e)
 
 
-def test_bad_split_value_names_file_row_and_column(tmp_path):
+@pytest.mark.parametrize("row, column, value, message", [
+    (2, "split", "test", "row 3: column 'split' is 'test'"),
+    (4, "path", "img/ghost.png", "row 5: column 'path': img/ghost.png does not exist"),
+    (0, "label", "", "row 1: column 'label' is empty"),
+], ids=["bad split", "missing image", "empty label"])
+def test_a_bad_cell_names_file_row_and_column(tmp_path, row, column, value, message):
     base = tmp_path / "ds"
     rows = manifest_rows(base)
-    rows[2]["split"] = "test"
+    rows[row][column] = value
     manifest = write_csv(base / "m.csv", rows)
     e = _error(tmp_path, {"manifest": str(manifest)})
     assert e.field == "data.manifest"
-    assert f"{manifest}: row 3: column 'split' is 'test'" in str(e)
-
-
-def test_missing_image_names_the_row(tmp_path):
-    base = tmp_path / "ds"
-    rows = manifest_rows(base)
-    rows[4]["path"] = "img/ghost.png"
-    e = _error(tmp_path, {"manifest": str(write_csv(base / "m.csv", rows))})
-    assert e.field == "data.manifest" and "row 5: column 'path': img/ghost.png does not exist" in str(e)
-
-
-def test_empty_label_names_the_row(tmp_path):
-    base = tmp_path / "ds"
-    rows = manifest_rows(base)
-    rows[0]["label"] = ""
-    e = _error(tmp_path, {"manifest": str(write_csv(base / "m.csv", rows))})
-    assert "row 1: column 'label' is empty" in str(e)
+    assert f"{manifest}: {message}" in str(e)
 
 
 def test_empty_dataset(tmp_path):

@@ -136,30 +136,28 @@ def test_hash_tags_are_the_stored_files_sha256(client, trunk_a, make_result):
     assert tags["spec_sha256"] == hashlib.sha256((stored / "head.json").read_bytes()).hexdigest()
 
 
-def test_same_shape_garbage_weights_in_the_store_are_refused(client, trunk_a, make_result):
-    tv = register_trunk(client, trunk_a)
-    result = make_result(trunk_a, "colour")
-    version = register_head(client, result, trunk_version=tv)
-    stored = stored_head_dir(client, "colour", version)
+def _garbage_weights(stored, result):
     torch.manual_seed(7)
     garbage = {k: torch.randn_like(v) for k, v in result.module.state_dict().items()}
     save_file(garbage, str(stored / "head.safetensors"), metadata={"name": "colour"})
-    with pytest.raises(HeadArtifactError) as e:
-        load_head_version(client, "colour", version)
-    assert str(e.value) == ("head.colour v1: head.safetensors does not match the sha256 recorded at registration "
-                            "(tampered or corrupt)")
 
 
-def test_renamed_classes_in_the_store_are_refused(client, trunk_a, make_result):
-    tv = register_trunk(client, trunk_a)
-    version = register_head(client, make_result(trunk_a, "colour"), trunk_version=tv)
-    stored = stored_head_dir(client, "colour", version)
+def _renamed_classes(stored, result):
     spec = json.loads((stored / "head.json").read_text())
     spec["classes"] = ["blue", "green", "red"]  # same count, other meaning: served silently before
     (stored / "head.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+@pytest.mark.parametrize("tamper, file", [(_garbage_weights, "head.safetensors"), (_renamed_classes, "head.json")],
+                         ids=["same-shape garbage weights", "renamed classes"])
+def test_tampered_files_in_the_store_are_refused(client, trunk_a, make_result, tamper, file):
+    tv = register_trunk(client, trunk_a)
+    result = make_result(trunk_a, "colour")
+    version = register_head(client, result, trunk_version=tv)
+    tamper(stored_head_dir(client, "colour", version), result)
     with pytest.raises(HeadArtifactError) as e:
         load_head_version(client, "colour", version)
-    assert str(e.value) == ("head.colour v1: head.json does not match the sha256 recorded at registration "
+    assert str(e.value) == (f"head.colour v1: {file} does not match the sha256 recorded at registration "
                             "(tampered or corrupt)")
 
 

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import queue
-import shutil
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from registry.store.releases import bootstrap_release, get_release, move_alias, 
 from registry.store.tracking import connect, ensure_registered_model
 from registry.store.trunks import register_trunk
 from tests.registry.store.promotion_worker import MARK
-from tests.registry.store.test_server import _free_port, _wait_healthy
+from tests.mlflow_server import mlflow_server
 
 REPO = Path(__file__).resolve().parents[3]
 N = 6
@@ -95,29 +94,9 @@ def promoters(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def race_server(tmp_path_factory, migrated_db):
-    """A real ``mlflow server`` on 127.0.0.1 in its own process group, killed as a group at the end."""
-    root = tmp_path_factory.mktemp("race-server")
-    shutil.copy(migrated_db, root / "mlflow.db")
-    url = f"http://127.0.0.1:{_free_port()}"
-    log = open(root / "server.log", "w+b")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1],
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root, env=_env())
-    try:
-        _wait_healthy(url, proc, log)
+    """A real ``mlflow server``, without this process's MLFLOW_* settings."""
+    with mlflow_server(tmp_path_factory.mktemp("race-server"), migrated_db, env=_env()) as url:
         yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def heads_world(client, trunk, make_result, rounds: int = ROUNDS) -> int:
