@@ -72,4 +72,6 @@ def mlflow_server(root: Path, migrated_db: Path, env: dict[str, str] | None = No
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        with contextlib.suppress(ProcessLookupError):  # workers that outlived the leader
+            os.killpg(proc.pid, signal.SIGKILL)
         log.close()

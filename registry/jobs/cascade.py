@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
 from heads.checks.contract import GoldenResult, Tolerances, check_contract
 from heads.checks.gate import GateReport
@@ -39,6 +38,7 @@ from heads.training.data import data_roots, load_labelled_data
 from registry.jobs.train import train_head_on
 from registry.reports.cascade import log_cascade_report
 from registry.store.heads import (
+    find_head_version_by_tags,
     get_head_version,
     head_metrics,
     head_run_metrics,
@@ -47,6 +47,7 @@ from registry.store.heads import (
     register_head,
 )
 from registry.store.releases import (
+    CANDIDATE,
     PRODUCTION,
     Release,
     ReleaseError,
@@ -55,15 +56,14 @@ from registry.store.releases import (
     get_release,
     move_alias,
 )
-from registry.store.tracking import RegistryError
-from registry.store.trunks import TRUNK_MODEL, get_trunk_version, load_trunk
+from registry.store.tracking import ArtifactError, RegistryError, download_artifact
+from registry.store.trunks import clear_trunk_alias, get_trunk_version, load_trunk, trunk_alias_versions
 from registry.store.workspace import Workspace
 from trunk.decode import ImageError
 from trunk.model import Trunk, TrunkError
 
 log = logging.getLogger(__name__)
 
-CANDIDATE = "candidate"
 CASCADE_TAG = "cascade"
 # What can go wrong with one head without stopping the others: its verdict becomes FAIL.
 HEAD_ERRORS = (HeadConfigError, HeadArtifactError, TrunkError, RegistryError, ImageError, ValueError,
@@ -161,10 +161,7 @@ class CascadeResult:
 def resolve_candidate(client: MlflowClient, candidate: str | int) -> int:
     """The candidate ``trunk`` version: the alias ``candidate`` or a version number."""
     if str(candidate) == CANDIDATE:
-        try:
-            version = client.get_registered_model(TRUNK_MODEL).aliases.get(CANDIDATE)
-        except MlflowException:
-            version = None
+        version = trunk_alias_versions(client).get(CANDIDATE)
         if version is None:
             raise CascadeError("no trunk version has the alias 'candidate': build one with python -m tools.refresh "
                                "candidate=multitask|timm|distill, tools.train_trunk or tools.register_trunk")
@@ -187,19 +184,16 @@ def stored_spec(client: MlflowClient, name: str, version: int, context: dict[str
     source = f"{model_name(name)} v{version} (config/{name}.yaml)"
     with tempfile.TemporaryDirectory(prefix="head-config-") as tmp:
         try:
-            local = client.download_artifacts(mv.run_id, f"config/{name}.yaml", tmp)
-        except MlflowException as e:
-            raise HeadConfigError(source, "<file>", f"cannot be read from MLflow: {str(e).splitlines()[0]}") from None
+            local = download_artifact(client, mv.run_id, f"config/{name}.yaml", tmp)
+        except ArtifactError as e:
+            raise HeadConfigError(source, "<file>", f"cannot be read from MLflow: {e}") from None
         raw = read_config_file(local, source)  # size, alias and parse checks, as for a team's file
     return validate(raw, source, context=context, expected_name=name)
 
 
 def _existing_version(client: MlflowClient, name: str, trunk_id: str, config_sha: str, data_sha: str) -> int | None:
-    found = client.search_model_versions(
-        f"name='{model_name(name)}' and tags.trunk_id='{trunk_id}' and tags.config_sha='{config_sha}' "
-        f"and tags.data_sha='{data_sha}'")
-    versions = sorted(int(v.version) for v in found)
-    return versions[0] if versions else None
+    return find_head_version_by_tags(client, name, {"trunk_id": trunk_id, "config_sha": config_sha,
+                                                    "data_sha": data_sha})
 
 
 def _golden(spec: HeadSpec, trunk: Trunk, head: LoadedHead, device: str, batch_size: int) -> GoldenResult | None:
@@ -325,8 +319,5 @@ def _promote(client: MlflowClient, result: CascadeResult, echo: Callable[[str], 
 
 
 def _clear_candidate_alias(client: MlflowClient, version: int) -> None:
-    try:
-        if str(client.get_registered_model(TRUNK_MODEL).aliases.get(CANDIDATE)) == str(version):
-            client.delete_registered_model_alias(TRUNK_MODEL, CANDIDATE)
-    except MlflowException as e:  # the alias is a convenience; production already moved
-        log.warning("could not clear trunk alias 'candidate': %s", e)
+    # The alias is a convenience; production already moved, so a refusal is only logged.
+    clear_trunk_alias(client, CANDIDATE, version)

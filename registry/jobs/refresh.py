@@ -40,13 +40,7 @@ from registry.jobs.cascade import (
 )
 from registry.store.heads import head_tags
 from registry.store.releases import PRODUCTION, get_release
-from registry.store.trunks import (
-    TRUNK_MODEL,
-    find_trunk_version_by_tag,
-    get_trunk_version,
-    load_trunk,
-    register_trunk,
-)
+from registry.store.trunks import find_trunk_version_by_tag, load_trunk, register_trunk, set_trunk_alias, trunk_metrics
 from registry.store.workspace import Workspace
 from trunk.distill import distill_trunk
 from trunk.images import resolve_inputs
@@ -79,7 +73,7 @@ class Candidate:
 
 def mark_candidate(client: MlflowClient, version: int) -> None:
     """Point the ``trunk`` alias ``candidate`` at a version."""
-    client.set_registered_model_alias(TRUNK_MODEL, CANDIDATE, str(int(version)))
+    set_trunk_alias(client, CANDIDATE, version)
 
 
 def production_specs(client: MlflowClient, workspace: Workspace) -> tuple[Any, list[HeadSpec]]:
@@ -155,8 +149,7 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
     done = find_trunk_version_by_tag(client, DISTILL_RECIPE_TAG, recipe)
     if done is not None:
         mark_candidate(client, done)
-        metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
-        return Candidate(done, load_trunk(client, done), "distill", "reused (same recipe)", dict(metrics))
+        return Candidate(done, load_trunk(client, done), "distill", "reused (same recipe)", trunk_metrics(client, done))
     result = distill_trunk(teacher, student, paths, taps=taps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,
                            num_workers=num_workers, progress=progress)

@@ -28,7 +28,7 @@ from heads.checks.tradeoff import (
 from heads.spec import HeadSpec, validate
 from registry.jobs.train import HeadJobResult, train_head_job
 from registry.store.heads import safe_key
-from registry.store.tracking import experiment_id
+from registry.store.runs import tracked_run
 from registry.store.workspace import Workspace
 from trunk.model import POOLED
 
@@ -92,15 +92,15 @@ def sweep_taps(client: MlflowClient, spec: HeadSpec, taps: Sequence[str], *, wor
         png = plot_tradeoff(points, Path(tmp) / f"tradeoff_{spec.name}.png", title=f"head {spec.name}: accuracy vs cost "
                             f"by tap", chosen=chosen)
         (Path(tmp) / f"tradeoff_{spec.name}.md").write_text("```\n" + table + "\n```\n")
-        run = client.create_run(experiment_id(client, "reports"), run_name=f"tradeoff-{spec.name}",
-                                tags={"head": spec.name, "chosen_tap": chosen.label})
+        metrics = {}
         for p in points:
-            client.log_metric(run.info.run_id, safe_key(f"val_accuracy.{p.label}"), p.accuracy)
-            client.log_metric(run.info.run_id, safe_key(f"added_gflops.{p.label}"), p.cost)
-        client.log_param(run.info.run_id, "tolerance", tolerance)
-        client.log_artifacts(run.info.run_id, tmp)
-        client.set_terminated(run.info.run_id, "FINISHED")
+            metrics[safe_key(f"val_accuracy.{p.label}")] = p.accuracy
+            metrics[safe_key(f"added_gflops.{p.label}")] = p.cost
+        with tracked_run(client, "reports", run_name=f"tradeoff-{spec.name}",
+                         tags={"head": spec.name, "chosen_tap": chosen.label}) as run:
+            run.log(params={"tolerance": tolerance}, metrics=metrics)
+            run.log_folder(tmp)
         out = workspace.root / "reports" / f"tradeoff_{spec.name}.png"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(png.read_bytes())
-    return Sweep(points, pareto_front(points), chosen, table, out, run.info.run_id, jobs)
+    return Sweep(points, pareto_front(points), chosen, table, out, run.run_id, jobs)

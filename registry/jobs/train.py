@@ -28,6 +28,7 @@ from heads.training.fit import fit_head
 from registry.jobs.extract import extract_job
 from registry.store.heads import load_head_version, register_head
 from registry.store.releases import (
+    CANDIDATE,
     PRODUCTION,
     Release,
     ReleaseError,
@@ -37,9 +38,10 @@ from registry.store.releases import (
 )
 from registry.store.trunks import (
     find_trunk_version_by_tag,
-    get_trunk_version,
     load_trunk,
     register_trunk,
+    set_trunk_alias,
+    trunk_metrics,
 )
 from registry.store.workspace import Workspace
 from trunk.loader import iter_decoded
@@ -90,7 +92,7 @@ def adopt_trunk(client: MlflowClient, version: int) -> tuple[str, Release | None
         release = create_release(client, version, {}, expected_production=current.version if current else None,
                                  note=f"trunk v{version}, no heads yet")
         return "production", release
-    client.set_registered_model_alias("trunk", "candidate", str(version))
+    set_trunk_alias(client, CANDIDATE, version)
     return "candidate", None
 
 
@@ -129,8 +131,7 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
         if done is not None:  # the same base, data and settings were trained before: reuse it
             trunk = load_trunk(client, done)
             status, release = adopt_trunk(client, done) if adopt else ("registered", None)
-            metrics = client.get_run(get_trunk_version(client, done).run_id).data.metrics
-            return TrunkJobResult(done, trunk, dict(metrics), f"reused (same recipe), {status}", release)
+            return TrunkJobResult(done, trunk, trunk_metrics(client, done), f"reused (same recipe), {status}", release)
     trained = train_trunk(base, tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
                           progress=progress)

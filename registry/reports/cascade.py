@@ -7,7 +7,6 @@ the candidate trunk version, the starting release and the verdict), and printed.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,9 +16,10 @@ import torch
 from mlflow import MlflowClient
 
 from heads.checks.contract import worst_slice
+from trunk.files import write_json_atomic
 from trunk.speed import compare_trunks, trunk_size
-from registry.store.trunks import load_trunk, metrics_batch
-from registry.store.tracking import experiment_id
+from registry.store.runs import tracked_run
+from registry.store.trunks import load_trunk
 
 COLUMNS = ("head", "production", "candidate", "val_accuracy", "kept", "worst slice", "added GFLOPs", "added ms/img",
            "verdict")
@@ -176,10 +176,10 @@ def log_cascade_report(client: MlflowClient, workspace, result, *, device: str =
     speed = f"; candidate trunk {cost['speedup']:.2f}x the speed" if cost.get("same_input") else ""
     png = plot(result, rows, out / "cascade_report.png", speed)
     outcomes = out / "outcomes.json"
-    outcomes.write_text(json.dumps({n: {"production_version": o.production_version,
-                                        "candidate_version": o.candidate_version, "status": o.status,
-                                        "passed": o.passed, "reason": o.reason, "contract": o.contract.as_dict()}
-                                    for n, o in result.outcomes.items()}, indent=2) + "\n")
+    write_json_atomic(outcomes, {n: {"production_version": o.production_version,
+                                     "candidate_version": o.candidate_version, "status": o.status,
+                                     "passed": o.passed, "reason": o.reason, "contract": o.contract.as_dict()}
+                                 for n, o in result.outcomes.items()}, indent=2)
     tags = {"cascade": result.cascade_id, "candidate_trunk_version": str(result.candidate_version),
             "production_release": str(result.production.version), "verdict": result.verdict}
     if result.promoted is not None:
@@ -193,10 +193,9 @@ def log_cascade_report(client: MlflowClient, workspace, result, *, device: str =
             metrics[f"{r['head']}.candidate_val_accuracy"] = r["_cand_acc"]
         if r["_prod_acc"] is not None:
             metrics[f"{r['head']}.production_val_accuracy"] = r["_prod_acc"]
-    run = client.create_run(experiment_id(client, "cascades"), run_name=f"cascade-{result.cascade_id}", tags=tags)
-    client.log_batch(run.info.run_id, metrics=metrics_batch(metrics))
-    for path in (markdown, png, outcomes):
-        client.log_artifact(run.info.run_id, str(path))
-    client.set_terminated(run.info.run_id, "FINISHED")
+    with tracked_run(client, "cascades", run_name=f"cascade-{result.cascade_id}", tags=tags) as run:
+        run.log(metrics=metrics)
+        for path in (markdown, png, outcomes):
+            run.log_file(path)
     text = "\n".join([trunk_text, format_text(rows)])
-    return {"text": text, "markdown": markdown, "png": png, "run_id": run.info.run_id, "trunk": cost, "rows": rows}
+    return {"text": text, "markdown": markdown, "png": png, "run_id": run.run_id, "trunk": cost, "rows": rows}

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.exceptions import MlflowException
 
-from registry.store.heads import get_head_version, model_name
+from registry.store.heads import get_head_version, head_model_versions
 from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
-from registry.store.tracking import experiment_id, is_not_found
-from registry.store.trunks import TRUNK_MODEL, metrics_batch
+from registry.store.runs import tracked_run
+from registry.store.tracking import run_metrics
+from registry.store.trunks import trunk_alias_versions, trunk_versions
 
 log = logging.getLogger(__name__)
 # A report does not queue long behind a promotion; the next report or promotion marks leftovers.
@@ -51,7 +51,7 @@ def production_table(client: MlflowClient, alias: str = PRODUCTION) -> list[dict
     rows = []
     for name, version in sorted(release.heads.items()):
         mv = get_head_version(client, name, version)
-        metrics = client.get_run(mv.run_id).data.metrics
+        metrics = run_metrics(client, mv.run_id)
         rows.append({"head": name, "version": int(version), "owner": mv.tags.get("owner", ""),
                      "tap": mv.tags.get("tap", ""),
                      **{m: metrics.get(m) for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params")}})
@@ -121,37 +121,12 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> P
 
 
 DEPENDENCY_COLUMNS = ("head", "production", "latest", "latest on trunk", "stale")
-HEAD_PREFIX = model_name("")
-
-
-def _all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
-    """Every result of an MLflow search, across its pages (registered models come 100 a page)."""
-    found: list[Any] = []
-    token = None
-    while True:
-        page = search(filter_string, page_token=token)
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
-
-
-def _head_versions(client: MlflowClient) -> dict[str, list[Any]]:
-    """``{head name: its model versions, oldest first}`` for every registered ``head.<name>``."""
-    models = _all_pages(client.search_registered_models, f"name LIKE '{HEAD_PREFIX}%'")
-    out: dict[str, list[Any]] = {}
-    for model in sorted(models, key=lambda m: m.name):
-        if not model.name.startswith(HEAD_PREFIX):  # SQL LIKE ignores case
-            continue
-        versions = _all_pages(client.search_model_versions, f"name='{model.name}'")
-        out[model.name[len(HEAD_PREFIX):]] = sorted(versions, key=lambda mv: int(mv.version))
-    return out
 
 
 def _trunk_versions_by_id(client: MlflowClient) -> dict[str, int]:
     """``{trunk_id: lowest trunk version}``, for head versions registered without a trunk_version tag."""
     out: dict[str, int] = {}
-    for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'"):
+    for mv in trunk_versions(client):
         trunk_id = mv.tags.get("trunk_id")
         if trunk_id and (trunk_id not in out or int(mv.version) < out[trunk_id]):
             out[trunk_id] = int(mv.version)
@@ -167,15 +142,9 @@ def _trunk_of(mv: Any, by_id: Mapping[str, int]) -> int | None:
 
 def trunk_aliases(client: MlflowClient) -> dict[int, list[str]]:
     """``{trunk version: its aliases on the registered model trunk}`` (e.g. ``candidate``); {} when none."""
-    try:
-        aliases = client.get_registered_model(TRUNK_MODEL).aliases
-    except MlflowException as e:
-        if is_not_found(e):
-            return {}
-        raise
     out: dict[int, list[str]] = {}
-    for alias, version in sorted(aliases.items()):
-        out.setdefault(int(version), []).append(alias)
+    for alias, version in sorted(trunk_alias_versions(client).items()):
+        out.setdefault(version, []).append(alias)
     return dict(sorted(out.items()))
 
 
@@ -194,7 +163,7 @@ def head_dependencies(client: MlflowClient) -> list[dict[str, Any]]:
     release = get_release(client, PRODUCTION)
     by_id = _trunk_versions_by_id(client)
     rows = []
-    for name, versions in _head_versions(client).items():
+    for name, versions in head_model_versions(client).items():
         latest = versions[-1] if versions else None
         by_trunk: dict[int, list[int]] = {}
         for mv in versions:
@@ -231,7 +200,7 @@ def trunk_dependents(client: MlflowClient) -> dict[int, list[str]]:
         version (from each head version's tag ``trunk_version``); every registered trunk
         version is a key, with an empty list when no head was trained on it.
     """
-    trunks = [int(mv.version) for mv in _all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'")]
+    trunks = [int(mv.version) for mv in trunk_versions(client)]
     return _dependents(head_dependencies(client), trunks)
 
 
@@ -325,15 +294,12 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     tags = {"alias": alias}
     if release:
         tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
-    run = client.create_run(experiment_id(client, "reports"), run_name=f"report-{alias}", tags=tags)
-    client.log_batch(run.info.run_id, metrics=metrics_batch(
-        {"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
-         "orphan_releases_marked": len(leftovers["orphan_versions"])}))
-    client.log_artifact(run.info.run_id, str(markdown))
-    client.log_artifact(run.info.run_id, str(png))
-    client.log_artifact(run.info.run_id, str(dependencies_md))
-    client.set_terminated(run.info.run_id, "FINISHED")
+    with tracked_run(client, "reports", run_name=f"report-{alias}", tags=tags) as run:
+        run.log(metrics={"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
+                         "orphan_releases_marked": len(leftovers["orphan_versions"])})
+        for path in (markdown, png, dependencies_md):
+            run.log_file(path)
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
-            "run_id": run.info.run_id, "release": release, "dependencies": dependencies,
+            "run_id": run.run_id, "release": release, "dependencies": dependencies,
             "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,
             "leftovers": leftovers}

@@ -34,8 +34,9 @@ from heads.training.evaluate import plot_confusion
 from heads.checks.gate import GateReport, check_gate
 from heads.result import HeadResult
 from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
-from registry.store.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
-from registry.store.trunks import get_trunk_version, metrics_batch, params_batch
+from registry.store.runs import tracked_run
+from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, is_not_found, run_metrics
+from registry.store.trunks import get_trunk_version
 
 ARTIFACT_PATH = "head"
 REQUIRED_METRICS = ("val_accuracy", "val_macro_f1", "params", "added_gflops", "added_ms_per_image")
@@ -152,28 +153,21 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             "data_sha": result.data_sha, "owner": result.spec.owner, "trunk_version": str(int(trunk_version)),
             "gate": "passed" if gate.passed else "failed", **dict(tags or {})}
     ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
-    run = client.create_run(experiment_id(client, "heads"), run_name=result.name,
-                            tags={"head": result.name, **tags})
-    run_id = run.info.run_id
-    try:
+    with tracked_run(client, "heads", run_name=result.name, tags={"head": result.name, **tags}) as run:
         params = {safe_key(k): v for k, v in flatten(result.spec.config).items()}
         params.update({"classes": ",".join(result.classes), "num_classes": len(result.classes),
                        "in_features": result.in_features, "trunk_version": int(trunk_version)})
-        client.log_batch(run_id, metrics=metrics_batch(metrics), params=params_batch(params))
+        run.log(params=params, metrics=metrics)
         with tempfile.TemporaryDirectory(prefix="head-") as tmp:
             _write_artifacts(result, gate, f"{name} (trunk v{trunk_version})", Path(tmp))
             for file_name, text in (artifacts or {}).items():
                 (Path(tmp) / file_name).write_text(text)
             # Hashed from the very files uploaded next; loading compares the store's copy to them.
             digests = artifact_digests(Path(tmp) / ARTIFACT_PATH)
-            client.log_artifacts(run_id, tmp)
-        mv = client.create_model_version(name, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-                                         run_id=run_id, tags={**tags, **digests},
+            run.log_folder(tmp)
+        mv = client.create_model_version(name, source=f"{run.artifact_uri}/{ARTIFACT_PATH}",
+                                         run_id=run.run_id, tags={**tags, **digests},
                                          description=result.spec.config.get("description") or None)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
     return int(mv.version)
 
 
@@ -278,5 +272,25 @@ def record_head_hashes(client: MlflowClient, name: str, version: int) -> dict[st
 
 def head_metrics(client: MlflowClient, name: str, version: int) -> dict[str, float]:
     """The metrics logged on the run of ``head.<name>`` v<version>."""
-    mv = get_head_version(client, name, version)
-    return dict(client.get_run(mv.run_id).data.metrics)
+    return run_metrics(client, get_head_version(client, name, version).run_id)
+
+
+def find_head_version_by_tags(client: MlflowClient, name: str, tags: Mapping[str, str]) -> int | None:
+    """The lowest version of ``head.<name>`` whose tags include every ``key=value`` of ``tags``, or None."""
+    where = "".join(f" and tags.{key}='{value}'" for key, value in tags.items())
+    found = client.search_model_versions(f"name='{model_name(name)}'{where}")
+    versions = sorted(int(v.version) for v in found)
+    return versions[0] if versions else None
+
+
+def head_model_versions(client: MlflowClient) -> dict[str, list[Any]]:
+    """``{head name: its MLflow model versions, oldest first}`` for every registered ``head.<name>``."""
+    prefix = model_name("")
+    models = all_pages(client.search_registered_models, f"name LIKE '{prefix}%'")
+    out: dict[str, list[Any]] = {}
+    for model in sorted(models, key=lambda m: m.name):
+        if not model.name.startswith(prefix):  # SQL LIKE ignores case
+            continue
+        versions = all_pages(client.search_model_versions, f"name='{model.name}'")
+        out[model.name[len(prefix):]] = sorted(versions, key=lambda mv: int(mv.version))
+    return out

@@ -55,7 +55,7 @@ from mlflow.exceptions import MlflowException
 from heads.store import LoadedHead
 from registry.store.heads import get_head_version, load_head_version, model_name
 from registry.store.lease import Lease, LeaseError, hold
-from registry.store.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
+from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, experiment_id, is_not_found
 from registry.store.trunks import get_trunk_version, load_trunk
 from trunk.model import Trunk
 
@@ -362,19 +362,12 @@ def bootstrap_release(client: MlflowClient, trunk_version: int) -> Release:
 
 def _release_versions(client: MlflowClient, filter_string: str) -> list[Any]:
     """Every ``release`` model version matching the filter, across result pages."""
-    found: list[Any] = []
-    token = None
-    while True:
-        try:
-            page = client.search_model_versions(filter_string, page_token=token)
-        except MlflowException as e:
-            if is_not_found(e):
-                return []
-            raise
-        found.extend(page)
-        token = page.token
-        if not token:
-            return found
+    try:
+        return all_pages(client.search_model_versions, filter_string)
+    except MlflowException as e:
+        if is_not_found(e):
+            return []
+        raise
 
 
 def find_releases_by_tag(client: MlflowClient, key: str, value: str) -> list[int]:

@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import mlflow
@@ -45,6 +47,10 @@ _NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils
 
 class RegistryError(RuntimeError):
     """The registry cannot do what was asked; the message says what and why."""
+
+
+class ArtifactError(RegistryError):
+    """An artifact cannot be read from MLflow; the message is the first line of MLflow's."""
 
 
 def quiet_mlflow() -> None:
@@ -268,3 +274,39 @@ def is_not_found(e: MlflowException) -> bool:
     """True for MLflow's 'does not exist' errors (local stores and servers alike)."""
     return e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
         e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e).lower())
+
+
+def run_metrics(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """The latest value of every metric logged on a run."""
+    return dict(client.get_run(run_id).data.metrics)
+
+
+def download_artifact(client: MlflowClient, run_id: str, path: str, dest: str | Path) -> Path:
+    """Download one artifact (file or folder) of a run into ``dest``; returns its local path.
+
+    Raises:
+        ArtifactError: MLflow cannot give it (missing, unreadable store); the message is
+            the first line of MLflow's own.
+    """
+    try:
+        return Path(client.download_artifacts(run_id, path, str(dest)))
+    except MlflowException as e:
+        raise ArtifactError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+def all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
+    """Every result of an MLflow search, across its pages (registered models come 100 a page).
+
+    Args:
+        search: a paged search method of the client (``search_model_versions``,
+            ``search_registered_models``).
+        filter_string: MLflow's filter.
+    """
+    found: list[Any] = []
+    token = None
+    while True:
+        page = search(filter_string, page_token=token)
+        found.extend(page)
+        token = page.token
+        if not token:
+            return found

@@ -8,23 +8,23 @@ rebuilds the trunk from them and checks that the weights still hash to the versi
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
-from mlflow.utils.time import get_current_time_millis
 
-from registry.store.tracking import RegistryError, ensure_registered_model, experiment_id, is_not_found
+from registry.store.runs import tracked_run
+from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, is_not_found, run_metrics
 from trunk.model import Trunk
 
 TRUNK_MODEL = "trunk"
 ARTIFACT_PATH = "trunk"
-# MLflow's limit on one param value; longer values are cut, not refused.
-MAX_PARAM_CHARS = 6000
+
+log = logging.getLogger(__name__)
 
 
 def find_trunk_version(client: MlflowClient, trunk_id: str) -> int | None:
@@ -58,15 +58,47 @@ def get_trunk_version(client: MlflowClient, version: int):
         raise
 
 
-def params_batch(params: Mapping[str, Any]) -> list[Param]:
-    """MLflow params from a flat mapping (values stringified, cut to MLflow's limit)."""
-    return [Param(str(k), str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
+def trunk_metrics(client: MlflowClient, version: int) -> dict[str, float]:
+    """The metrics logged on the run of ``trunk`` v<version>; RegistryError when missing."""
+    return run_metrics(client, get_trunk_version(client, version).run_id)
 
 
-def metrics_batch(metrics: Mapping[str, Any]) -> list[Metric]:
-    """MLflow metrics at step 0 from a flat mapping of numbers."""
-    now = get_current_time_millis()
-    return [Metric(str(k), float(v), now, 0) for k, v in metrics.items()]
+def trunk_versions(client: MlflowClient) -> list[Any]:
+    """Every MLflow ``ModelVersion`` of ``trunk``, across result pages (empty when none)."""
+    return all_pages(client.search_model_versions, f"name='{TRUNK_MODEL}'")
+
+
+def trunk_alias_versions(client: MlflowClient) -> dict[str, int]:
+    """``{alias: version}`` for the aliases of ``trunk`` (e.g. ``candidate``); {} when it is not registered."""
+    try:
+        aliases = client.get_registered_model(TRUNK_MODEL).aliases
+    except MlflowException as e:
+        if is_not_found(e):
+            return {}
+        raise
+    return {alias: int(version) for alias, version in aliases.items()}
+
+
+def set_trunk_alias(client: MlflowClient, alias: str, version: int) -> None:
+    """Point the ``trunk`` alias ``alias`` at a version."""
+    client.set_registered_model_alias(TRUNK_MODEL, alias, str(int(version)))
+
+
+def clear_trunk_alias(client: MlflowClient, alias: str, version: int) -> bool:
+    """Delete the ``trunk`` alias ``alias`` if it points at ``version``.
+
+    An alias is a convenience: when MLflow refuses, this logs a warning and goes on.
+
+    Returns:
+        True when the alias was deleted.
+    """
+    try:
+        if str(client.get_registered_model(TRUNK_MODEL).aliases.get(alias)) == str(version):
+            client.delete_registered_model_alias(TRUNK_MODEL, alias)
+            return True
+    except MlflowException as e:
+        log.warning("could not clear trunk alias '%s': %s", alias, e)
+    return False
 
 
 def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
@@ -91,25 +123,19 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         return existing
     ensure_registered_model(client, TRUNK_MODEL, "Shared image backbones; one version per trunk_id.")
     tags = {**(tags or {}), "trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
-    run = client.create_run(experiment_id(client, "trunks"), run_name=f"trunk-{trunk.trunk_id}",
-                            tags={**tags, **({"mlflow.note.content": description} if description else {})})
-    run_id = run.info.run_id
-    try:
+    with tracked_run(client, "trunks", run_name=f"trunk-{trunk.trunk_id}",
+                     tags={**tags, **({"mlflow.note.content": description} if description else {})}) as run:
         all_params: dict[str, Any] = {"model_name": trunk.model_name, "trunk_id": trunk.trunk_id,
                                       "preprocess_key": trunk.preprocess_key}
         all_params.update({f"data_config.{k}": v for k, v in trunk.data_config.items()})
         all_params.update({f"model_kwargs.{k}": v for k, v in trunk.model_kwargs.items()})
         all_params.update(params or {})
-        client.log_batch(run_id, metrics=metrics_batch(metrics or {}), params=params_batch(all_params))
+        run.log(params=all_params, metrics=metrics)
         with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
             trunk.save(tmp)
-            client.log_artifacts(run_id, tmp, artifact_path=ARTIFACT_PATH)
-        mv = client.create_model_version(TRUNK_MODEL, source=f"{run.info.artifact_uri}/{ARTIFACT_PATH}",
-                                         run_id=run_id, tags=tags, description=description or None)
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
+            run.log_folder(tmp, artifact_path=ARTIFACT_PATH)
+        mv = client.create_model_version(TRUNK_MODEL, source=f"{run.artifact_uri}/{ARTIFACT_PATH}",
+                                         run_id=run.run_id, tags=tags, description=description or None)
     return int(mv.version)
 
 
