@@ -21,7 +21,7 @@ def main(cfg) -> None:
                       data=OmegaConf.to_container(cfg.data, resolve=True), trunk_tasks=list(cfg.trunk_tasks),
                       head_names=list(cfg.heads), train=OmegaConf.to_container(cfg.train, resolve=True),
                       augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), device=device(cfg),
-                      batch_size=cfg.batch_size, num_workers=num_workers(cfg), progress=cfg.progress)
+                      batch_size=cfg.batch_size, num_workers=num_workers(cfg), progress=cfg.progress, echo=print)
     print("\n".join(format_demo(result, ws, cfg.tracking.get("uri") or tracking_uri(ws.root))))
 
 

@@ -29,7 +29,7 @@ def main(cfg) -> None:
     built, result = refresh_job(
         mlflow_client, ws, build=build, candidate=candidate.name, tolerances=Tolerances(c.tolerance, c.slice_tolerance, c.min_slice_size),
         batch_size=cfg.batch_size, num_workers=workers, device=dev, progress=cfg.progress, promote=cfg.promote,
-        cascade=cfg.cascade)
+        cascade=cfg.cascade, echo=print)
     if built is not None and built.how == "distill":
         f = built.figures
         print(f"student vs teacher: {f.get('speedup_vs_teacher', float('nan')):.2f}x the speed, "

@@ -20,7 +20,7 @@ def main(cfg) -> None:
                        trunk_version=cfg.trunk_version, batch_size=cfg.batch_size, num_workers=num_workers(cfg),
                        device=device(cfg), progress=cfg.progress,
                        pooled_train=OmegaConf.to_container(cfg.pooled_train, resolve=True),
-                       branch_train=OmegaConf.to_container(cfg.branch_train, resolve=True))
+                       branch_train=OmegaConf.to_container(cfg.branch_train, resolve=True), echo=print)
     print(sweep.table)
     print(f"plot: {sweep.png}  (MLflow experiment 'reports', run {sweep.run_id})")
 

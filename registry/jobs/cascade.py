@@ -58,6 +58,7 @@ from registry.store.releases import (
 )
 from registry.store.tracking import ArtifactError, RegistryError, download_artifact
 from registry.store.trunks import clear_trunk_alias, get_trunk_version, load_trunk, trunk_alias_versions
+from registry.reports.summary import narrator
 from registry.store.workspace import Workspace
 from trunk.decode import ImageError
 from trunk.model import Trunk, TrunkError
@@ -233,7 +234,7 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
 def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | int = CANDIDATE,
                 tolerances: Tolerances = Tolerances(), batch_size: int = 64, num_workers: int = 0,
                 device: str = "cpu", progress: bool = True, promote: bool = True,
-                echo: Callable[[str], None] = print) -> CascadeResult:
+                echo: Callable[[str], None] | None = None) -> CascadeResult:
     """Retrain and gate every production head on a candidate trunk; promote everything or nothing.
 
     Args:
@@ -243,7 +244,7 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
         tolerances: platform defaults; each head's ``gate`` block may override them.
         batch_size, num_workers, device, progress: as for head training.
         promote: move production when every head passes (False: gate and report only).
-        echo: receives one line per step.
+        echo: also receives each step's line (every line is logged); the tool passes ``print``.
 
     Returns:
         The outcome per head, the promotion (or why not) and the report's locations.
@@ -262,7 +263,8 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
     trunk = load_trunk(client, tv)
     cid = cascade_id(trunk.trunk_id, production.version)
     result = CascadeResult(cid, tv, trunk, production)
-    echo(f"cascade {cid}: candidate trunk v{tv} ({trunk.model_name}, trunk_id {trunk.trunk_id}) against "
+    say = narrator(log, echo)
+    say(f"cascade {cid}: candidate trunk v{tv} ({trunk.model_name}, trunk_id {trunk.trunk_id}) against "
          f"release v{production.version} (trunk v{production.trunk_version}, {len(production.heads)} heads)")
     context = {"workspace": str(workspace.root)}
     for i, (name, pv) in enumerate(sorted(production.heads.items()), start=1):
@@ -283,19 +285,19 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
                                   prod_metrics, reason=reason)
         result.outcomes[name] = outcome
         got = "-" if outcome.candidate_version is None else f"v{outcome.candidate_version}"
-        echo(f"  [{i}/{len(production.heads)}] {name}: v{pv} -> {got} ({outcome.status}) "
+        say(f"  [{i}/{len(production.heads)}] {name}: v{pv} -> {got} ({outcome.status}) "
              f"{'PASS' if outcome.passed else 'FAIL: ' + outcome.blocking()}")
     if result.passed and promote:
-        result.promoted, result.refused = _promote(client, result, echo)
+        result.promoted, result.refused = _promote(client, result, say)
     result.report = log_cascade_report(client, workspace, result, device=device)
     return result
 
 
-def _promote(client: MlflowClient, result: CascadeResult, echo: Callable[[str], None]
+def _promote(client: MlflowClient, result: CascadeResult, say: Callable[[str], None]
              ) -> tuple[Release | None, str | None]:
     heads = {n: o.candidate_version for n, o in result.outcomes.items() if o.candidate_version is not None}
     expected = result.production.version
-    echo(f"every head passed: promoting trunk v{result.candidate_version} with {len(heads)} heads "
+    say(f"every head passed: promoting trunk v{result.candidate_version} with {len(heads)} heads "
          f"(production must still be release v{expected})")
     try:
         made = find_releases_by_tag(client, CASCADE_TAG, result.cascade_id)
@@ -311,10 +313,10 @@ def _promote(client: MlflowClient, result: CascadeResult, echo: Callable[[str], 
                                      note=f"refresh: trunk v{result.candidate_version} (cascade {result.cascade_id})",
                                      tags={CASCADE_TAG: result.cascade_id})
     except ReleaseError as e:
-        echo(f"promotion refused: {e}")
+        say(f"promotion refused: {e}")
         return None, str(e)
     _clear_candidate_alias(client, result.candidate_version)
-    echo(f"production is now release v{release.version} (trunk v{release.trunk_version})")
+    say(f"production is now release v{release.version} (trunk v{release.trunk_version})")
     return release, None
 
 

@@ -9,6 +9,7 @@ held-out folder -> leaderboard and held-out accuracy against chance.
 from __future__ import annotations
 
 import csv
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,14 +21,15 @@ from mlflow import MlflowClient
 
 from demo.shapes import generate_shapes
 from heads.spec import resolve_head
-from registry.store.releases import PRODUCTION
 from registry.jobs.classify import classify_job
 from registry.jobs.train import train_head_job, train_trunk_job
 from registry.reports.report import log_report
-from registry.reports.summary import classify_lines
-from registry.store.releases import create_release, get_release
+from registry.reports.summary import classify_lines, narrator
+from registry.store.releases import PRODUCTION, create_release, get_release
 from registry.store.workspace import Workspace
 from trunk.model import Trunk
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,8 +63,9 @@ def holdout_accuracy(predictions: Path, labels_csv: Path, attributes: Mapping[st
 def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Sequence[Path],
              data: Mapping[str, Any], trunk_tasks: Sequence[str], head_names: Sequence[str],
              train: Mapping[str, Any], augment_ops: list | None, device: str, batch_size: int, num_workers: int,
-             progress: bool, echo: Callable[[str], None] = print) -> DemoResult:
-    """Run every step of the demo in ``ws``; ``echo`` receives one line per step."""
+             progress: bool, echo: Callable[[str], None] | None = None) -> DemoResult:
+    """Run every step of the demo in ``ws``; each step's line is logged and handed to ``echo`` (the tool: ``print``)."""
+    echo = narrator(log, echo)
     seconds: dict[str, float] = {}
     context = {"workspace": str(ws.root)}
 

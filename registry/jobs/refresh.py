@@ -41,6 +41,7 @@ from registry.jobs.cascade import (
 from registry.store.heads import head_tags
 from registry.store.releases import PRODUCTION, get_release
 from registry.store.trunks import find_trunk_version_by_tag, load_trunk, register_trunk, set_trunk_alias, trunk_metrics
+from registry.reports.summary import narrator
 from registry.store.workspace import Workspace
 from trunk.distill import distill_trunk
 from trunk.images import resolve_inputs
@@ -171,12 +172,12 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
 def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[], Candidate] | None,
                 candidate: str | int = CANDIDATE, tolerances: Tolerances, batch_size: int, num_workers: int,
                 device: str, progress: bool, promote: bool = True, cascade: bool = True,
-                echo: Callable[[str], None] = print) -> tuple[Candidate | None, CascadeResult | None]:
+                echo: Callable[[str], None] | None = None) -> tuple[Candidate | None, CascadeResult | None]:
     """Build a candidate (unless ``build`` is None: use ``candidate``), then run the cascade on it."""
     built = None
     if build is not None:
         built = build()
-        echo(f"candidate trunk v{built.version} ({built.trunk.model_name}, trunk_id {built.trunk.trunk_id}): "
+        narrator(log, echo)(f"candidate trunk v{built.version} ({built.trunk.model_name}, trunk_id {built.trunk.trunk_id}): "
              f"{built.how}, {built.status}")
         candidate = built.version
     if not cascade:

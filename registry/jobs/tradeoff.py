@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import tempfile
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,11 @@ from heads.spec import HeadSpec, validate
 from registry.jobs.train import HeadJobResult, train_head_job
 from registry.store.heads import safe_key
 from registry.store.runs import tracked_run
+from registry.reports.summary import narrator
 from registry.store.workspace import Workspace
 from trunk.model import POOLED
+
+log = logging.getLogger(__name__)
 
 BRANCH_TARGET = "heads.branch.BranchHead"
 LINEAR_TARGET = "heads.modules.LinearHead"
@@ -71,8 +75,10 @@ def variant(spec: HeadSpec, tap: str, pooled_train: Mapping[str, Any] | None = N
 def sweep_taps(client: MlflowClient, spec: HeadSpec, taps: Sequence[str], *, workspace: Workspace,
                tolerance: float, trunk_version: str | int, batch_size: int, num_workers: int, device: str,
                progress: bool, pooled_train: Mapping[str, Any] | None = None,
-               branch_train: Mapping[str, Any] | None = None, echo=print) -> Sweep:
+               branch_train: Mapping[str, Any] | None = None,
+               echo: Callable[[str], None] | None = None) -> Sweep:
     """Train ``spec`` at every tap in ``taps``; log the trade-off; name the cheapest within tolerance."""
+    say = narrator(log, echo)
     jobs: dict[str, HeadJobResult] = {}
     points = []
     for tap in taps:
@@ -84,7 +90,7 @@ def sweep_taps(client: MlflowClient, spec: HeadSpec, taps: Sequence[str], *, wor
         points.append(Point(tap, float(m["val_accuracy"]), float(m["added_gflops"]),
                             {"version": job.version, "added_ms_per_image": m["added_ms_per_image"],
                              "params": m["params"]}))
-        echo(f"  {tap:<12} val_accuracy {m['val_accuracy']:.4f}  added_gflops {m['added_gflops']:.4g}  "
+        say(f"  {tap:<12} val_accuracy {m['val_accuracy']:.4f}  added_gflops {m['added_gflops']:.4g}  "
              f"head.{spec.name} v{job.version}")
     chosen = cheapest_within(points, tolerance)
     table = format_tradeoff(points, chosen, tolerance)

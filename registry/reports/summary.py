@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
+
+
+def narrator(logger: logging.Logger, echo: Callable[[str], None] | None) -> Callable[[str], None]:
+    """One line per step of a long job: always logged (the run's log file), and handed to
+    ``echo`` when the caller wants it shown (the tools pass ``print``); library code never prints.
+    """
+
+    def say(line: str) -> None:
+        logger.info(line)
+        if echo is not None:
+            echo(line)
+
+    return say
 
 
 def _fmt(value: Any) -> str:
