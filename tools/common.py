@@ -15,7 +15,6 @@ on; the tool then exits with the highest status of its failed jobs.
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import re
 import sys
@@ -176,6 +175,8 @@ def tool(config_name: str) -> Callable[..., Any]:
     def decorate(fn: Callable[[DictConfig], Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def task(cfg: DictConfig) -> Any:
+            from registry.store.tracking import quiet_libraries
+
             quiet_libraries()
             multirun = _is_multirun()
             try:
@@ -251,12 +252,6 @@ def _is_multirun() -> bool:
 
 def _job_overrides() -> str:
     return " ".join(HydraConfig.get().overrides.task) if HydraConfig.initialized() else ""
-
-
-def quiet_libraries() -> None:
-    """Keep MLflow's and alembic's INFO chatter out of the tools' output."""
-    for name in ("alembic", "mlflow", "urllib3", "matplotlib", "PIL", "timm"):
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def workspace(cfg: DictConfig):

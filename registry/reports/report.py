@@ -246,8 +246,8 @@ def format_dependencies(rows: Sequence[dict[str, Any]], production_trunk: int | 
     trunks = [t for t in (production_trunk,) if t is not None] + list(by_trunk)
     lines += ["", "heads by trunk version"]
     for trunk_version, heads in _dependents(rows, trunks).items():
-        labels = (["production"] if trunk_version == production_trunk else []) + \
-            [a for a in by_trunk.get(trunk_version, []) if a != "production" or trunk_version != production_trunk]
+        labels = ([PRODUCTION] if trunk_version == production_trunk else []) + \
+            [a for a in by_trunk.get(trunk_version, []) if a != PRODUCTION or trunk_version != production_trunk]
         lines.append(f"trunk v{trunk_version} ({', '.join(labels) or '-'}): {', '.join(heads) or '(no heads)'}")
     return "\n".join(lines)
 

@@ -162,6 +162,13 @@ class ProductionMoved(ReleaseError):
     """The alias no longer points where the caller expected; nothing changed."""
 
 
+def _require_alias(client: MlflowClient, alias: str, expected: int | None) -> None:
+    """Raise :class:`ProductionMoved` unless ``alias`` still points at ``expected``."""
+    current = _alias_version(client, alias)
+    if current != expected:
+        raise _moved(expected, current, alias)
+
+
 def _moved(expected: int | None, current: int | None, alias: str) -> ReleaseError:
     def v(x: int | None) -> str:
         return "none" if x is None else f"v{x}"
@@ -282,13 +289,9 @@ def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str,
     """
     extra = _extra_tags(tags)
     manifest = _checked_manifest(client, trunk_version, heads)
-    current = _alias_version(client, alias)
-    if current != expected_production:
-        raise _moved(expected_production, current, alias)
+    _require_alias(client, alias, expected_production)
     with _alias_lock(client, f"create release ({note or alias})") as lease:
-        current = _alias_version(client, alias)
-        if current != expected_production:
-            raise _moved(expected_production, current, alias)
+        _require_alias(client, alias, expected_production)
         return _make_release(client, lease, manifest, expected=expected_production, note=note, alias=alias,
                              extra=extra)
 
@@ -438,13 +441,9 @@ def move_alias(client: MlflowClient, version: int, *, expected: int | None, alia
             moved since the caller read it. In each case nothing changes.
     """
     target = _consistent_release(client, version)
-    current = _alias_version(client, alias)
-    if current != expected:
-        raise _moved(expected, current, alias)
+    _require_alias(client, alias, expected)
     with _alias_lock(client, f"move {alias} to release v{target.version}") as lease:
-        current = _alias_version(client, alias)
-        if current != expected:
-            raise _moved(expected, current, alias)
+        _require_alias(client, alias, expected)
         lease.check()
         client.set_registered_model_alias(RELEASE_MODEL, alias, str(target.version))
     _adopt(client, target.version)

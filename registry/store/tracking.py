@@ -41,8 +41,9 @@ log = logging.getLogger(__name__)
 
 # Schema migrations and store set-up log at INFO on every fresh database; users
 # running a tool want their own summary, not alembic's.
-_NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow.store.db.utils",
-                  "mlflow.store.model_registry.abstract_store", "mlflow.tracking.fluent")
+_NOISY_LOGGERS = ("alembic", "alembic.runtime.migration", "mlflow", "mlflow.store.db.utils",
+                  "mlflow.store.model_registry.abstract_store", "mlflow.tracking.fluent", "urllib3", "matplotlib",
+                  "PIL", "timm")
 
 
 class RegistryError(RuntimeError):
@@ -53,8 +54,10 @@ class ArtifactError(RegistryError):
     """An artifact cannot be read from MLflow; the message is the first line of MLflow's."""
 
 
-def quiet_mlflow() -> None:
-    """Silence MLflow's and alembic's INFO chatter and download bars (warnings and errors still show)."""
+def quiet_libraries() -> None:
+    """Silence the libraries' INFO chatter (MLflow, alembic, urllib3, matplotlib, Pillow, timm)
+    and MLflow's download bars; their warnings and errors still show. The one such helper:
+    the tools call it at start-up, :func:`connect` on every connection."""
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Every artifact download draws a progress bar; ours are a few small files.
@@ -221,7 +224,7 @@ def connect(workspace: str | Path, uri: str | None = None) -> MlflowClient:
     Returns:
         An ``MlflowClient`` bound to the URI for tracking and the model registry.
     """
-    quiet_mlflow()
+    quiet_libraries()
     uri = uri or tracking_uri(workspace)
     local = is_local_store(uri)
     workspace = Path(workspace).resolve()

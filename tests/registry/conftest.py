@@ -20,9 +20,9 @@ def migrated_db(tmp_path_factory) -> Path:
     """
     from mlflow import MlflowClient
 
-    from registry.store.tracking import quiet_mlflow
+    from registry.store.tracking import quiet_libraries
 
-    quiet_mlflow()
+    quiet_libraries()
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     uri = f"sqlite:///{path}"
     MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()

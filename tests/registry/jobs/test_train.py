@@ -1,6 +1,8 @@
-"""registry.jobs: the jobs behind the tools, on a real SQLite store, tiny trunk, generated shapes."""
+"""registry.jobs.train and .classify: the jobs behind the tools, on a real SQLite store, tiny trunk, generated shapes."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import yaml
@@ -60,8 +62,9 @@ def test_head_job_promotes_then_refuses_a_head_on_another_trunk(client, workspac
     job = train_head_job(client, spec_for(tmp_path, shapes, "colour"), workspace=ws, **JOB)
     assert job.gate.passed and job.release is not None and job.release.heads == {"colour": job.version}
     assert job.extract_summary["new_rows"] == 80
-    # its cost is measured inside the production bank: just itself here
-    assert job.result.metrics["bank_heads"] == 1 and job.result.metrics["added_ms_per_image"] >= 0
+    # its cost is measured inside the production bank: just itself here (the figure is a timing:
+    # its floor-at-zero median is checked on controlled times in tests/heads/training/test_cost.py)
+    assert job.result.metrics["bank_heads"] == 1 and math.isfinite(job.result.metrics["added_ms_per_image"])
     assert "added_ms_per_image_alone" in job.result.metrics
     shape = train_head_job(client, spec_for(tmp_path, shapes, "shape"), workspace=ws, **JOB)
     assert shape.result.metrics["bank_heads"] == 2  # timed beside the production colour head
