@@ -11,7 +11,7 @@ from tools.common import build_trunk, client, tool, workspace
 
 @tool("register_trunk")
 def main(cfg) -> None:
-    from registry.jobs.train import adopt_trunk
+    from registry.jobs.train_trunk import adopt_trunk
     from registry.store.trunks import register_trunk
 
     ws = workspace(cfg)

@@ -13,7 +13,7 @@ from tools.common import build_trunk, client, device, named_head, num_workers, t
 
 @tool("train_trunk")
 def main(cfg) -> None:
-    from registry.jobs.train import train_trunk_job
+    from registry.jobs.train_trunk import train_trunk_job
 
     ws = workspace(cfg)
     specs = [named_head(name, ws) for name in cfg.tasks]

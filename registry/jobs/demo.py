@@ -22,7 +22,8 @@ from mlflow import MlflowClient
 from demo.shapes import generate_shapes
 from heads.spec import resolve_head
 from registry.jobs.classify import classify_job
-from registry.jobs.train import train_head_job, train_trunk_job
+from registry.jobs.train import train_head_job
+from registry.jobs.train_trunk import train_trunk_job
 from registry.reports.report import log_report
 from registry.reports.summary import classify_lines, narrator
 from registry.store.releases import PRODUCTION, create_release, get_release

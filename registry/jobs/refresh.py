@@ -5,7 +5,7 @@ Three ways to build a candidate, each registered as a ``trunk`` version with ali
 
 - ``multitask``: the production trunk retrained multi-task on the union of every
   production head's labelled data (an image adds loss only to the tasks it is labelled
-  for; :func:`registry.jobs.train.train_trunk_job`);
+  for; :func:`registry.jobs.train_trunk.train_trunk_job`);
 - ``timm``: a new timm architecture or weights file, as the ``trunk`` config group says;
 - ``distill``: the production trunk distilled into a smaller student on unlabelled images
   (:func:`trunk.distill.distill_trunk`: features on ``pooled`` and, by default, on the taps
@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 from heads.checks.contract import Tolerances
 from heads.spec import HeadSpec
 from heads.training.data import load_labelled_data
-from registry.jobs.train import train_trunk_job
+from registry.jobs.train_trunk import train_trunk_job
 from registry.jobs.cascade import (
     CANDIDATE,
     CascadeError,

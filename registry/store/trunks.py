@@ -18,11 +18,24 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from registry.store.runs import tracked_run
-from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, is_not_found, run_metrics
+from registry.store.tracking import (
+    ArtifactError,
+    RegistryError,
+    all_pages,
+    download_artifact,
+    ensure_registered_model,
+    is_not_found,
+    run_metrics,
+)
 from trunk.model import Trunk
+from trunk.seen import SeenError, SeenImages
 
 TRUNK_MODEL = "trunk"
 ARTIFACT_PATH = "trunk"
+# What a trunk trained on, by content (trunk.seen): artifact, and version tags naming its digest and size.
+TRAINED_ON_ARTIFACT = "trained_on/images.safetensors"
+TRAINED_ON_TAG = "trained_on_digest"
+TRAINED_ON_COUNT_TAG = "trained_on_images"
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +116,8 @@ def clear_trunk_alias(client: MlflowClient, alias: str, version: int) -> bool:
 
 def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
                    params: Mapping[str, Any] | None = None,
-                   metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None) -> int:
+                   metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
+                   trained_on: SeenImages | None = None) -> int:
     """Register a trunk as a version of ``trunk``, unless its trunk_id already is one.
 
     Args:
@@ -113,6 +127,10 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         params: extra run params (e.g. training settings).
         metrics: run metrics (e.g. training accuracies).
         tags: extra version tags (e.g. the training recipe's fingerprint).
+        trained_on: the images the trunk was trained on, by content; stored as the
+            artifact ``trained_on/images.safetensors`` and tagged with its digest, so
+            heads and cascades can tell seen validation images from unseen ones. None
+            (a trunk from timm or a weights file): unknown.
 
     Returns:
         The version number: the existing one when a version with the same ``trunk_id``
@@ -123,6 +141,8 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         return existing
     ensure_registered_model(client, TRUNK_MODEL, "Shared image backbones; one version per trunk_id.")
     tags = {**(tags or {}), "trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
+    if trained_on is not None:
+        tags.update({TRAINED_ON_TAG: trained_on.digest, TRAINED_ON_COUNT_TAG: str(len(trained_on))})
     with tracked_run(client, "trunks", run_name=f"trunk-{trunk.trunk_id}",
                      tags={**tags, **({"mlflow.note.content": description} if description else {})}) as run:
         all_params: dict[str, Any] = {"model_name": trunk.model_name, "trunk_id": trunk.trunk_id,
@@ -134,6 +154,10 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
             trunk.save(tmp)
             run.log_folder(tmp, artifact_path=ARTIFACT_PATH)
+        if trained_on is not None:
+            with tempfile.TemporaryDirectory(prefix="trained-on-") as tmp:
+                local = trained_on.save(Path(tmp) / Path(TRAINED_ON_ARTIFACT).name)
+                run.log_folder(str(local.parent), artifact_path=str(Path(TRAINED_ON_ARTIFACT).parent))
         mv = client.create_model_version(TRUNK_MODEL, source=f"{run.artifact_uri}/{ARTIFACT_PATH}",
                                          run_id=run.run_id, tags=tags, description=description or None)
     return int(mv.version)
@@ -154,3 +178,24 @@ def load_trunk(client: MlflowClient, version: int) -> Trunk:
         raise RegistryError(f"trunk v{version}: tag 'trunk_id' says {tagged} but its weights hash to "
                             f"{trunk.trunk_id}; the stored artifacts were altered")
     return trunk
+
+
+def trunk_trained_on(client: MlflowClient, version: int) -> SeenImages | None:
+    """The images ``trunk`` v<version> was trained on (by content), or None when it has no record.
+
+    A trunk registered from timm or a weights file has no record: what it saw is unknown.
+
+    Raises:
+        RegistryError: no such version, or the stored set is missing, unreadable or does
+            not hash to the version's ``trained_on_digest`` tag.
+    """
+    mv = get_trunk_version(client, version)
+    digest = mv.tags.get(TRAINED_ON_TAG)
+    if not digest:
+        return None
+    with tempfile.TemporaryDirectory(prefix="trained-on-") as tmp:
+        try:
+            local = download_artifact(client, mv.run_id, TRAINED_ON_ARTIFACT, tmp)
+            return SeenImages.load(local, expected_digest=digest)
+        except (ArtifactError, SeenError) as e:
+            raise RegistryError(f"trunk v{version}: its record of training images cannot be used: {e}") from None

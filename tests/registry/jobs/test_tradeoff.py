@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from heads.spec import load_head_spec
-from registry.jobs.train import adopt_trunk
+from registry.jobs.train_trunk import adopt_trunk
 from registry.store.releases import get_release
 from registry.store.trunks import register_trunk
 from registry.jobs.tradeoff import sweep_taps, variant

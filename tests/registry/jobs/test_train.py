@@ -8,7 +8,8 @@ import pytest
 import yaml
 
 from heads.spec import load_head_spec
-from registry.jobs.train import JobError, adopt_trunk, resolve_trunk, train_head_job, train_trunk_job
+from registry.jobs.train import JobError, resolve_trunk, train_head_job
+from registry.jobs.train_trunk import adopt_trunk, train_trunk_job
 from registry.store.releases import get_release
 from registry.store.trunks import register_trunk
 from registry.store.workspace import Workspace

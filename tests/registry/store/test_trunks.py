@@ -61,3 +61,32 @@ def test_load_refuses_weights_that_do_not_match_the_tag(client, trunk_a):
     client.set_model_version_tag(TRUNK_MODEL, str(version), "trunk_id", "f" * 16)
     with pytest.raises(RegistryError, match="tag 'trunk_id' says ffff"):
         load_trunk(client, version)
+
+
+def _shas(n: int, salt: str = "") -> list[str]:
+    import hashlib
+
+    return [hashlib.sha256(f"{salt}{i}".encode()).hexdigest() for i in range(n)]
+
+
+def test_trained_on_round_trips_and_a_trunk_without_a_record_is_unknown(client, trunk_a, trunk_b):
+    from registry.store.trunks import TRAINED_ON_TAG, trunk_trained_on
+    from trunk.seen import SeenImages
+
+    seen = SeenImages(_shas(50))
+    version = register_trunk(client, trunk_a, trained_on=seen)
+    assert client.get_model_version(TRUNK_MODEL, str(version)).tags[TRAINED_ON_TAG] == seen.digest
+    back = trunk_trained_on(client, version)
+    assert len(back) == 50 and back.digest == seen.digest
+    assert back.count_in(_shas(60)) == 50 and back.count_in(_shas(5, salt="x")) == 0
+    assert trunk_trained_on(client, register_trunk(client, trunk_b)) is None
+
+
+def test_trained_on_refuses_a_record_that_does_not_match_its_tag(client, trunk_a):
+    from registry.store.trunks import TRAINED_ON_TAG, trunk_trained_on
+    from trunk.seen import SeenImages
+
+    version = register_trunk(client, trunk_a, trained_on=SeenImages(_shas(10)))
+    client.set_model_version_tag(TRUNK_MODEL, str(version), TRAINED_ON_TAG, SeenImages(_shas(9)).digest)
+    with pytest.raises(RegistryError, match=f"trunk v{version}: its record of training images cannot be used"):
+        trunk_trained_on(client, version)

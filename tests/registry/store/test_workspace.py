@@ -14,7 +14,8 @@ import yaml
 
 from heads.spec import load_head_spec
 from registry.store.heads import load_head_version
-from registry.jobs.train import adopt_trunk, train_head_job
+from registry.jobs.train import train_head_job
+from registry.jobs.train_trunk import adopt_trunk
 from registry.store.releases import get_release, load_release
 from registry.store.tracking import ARTIFACT_COLUMNS, ARTIFACTS_DIR, RegistryError, adopt_moved_workspace, connect
 from registry.store.trunks import register_trunk
