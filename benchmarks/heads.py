@@ -23,6 +23,7 @@ import itertools
 import platform
 import statistics
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,48 @@ GOALS = {
     "shared8_speedup": (">=", 6.0, "8 separate models / trunk + 8 heads"),
     "cached_training_speedup": (">=", 50.0, "training through frozen trunk / on cached features"),
 }
+
+
+@dataclass(frozen=True)
+class BenchTrunk:
+    """The random-init trunk a benchmark times (its weights' values do not change its speed).
+
+    Attributes:
+        model_name: timm architecture (also of the separate models, where compared).
+        image_size: square input side in pixels.
+        model_kwargs: extra ``timm.create_model`` arguments.
+        seed: the weights (and the benchmark's batches and labels) depend only on it.
+    """
+
+    model_name: str = "resnet18"
+    image_size: int = 224
+    model_kwargs: Mapping[str, Any] | None = None
+    seed: int = 0
+
+    def build(self) -> Trunk:
+        return Trunk(self.model_name, seed=self.seed, model_kwargs=self.model_kwargs,
+                     data_config={"input_size": [3, self.image_size, self.image_size]})
+
+    def describe(self) -> dict[str, Any]:
+        """The keys every result starts with."""
+        return {"model": self.model_name, "image_size": self.image_size}
+
+
+@dataclass(frozen=True)
+class HeadMix:
+    """Which banks of heads :func:`bench_heads` times against the bare trunk.
+
+    Attributes:
+        counts: head counts of the mixed cases (see :func:`make_heads` ``mlp_every``).
+        linear_only: head counts of the linear-only cases (32 is the goal's).
+        mlp_every: every ``mlp_every``-th head of a mixed case is an MLPHead.
+        num_classes: outputs per head.
+    """
+
+    counts: Sequence[int] = (1, 8, 32)
+    linear_only: Sequence[int] = (32,)
+    mlp_every: int = 4
+    num_classes: int = 10
 
 
 def make_batches(
@@ -137,10 +180,7 @@ def bench_heads(
     trunk: Trunk,
     batches: Sequence[torch.Tensor],
     *,
-    counts: Sequence[int] = (1, 8, 32),
-    linear_only: Sequence[int] = (32,),
-    mlp_every: int = 4,
-    num_classes: int = 10,
+    mix: HeadMix = HeadMix(),
     warmup: int = 1,
     repeats: int = 5,
     device: str | torch.device = "cpu",
@@ -150,10 +190,7 @@ def bench_heads(
     Args:
         trunk: the trunk, already on ``device``.
         batches: from :func:`make_batches`.
-        counts: head counts of the mixed cases (see :func:`make_heads` ``mlp_every``).
-        linear_only: head counts of the linear-only cases.
-        mlp_every: mix of the mixed cases.
-        num_classes: outputs per head.
+        mix: the banks of heads to time.
         warmup: untimed passes per contender.
         repeats: timed passes per contender.
         device: where trunk and batches live.
@@ -163,11 +200,11 @@ def bench_heads(
         "ms", "ratio"}, ...]}``; ``ratio`` is time(trunk + heads) / time(trunk).
     """
     width = trunk.tap(POOLED).channels
-    specs = [(n, mlp_every) for n in counts] + [(n, 0) for n in linear_only]
+    specs = [(n, mix.mlp_every) for n in mix.counts] + [(n, 0) for n in mix.linear_only]
     banks: dict[str, HeadBank] = {}
     meta: dict[str, dict[str, int]] = {}
     for n, every in specs:
-        heads = make_heads(n, width, mlp_every=every, num_classes=num_classes, seed=n)
+        heads = make_heads(n, width, mlp_every=every, num_classes=mix.num_classes, seed=n)
         n_mlp = sum(isinstance(h.module, MLPHead) for h in heads.values())
         case = f"trunk+{n} {'mixed' if every else 'linear'}"
         banks[case] = HeadBank(heads).to(device)
@@ -206,8 +243,7 @@ def bench_separate(
     batches: Sequence[torch.Tensor],
     *,
     n_models: int = 8,
-    mlp_every: int = 4,
-    num_classes: int = 10,
+    mix: HeadMix = HeadMix(),
     warmup: int = 1,
     repeats: int = 5,
     device: str | torch.device = "cpu",
@@ -221,8 +257,8 @@ def bench_separate(
         trunk: the shared trunk, already on ``device``; its architecture is copied.
         batches: from :func:`make_batches`.
         n_models: separate models, and heads on the shared trunk.
-        mlp_every: mix of the shared trunk's heads (see :func:`make_heads`).
-        num_classes: outputs per head and per model.
+        mix: ``mlp_every``: the shared trunk's heads (see :func:`make_heads`); ``num_classes``:
+            outputs per head and per model (its head counts are not used here).
         warmup: untimed passes per contender.
         repeats: timed passes per contender.
         device: where everything runs.
@@ -231,10 +267,10 @@ def bench_separate(
         ``{"n_models", "shared_ms", "separate_ms", "speedup"}``: ms per batch, and
         time(separate) / time(shared).
     """
-    heads = make_heads(n_models, trunk.tap(POOLED).channels, mlp_every=mlp_every, num_classes=num_classes,
+    heads = make_heads(n_models, trunk.tap(POOLED).channels, mlp_every=mix.mlp_every, num_classes=mix.num_classes,
                        seed=1000 + n_models)
     bank = HeadBank(heads).to(device)
-    models = [_FullModel(trunk.model_name, num_classes, trunk.model_kwargs, seed=i).to(device).eval()
+    models = [_FullModel(trunk.model_name, mix.num_classes, trunk.model_kwargs, seed=i).to(device).eval()
               for i in range(n_models)]
 
     def shared(x: torch.Tensor) -> None:
@@ -397,62 +433,49 @@ def _device_name(device: torch.device) -> str:
 
 
 def run_benchmark(
-    model_name: str = "resnet18",
+    setup: BenchTrunk = BenchTrunk(),
     *,
-    image_size: int = 224,
+    mix: HeadMix = HeadMix(),
     batch_size: int = 4,
     n_batches: int = 2,
     warmup: int = 1,
     repeats: int = 15,
     separate_repeats: int = 5,
-    head_counts: Sequence[int] = (1, 8, 32),
-    linear_only: Sequence[int] = (32,),
-    mlp_every: int = 4,
-    num_classes: int = 10,
     n_models: int = 8,
     train_epochs: int = 3,
     train_repeats: int = 5,
     device: str | torch.device = "cpu",
-    seed: int = 0,
-    model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """All three comparisons on one random-init trunk; a JSON-able result with goals.
 
     Args:
-        model_name: timm architecture of the trunk and of the separate models.
-        image_size: square input side in pixels.
+        setup: the trunk (and separate models') architecture, input side and seed;
+            batches and labels depend only on the seed too.
+        mix: the trunk + N heads cases (:func:`bench_heads`); its ``mlp_every`` and
+            ``num_classes`` also shape the separate-models and training comparisons.
         batch_size: images per batch.
         n_batches: batches per timed pass.
         warmup: untimed passes per contender.
         repeats: timed passes per contender for trunk + N heads.
         separate_repeats: timed passes per contender for the separate-models comparison
             (the slowest: every pass runs ``n_models + 1`` backbones).
-        head_counts: head counts of the mixed trunk + heads cases.
-        linear_only: head counts of the linear-only cases (32 is the goal's).
-        mlp_every: every ``mlp_every``-th head of a mixed case is an MLPHead.
-        num_classes: outputs per head and per separate model.
         n_models: separate full models (and heads on the shared trunk) to compare.
         train_epochs: epochs of each head training run.
         train_repeats: timed runs per training contender.
         device: where everything runs.
-        seed: trunk weights, batches and labels depend only on it.
-        model_kwargs: extra ``timm.create_model`` arguments.
     """
     device = torch.device(device)
-    trunk = Trunk(model_name, seed=seed, model_kwargs=model_kwargs,
-                  data_config={"input_size": [3, image_size, image_size]}).to(device).eval()
-    batches = make_batches(trunk.data_config["input_size"], batch_size, n_batches, seed=seed, device=device)
-    common = {"num_classes": num_classes, "warmup": warmup, "device": device}
+    trunk = setup.build().to(device).eval()
+    batches = make_batches(trunk.data_config["input_size"], batch_size, n_batches, seed=setup.seed, device=device)
+    common = {"warmup": warmup, "device": device}
     cases = {
-        "heads": bench_heads(trunk, batches, counts=head_counts, linear_only=linear_only, mlp_every=mlp_every,
-                             repeats=repeats, **common),
-        "separate": bench_separate(trunk, batches, n_models=n_models, mlp_every=mlp_every,
-                                   repeats=separate_repeats, **common),
-        "training": bench_training(trunk, batches, epochs=train_epochs, repeats=train_repeats, seed=seed, **common),
+        "heads": bench_heads(trunk, batches, mix=mix, repeats=repeats, **common),
+        "separate": bench_separate(trunk, batches, n_models=n_models, mix=mix, repeats=separate_repeats, **common),
+        "training": bench_training(trunk, batches, epochs=train_epochs, repeats=train_repeats, seed=setup.seed,
+                                   num_classes=mix.num_classes, **common),
     }
     return {
-        "model": model_name,
-        "image_size": image_size,
+        **setup.describe(),
         **environment(device),
         "batch_size": batch_size,
         "n_batches": n_batches,

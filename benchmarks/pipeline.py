@@ -36,12 +36,12 @@ import torch
 from PIL import Image
 
 from heads.bank import HeadBank
-from benchmarks.heads import environment, make_heads
+from benchmarks.heads import BenchTrunk, environment, make_heads
 from heads.classify.engine import classify
 from heads.predict import BatchPredictor
 from trunk.timing import interleaved
 from trunk.loader import iter_decoded
-from trunk.model import POOLED, Trunk
+from trunk.model import POOLED
 from trunk.preprocess import decode_side, eval_transform
 
 GOAL = 0.85
@@ -82,9 +82,8 @@ def _decoded(paths: Sequence[Path], transform, draft_side, batch_size: int, num_
 
 
 def run_pipeline_benchmark(
-    model_name: str = "resnet18",
+    setup: BenchTrunk = BenchTrunk(),
     *,
-    image_size: int = 224,
     n_images: int = 256,
     photo_size: tuple[int, int] = (640, 480),
     batch_size: int = 32,
@@ -93,15 +92,13 @@ def run_pipeline_benchmark(
     warmup: int = 1,
     repeats: int = 5,
     device: str | torch.device = "cpu",
-    seed: int = 0,
     images_dir: str | Path | None = None,
-    model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Images/s of decode-only, trunk-only and end-to-end classification; JSON-able.
 
     Args:
-        model_name: timm architecture of the trunk (random init).
-        image_size: the trunk's square input side.
+        setup: the trunk (random init), its input side and the seed the weights and
+            images depend on.
         n_images: JPEG files per pass.
         photo_size: their ``(width, height)``.
         batch_size: images per batch, in every contender.
@@ -110,13 +107,11 @@ def run_pipeline_benchmark(
         warmup: untimed passes per contender.
         repeats: timed passes per contender.
         device: where the trunk runs.
-        seed: weights and images depend only on it.
         images_dir: where the JPEGs are written (reused when present); None: a temp folder.
-        model_kwargs: extra ``timm.create_model`` arguments.
     """
     device = torch.device(device)
-    trunk = Trunk(model_name, seed=seed, model_kwargs=model_kwargs,
-                  data_config={"input_size": [3, image_size, image_size]})
+    trunk = setup.build()
+    seed = setup.seed
     width = trunk.tap(POOLED).channels
     bank = HeadBank(make_heads(n_heads, width, num_classes=10, mlp_every=4, seed=seed))
     predictor = BatchPredictor(trunk, bank, device)
@@ -156,8 +151,7 @@ def run_pipeline_benchmark(
     median = {name: float(statistics.median(v)) for name, v in ips.items()}
     ratio = float(statistics.median(per_round))
     return {
-        "model": model_name,
-        "image_size": image_size,
+        **setup.describe(),
         "n_images": n_images,
         "photo_size": list(photo_size),
         "bytes_per_image": round(bytes_per_image),

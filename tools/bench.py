@@ -23,17 +23,24 @@ def run(cfg: DictConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     if cfg.suite == "pipeline":  # the schema allows heads or pipeline
         return run_pipeline(cfg)
-    from benchmarks.heads import format_table, run_benchmark
+    from benchmarks.heads import HeadMix, format_table, run_benchmark
 
-    dev = device(cfg)
+    mix = HeadMix(counts=list(cfg.head_counts), linear_only=list(cfg.linear_only), mlp_every=cfg.mlp_every,
+                  num_classes=cfg.num_classes)
     result = run_benchmark(
-        cfg.model, image_size=cfg.image_size, batch_size=cfg.batch_size, n_batches=cfg.n_batches,
-        warmup=cfg.warmup, repeats=cfg.repeats, separate_repeats=cfg.separate_repeats,
-        train_repeats=cfg.train_repeats, head_counts=list(cfg.head_counts), linear_only=list(cfg.linear_only),
-        mlp_every=cfg.mlp_every, num_classes=cfg.num_classes, n_models=cfg.n_models,
-        train_epochs=cfg.train_epochs, device=dev, seed=cfg.seed, model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True),
+        bench_trunk(cfg), mix=mix, batch_size=cfg.batch_size, n_batches=cfg.n_batches, warmup=cfg.warmup,
+        repeats=cfg.repeats, separate_repeats=cfg.separate_repeats, n_models=cfg.n_models,
+        train_epochs=cfg.train_epochs, train_repeats=cfg.train_repeats, device=device(cfg),
     )
     return _publish(cfg, result, format_table(result), f"{result['device']}.json")
+
+
+def bench_trunk(cfg: DictConfig):
+    """The benchmarked trunk's settings (shared by both suites)."""
+    from benchmarks.heads import BenchTrunk
+
+    return BenchTrunk(cfg.model, image_size=cfg.image_size,
+                      model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True), seed=cfg.seed)
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -42,10 +49,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
     p = cfg.pipeline
     result = run_pipeline_benchmark(
-        cfg.model, image_size=cfg.image_size, n_images=p.n_images, photo_size=tuple(p.photo_size),
-        batch_size=p.batch_size, num_workers=num_workers(p), n_heads=p.n_heads, warmup=cfg.warmup,
-        repeats=p.repeats, device=device(cfg), seed=cfg.seed, images_dir=p.images_dir,
-        model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True),
+        bench_trunk(cfg), n_images=p.n_images, photo_size=tuple(p.photo_size), batch_size=p.batch_size,
+        num_workers=num_workers(p), n_heads=p.n_heads, warmup=cfg.warmup, repeats=p.repeats, device=device(cfg),
+        images_dir=p.images_dir,
     )
     return _publish(cfg, result, format_pipeline_table(result), f"{result['device']}-pipeline.json")
 

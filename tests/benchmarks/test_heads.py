@@ -12,6 +12,8 @@ from hydra import compose, initialize_config_dir
 from heads.bank import HeadBank
 from benchmarks.heads import (
     GOALS,
+    BenchTrunk,
+    HeadMix,
     bench_heads,
     bench_separate,
     bench_training,
@@ -88,7 +90,7 @@ def small():
 
 def test_bench_heads_reports_every_case_against_the_bare_trunk(small):
     trunk, batches = small
-    out = bench_heads(trunk, batches, counts=(1, 8), linear_only=(32,), warmup=0, repeats=2)
+    out = bench_heads(trunk, batches, mix=HeadMix(counts=(1, 8), linear_only=(32,)), warmup=0, repeats=2)
     assert positive_finite(out["trunk_ms"])
     assert [c["case"] for c in out["cases"]] == ["trunk+1 mixed", "trunk+8 mixed", "trunk+32 linear"]
     assert [(c["n_linear"], c["n_mlp"]) for c in out["cases"]] == [(1, 0), (6, 2), (32, 0)]
@@ -155,8 +157,9 @@ def check_result(result: dict) -> None:
 
 
 def test_run_benchmark_writes_json_and_a_table(tmp_path):
-    result = run_benchmark("test_resnet", image_size=32, batch_size=2, n_batches=1, warmup=0, repeats=1,
-                           separate_repeats=1, train_repeats=1, head_counts=(1,), n_models=8, train_epochs=1)
+    result = run_benchmark(BenchTrunk("test_resnet", image_size=32), mix=HeadMix(counts=(1,)), batch_size=2,
+                           n_batches=1, warmup=0, repeats=1, separate_repeats=1, train_repeats=1, n_models=8,
+                           train_epochs=1)
     check_result(result)
     path = write_result(result, tmp_path / "out" / "cpu.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(result))
@@ -186,7 +189,7 @@ def test_tool_config_composes_and_runs(tmp_path, capsys):
 def test_pipeline_benchmark_measures_every_stage_on_the_same_files(tmp_path):
     from benchmarks.pipeline import format_pipeline_table, run_pipeline_benchmark, write_photos
 
-    result = run_pipeline_benchmark("test_resnet", image_size=32, n_images=8, photo_size=(96, 64), batch_size=4,
+    result = run_pipeline_benchmark(BenchTrunk("test_resnet", image_size=32), n_images=8, photo_size=(96, 64), batch_size=4,
                                     num_workers=0, n_heads=3, warmup=0, repeats=2, images_dir=tmp_path / "img")
     ips = result["images_per_s"]
     assert set(ips) == {"decode", "decode_full", "trunk", "end_to_end"} and all(v > 0 for v in ips.values())
