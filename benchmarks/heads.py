@@ -56,16 +56,20 @@ class BenchTrunk:
         image_size: square input side in pixels.
         model_kwargs: extra ``timm.create_model`` arguments.
         seed: the weights (and the benchmark's batches and labels) depend only on it.
+        device: where the trunk and everything compared with it run.
     """
 
     model_name: str = "resnet18"
     image_size: int = 224
     model_kwargs: Mapping[str, Any] | None = None
     seed: int = 0
+    device: str | torch.device = "cpu"
 
     def build(self) -> Trunk:
-        return Trunk(self.model_name, seed=self.seed, model_kwargs=self.model_kwargs,
-                     data_config={"input_size": [3, self.image_size, self.image_size]})
+        """The trunk, in eval mode on :attr:`device`."""
+        trunk = Trunk(self.model_name, seed=self.seed, model_kwargs=self.model_kwargs,
+                      data_config={"input_size": [3, self.image_size, self.image_size]})
+        return trunk.to(torch.device(self.device)).eval()
 
     def describe(self) -> dict[str, Any]:
         """The keys every result starts with."""
@@ -444,13 +448,12 @@ def run_benchmark(
     n_models: int = 8,
     train_epochs: int = 3,
     train_repeats: int = 5,
-    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """All three comparisons on one random-init trunk; a JSON-able result with goals.
 
     Args:
-        setup: the trunk (and separate models') architecture, input side and seed;
-            batches and labels depend only on the seed too.
+        setup: the trunk (and separate models') architecture, input side, seed and
+            device; batches and labels depend only on the seed too.
         mix: the trunk + N heads cases (:func:`bench_heads`); its ``mlp_every`` and
             ``num_classes`` also shape the separate-models and training comparisons.
         batch_size: images per batch.
@@ -462,10 +465,9 @@ def run_benchmark(
         n_models: separate full models (and heads on the shared trunk) to compare.
         train_epochs: epochs of each head training run.
         train_repeats: timed runs per training contender.
-        device: where everything runs.
     """
-    device = torch.device(device)
-    trunk = setup.build().to(device).eval()
+    device = torch.device(setup.device)
+    trunk = setup.build()
     batches = make_batches(trunk.data_config["input_size"], batch_size, n_batches, seed=setup.seed, device=device)
     common = {"warmup": warmup, "device": device}
     cases = {

@@ -91,14 +91,13 @@ def run_pipeline_benchmark(
     n_heads: int = 8,
     warmup: int = 1,
     repeats: int = 5,
-    device: str | torch.device = "cpu",
     images_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Images/s of decode-only, trunk-only and end-to-end classification; JSON-able.
 
     Args:
-        setup: the trunk (random init), its input side and the seed the weights and
-            images depend on.
+        setup: the trunk (random init), its input side, where it runs, and the seed
+            the weights and images depend on.
         n_images: JPEG files per pass.
         photo_size: their ``(width, height)``.
         batch_size: images per batch, in every contender.
@@ -106,10 +105,9 @@ def run_pipeline_benchmark(
         n_heads: heads in the bank, every 4th an MLP head, the rest linear.
         warmup: untimed passes per contender.
         repeats: timed passes per contender.
-        device: where the trunk runs.
         images_dir: where the JPEGs are written (reused when present); None: a temp folder.
     """
-    device = torch.device(device)
+    device = torch.device(setup.device)
     trunk = setup.build()
     seed = setup.seed
     width = trunk.tap(POOLED).channels

@@ -30,7 +30,7 @@ def run(cfg: DictConfig) -> dict:
     result = run_benchmark(
         bench_trunk(cfg), mix=mix, batch_size=cfg.batch_size, n_batches=cfg.n_batches, warmup=cfg.warmup,
         repeats=cfg.repeats, separate_repeats=cfg.separate_repeats, n_models=cfg.n_models,
-        train_epochs=cfg.train_epochs, train_repeats=cfg.train_repeats, device=device(cfg),
+        train_epochs=cfg.train_epochs, train_repeats=cfg.train_repeats,
     )
     return _publish(cfg, result, format_table(result), f"{result['device']}.json")
 
@@ -40,7 +40,8 @@ def bench_trunk(cfg: DictConfig):
     from benchmarks.heads import BenchTrunk
 
     return BenchTrunk(cfg.model, image_size=cfg.image_size,
-                      model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True), seed=cfg.seed)
+                      model_kwargs=OmegaConf.to_container(cfg.model_kwargs, resolve=True), seed=cfg.seed,
+                      device=device(cfg))
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -50,7 +51,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
     p = cfg.pipeline
     result = run_pipeline_benchmark(
         bench_trunk(cfg), n_images=p.n_images, photo_size=tuple(p.photo_size), batch_size=p.batch_size,
-        num_workers=num_workers(p), n_heads=p.n_heads, warmup=cfg.warmup, repeats=p.repeats, device=device(cfg),
+        num_workers=num_workers(p), n_heads=p.n_heads, warmup=cfg.warmup, repeats=p.repeats,
         images_dir=p.images_dir,
     )
     return _publish(cfg, result, format_pipeline_table(result), f"{result['device']}-pipeline.json")
