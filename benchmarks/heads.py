@@ -35,7 +35,7 @@ from heads.bank import HeadBank
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead
 from trunk.files import write_json_atomic
-from trunk.timing import interleaved
+from trunk.timing import interleaved, times_faster
 from trunk.loop import fit
 from trunk.model import POOLED, Trunk
 
@@ -508,11 +508,13 @@ def format_table(result: Mapping[str, Any]) -> str:
     lines += [
         "",
         f"{'shared trunk + ' + str(sep['n_models']) + ' heads':<28}{sep['shared_ms']:>12.2f}",
-        f"{str(sep['n_models']) + ' separate models':<28}{sep['separate_ms']:>12.2f}{sep['speedup']:>9.2f}x",
+        f"{str(sep['n_models']) + ' separate models':<28}{sep['separate_ms']:>12.2f}"
+        f"  shared trunk {times_faster(sep['speedup'])}",
         "",
         f"head training, {train['epochs']} epochs x {train['n_images']} images (ms per run):",
         f"{'  on cached features':<28}{train['cached_ms']:>12.2f}",
-        f"{'  through frozen trunk':<28}{train['through_trunk_ms']:>12.2f}{train['speedup']:>9.1f}x",
+        f"{'  through frozen trunk':<28}{train['through_trunk_ms']:>12.2f}"
+        f"  cached {times_faster(train['speedup'], 1)}",
         f"{'  (one-off extraction)':<28}{train['extract_ms']:>12.2f}",
         "",
         "goals:",

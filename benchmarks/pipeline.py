@@ -39,7 +39,7 @@ from heads.bank import HeadBank
 from benchmarks.heads import BenchTrunk, environment, make_heads
 from heads.classify.engine import classify
 from heads.predict import BatchPredictor
-from trunk.timing import interleaved
+from trunk.timing import interleaved, times_faster
 from trunk.loader import iter_decoded
 from trunk.model import POOLED
 from trunk.preprocess import decode_side, eval_transform
@@ -188,7 +188,7 @@ def format_pipeline_table(result: Mapping[str, Any]) -> str:
         f"{'if both stages share the cores':<34}{result['shared_cores_bound']:>10.1f}"
         f"  (end to end = {result['end_to_end_vs_shared_cores_bound']:.2f}x this)",
         "",
-        f"bottleneck: {result['bottleneck']}; draft mode decodes {result['draft_decode_speedup']:.2f}x faster",
+        f"bottleneck: {result['bottleneck']}; draft mode decodes {times_faster(result['draft_decode_speedup'])}",
     ]
     goal = result["goal"]
     verdict = "PASS" if goal["passed"] else "FAIL"

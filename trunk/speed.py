@@ -2,8 +2,9 @@
 
 Used to tell what a distilled student buys over its teacher. Both trunks run on the very
 same batch, interleaved round by round (:func:`trunk.timing.interleaved`), so load on a
-shared machine hits both alike; the speedup is the median of per-round ratios, which
-stays steady even when absolute times drift. FLOPs are counted on one image with
+shared machine hits both alike. The stated ``speedup`` is the ratio of the two median
+times that are reported beside it (so the sentence and the milliseconds always agree); the
+spread of the per-round ratios says how steady it was. FLOPs are counted on one image with
 ``torch.utils.flop_counter.FlopCounterMode`` (matrix products and convolutions, 2 FLOPs
 per multiply-add), as :mod:`heads.training.cost` does for heads.
 """
@@ -11,12 +12,11 @@ per multiply-add), as :mod:`heads.training.cost` does for heads.
 from __future__ import annotations
 
 import copy
-import statistics
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from trunk.timing import interleaved
+from trunk.timing import interleaved, spread
 from trunk.model import POOLED, Trunk
 
 
@@ -45,6 +45,7 @@ def compare_trunks(
     device: str | torch.device = "cpu",
     repeats: int = 20,
     warmup: int = 3,
+    warmup_s: float = 0.5,
 ) -> dict[str, float]:
     """Time, FLOPs and parameters of two trunks' ``pooled`` forward on the same batch.
 
@@ -58,10 +59,14 @@ def compare_trunks(
         device: where to run.
         repeats: timed rounds; each round runs both trunks once, in rotating order.
         warmup: untimed rounds first.
+        warmup_s: at least this many seconds of untimed rounds (see :func:`trunk.timing.interleaved`).
 
     Returns:
         ``teacher_ms_per_image`` and ``student_ms_per_image`` (median round over the batch
-        size), ``speedup`` (median of per-round teacher/student time ratios),
+        size) with their quartiles ``teacher_ms_per_image_q1`` / ``_q3`` and
+        ``student_ms_per_image_q1`` / ``_q3``, ``speedup`` (teacher / student of those two
+        medians: above 1 the student is faster), ``speedup_q1`` and ``speedup_q3`` (quartiles
+        of the per-round teacher/student ratios, the spread of ``speedup``), ``rounds``,
         ``teacher_gflops`` and ``student_gflops`` (per image), ``flops_ratio``
         (teacher/student), ``teacher_params`` and ``student_params``.
 
@@ -78,12 +83,22 @@ def compare_trunks(
         gflops = {name: _gflops(t, x[:1]) for name, t in trunks.items()}
         # Default arguments bind each trunk now, not the loop variable's last value.
         times = interleaved({name: (lambda t=t: t(x, [POOLED])) for name, t in trunks.items()},
-                            warmup=warmup, repeats=repeats, device=device)
-    ratios = [a / b for a, b in zip(times["teacher"], times["student"])]
+                            warmup=warmup, repeats=repeats, device=device, warmup_s=warmup_s)
+    teacher_ms, student_ms = spread(times["teacher"]), spread(times["student"])
+    # The ratio stated is the one of the medians stated: a median of per-round ratios can
+    # disagree with them (even its direction) when rounds are noisy, so it only gives the spread.
+    ratios = spread([a / b for a, b in zip(times["teacher"], times["student"])])
     out: dict[str, float] = {
-        "teacher_ms_per_image": statistics.median(times["teacher"]) / batch,
-        "student_ms_per_image": statistics.median(times["student"]) / batch,
-        "speedup": statistics.median(ratios),
+        "teacher_ms_per_image": teacher_ms["median"] / batch,
+        "teacher_ms_per_image_q1": teacher_ms["q1"] / batch,
+        "teacher_ms_per_image_q3": teacher_ms["q3"] / batch,
+        "student_ms_per_image": student_ms["median"] / batch,
+        "student_ms_per_image_q1": student_ms["q1"] / batch,
+        "student_ms_per_image_q3": student_ms["q3"] / batch,
+        "speedup": teacher_ms["median"] / student_ms["median"] if student_ms["median"] > 0 else float("inf"),
+        "speedup_q1": ratios["q1"],
+        "speedup_q3": ratios["q3"],
+        "rounds": repeats,
         "teacher_gflops": gflops["teacher"],
         "student_gflops": gflops["student"],
         "flops_ratio": gflops["teacher"] / gflops["student"] if gflops["student"] > 0 else float("inf"),

@@ -16,8 +16,10 @@ import torch
 from mlflow import MlflowClient
 
 from heads.checks.contract import worst_slice
+from heads.training.cost import format_ms
 from trunk.files import write_json_atomic
 from trunk.speed import compare_trunks, trunk_size
+from trunk.timing import speed_phrase
 from registry.store.runs import tracked_run
 from registry.store.trunks import load_trunk
 
@@ -33,6 +35,15 @@ def _change(a: float | None, b: float | None, fmt: str = "{:.3g}") -> str:
     if a is None and b is None:
         return "-"
     return f"{'-' if a is None else fmt.format(a)} -> {'-' if b is None else fmt.format(b)}"
+
+
+def _ms_change(prod: dict[str, Any], cand: dict[str, Any]) -> str:
+    """Added ms per image, production -> candidate, each with its spread or marked as below timing noise."""
+    a, b = prod.get("added_ms_per_image"), cand.get("added_ms_per_image")
+    if a is None and b is None:
+        return "-"
+    return (f"{format_ms(a, prod.get('added_ms_per_image_spread'))} -> "
+            f"{format_ms(b, cand.get('added_ms_per_image_spread'))}")
 
 
 def head_rows(result) -> list[dict[str, Any]]:
@@ -54,8 +65,7 @@ def head_rows(result) -> list[dict[str, Any]]:
             "kept": "-" if not pa or ca is None else f"{ca / pa:.1%}",
             "worst slice": worst_text,
             "added GFLOPs": _change(prod.get("added_gflops"), cand.get("added_gflops") if cand else None),
-            "added ms/img": _change(prod.get("added_ms_per_image"), cand.get("added_ms_per_image") if cand else None,
-                                    "{:.4f}"),
+            "added ms/img": _ms_change(prod, cand),
             "verdict": "PASS" if o.passed else "FAIL",
             "why": o.blocking(),
             "_prod_acc": pa, "_cand_acc": ca, "_worst": worst,
@@ -82,16 +92,53 @@ def trunk_comparison(client: MlflowClient, result, *, device: str = "cpu", batch
             "flops_ratio": a["gflops"] / max(b["gflops"], 1e-12)}
 
 
+def _ms(cost: dict[str, Any], who: str) -> str:
+    """``4.020 ms (IQR 3.951-4.102)``: one trunk's median per image and its quartiles, when measured."""
+    text = f"{cost[f'{who}_ms_per_image']:.3f} ms"
+    if f"{who}_ms_per_image_q1" in cost:
+        text += f" (IQR {cost[f'{who}_ms_per_image_q1']:.3f}-{cost[f'{who}_ms_per_image_q3']:.3f})"
+    return text
+
+
+def speed_sentence(cost: dict[str, Any], subject: str = "candidate trunk") -> str:
+    """The candidate's speed, from the very medians shown beside it, with the per-round spread.
+
+    Returns:
+        e.g. ``"4.020 ms (IQR ...) -> 4.577 ms (IQR ...) per image: candidate trunk is
+        1.14x slower (per-round 1.10x-1.18x slower, 20 rounds on the same batches, interleaved)"``.
+    """
+    line = (f"{_ms(cost, 'teacher')} -> {_ms(cost, 'student')} per image: "
+            f"{speed_phrase(subject, cost['teacher_ms_per_image'], cost['student_ms_per_image'])}")
+    if "speedup_q1" in cost:
+        low, high = cost["speedup_q1"], cost["speedup_q3"]
+        faster = cost["teacher_ms_per_image"] >= cost["student_ms_per_image"]
+        # The spread in the sentence's own direction: "slower" ratios are the inverse of "faster" ones.
+        a, b = (low, high) if faster else (1 / high if high > 0 else float("inf"), 1 / low if low > 0 else float("inf"))
+        word = "faster" if faster else "slower"
+        line += (f" (per-round ratios IQR {a:.2f}x-{b:.2f}x {word}, {int(cost.get('rounds', 0))} rounds "
+                 f"on the same batches, interleaved)")
+    return line
+
+
 def trunk_line(result, cost: dict[str, Any]) -> str:
-    """One line: the two trunks' size, FLOPs and measured speed-up."""
+    """One line: the two trunks' size, FLOPs and measured speed, in one direction."""
     prod_v, cand_v = result.production.trunk_version, result.candidate_version
     line = (f"trunk v{prod_v} -> v{cand_v} ({result.candidate.model_name}): "
             f"{cost['teacher_gflops']:.4g} -> {cost['student_gflops']:.4g} GFLOPs/image "
-            f"({cost['flops_ratio']:.2f}x fewer), {cost['teacher_params']:,.0f} -> {cost['student_params']:,.0f} params")
+            f"({_flops_words(cost['flops_ratio'])}), "
+            f"{cost['teacher_params']:,.0f} -> {cost['student_params']:,.0f} params")
     if cost.get("same_input"):
-        line += (f"; {cost['teacher_ms_per_image']:.3f} -> {cost['student_ms_per_image']:.3f} ms/image, "
-                 f"{cost['speedup']:.2f}x the speed (same batches, interleaved)")
+        line += "; " + speed_sentence(cost)
     return line
+
+
+def _flops_words(ratio: float) -> str:
+    """FLOPs change in one direction, like speed: ``2.00x fewer`` or ``1.50x more``."""
+    if not 0 < ratio < float("inf"):
+        return "FLOPs ratio not measured"
+    if round(ratio, 2) == 1:
+        return "the same FLOPs"
+    return f"{ratio:.2f}x fewer" if ratio > 1 else f"{1 / ratio:.2f}x more"
 
 
 def format_text(rows: Sequence[dict[str, Any]]) -> str:
@@ -123,8 +170,21 @@ def format_markdown(result, rows: Sequence[dict[str, Any]], trunk_text: str) -> 
     return "\n".join(lines) + "\n"
 
 
-def plot(result, rows: Sequence[dict[str, Any]], path: Path, title_extra: str = "") -> Path:
-    """Production vs candidate val accuracy per head, and each one's worst slice; red bars block."""
+def panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, Any, Any]]:
+    """The figure's panels that have something to show: ``(title, production value, candidate value)``.
+
+    Val accuracy always; the worst slice only when some head has slices (an empty panel
+    would read as "every slice scored 0").
+    """
+    out = [("val accuracy", lambda r: r["_prod_acc"], lambda r: r["_cand_acc"])]
+    if any(r["_worst"] is not None or r["_prod_worst"] is not None for r in rows):
+        out.append(("worst slice accuracy", lambda r: (r["_prod_worst"] or (None, None))[1],
+                    lambda r: (r["_worst"] or (None, None))[1]))
+    return out
+
+
+def figure(result, rows: Sequence[dict[str, Any]], title_extra: str = ""):
+    """The report's matplotlib figure (see :func:`plot`); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -132,11 +192,11 @@ def plot(result, rows: Sequence[dict[str, Any]], path: Path, title_extra: str = 
 
     names = [r["head"] for r in rows]
     x = list(range(len(names)))
-    fig, axes = plt.subplots(1, 2, figsize=(max(8, 1.6 * len(names) + 4), 4.5), sharey=True)
-    for ax, (title, prod_of, cand_of) in zip(axes, (
-            ("val accuracy", lambda r: r["_prod_acc"], lambda r: r["_cand_acc"]),
-            ("worst slice accuracy", lambda r: (r["_prod_worst"] or (None, None))[1],
-             lambda r: (r["_worst"] or (None, None))[1]))):
+    shown = panels(rows)
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(4, 1.6 * len(names) + 2) * len(shown), 4.5), sharey=True,
+                             squeeze=False)
+    axes = list(axes[0])
+    for ax, (title, prod_of, cand_of) in zip(axes, shown):
         prod = [prod_of(r) or 0.0 for r in rows]
         cand = [cand_of(r) or 0.0 for r in rows]
         ax.bar([i - 0.2 for i in x], prod, width=0.4, color="#9aa5b1", label="production")
@@ -150,6 +210,14 @@ def plot(result, rows: Sequence[dict[str, Any]], path: Path, title_extra: str = 
     axes[0].legend(loc="lower left", fontsize=8)
     fig.suptitle(f"cascade {result.cascade_id}: {result.verdict} (green passes, red blocks){title_extra}")
     fig.tight_layout()
+    return fig
+
+
+def plot(result, rows: Sequence[dict[str, Any]], path: Path, title_extra: str = "") -> Path:
+    """Production vs candidate val accuracy per head, and each one's worst slice when there are slices; red bars block."""
+    import matplotlib.pyplot as plt
+
+    fig = figure(result, rows, title_extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -173,7 +241,8 @@ def log_cascade_report(client: MlflowClient, workspace, result, *, device: str =
     out.mkdir(parents=True)
     markdown = out / "cascade_report.md"
     markdown.write_text(format_markdown(result, rows, trunk_text))
-    speed = f"; candidate trunk {cost['speedup']:.2f}x the speed" if cost.get("same_input") else ""
+    speed = ("; " + speed_phrase("candidate trunk", cost["teacher_ms_per_image"], cost["student_ms_per_image"])
+             if cost.get("same_input") else "")
     png = plot(result, rows, out / "cascade_report.png", speed)
     outcomes = out / "outcomes.json"
     write_json_atomic(outcomes, {n: {"production_version": o.production_version,
@@ -187,7 +256,9 @@ def log_cascade_report(client: MlflowClient, workspace, result, *, device: str =
     metrics: dict[str, float] = {"heads": len(rows), "heads_passed": sum(r["_passed"] for r in rows),
                                  "trunk_flops_ratio": cost["flops_ratio"]}
     if cost.get("same_input"):
+        # Production time / candidate time of the medians in the report (above 1: faster), and its spread.
         metrics["trunk_speedup"] = cost["speedup"]
+        metrics.update({f"trunk_speedup_{q}": cost[f"speedup_{q}"] for q in ("q1", "q3") if f"speedup_{q}" in cost})
     for r in rows:
         if r["_cand_acc"] is not None:
             metrics[f"{r['head']}.candidate_val_accuracy"] = r["_cand_acc"]

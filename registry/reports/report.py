@@ -24,6 +24,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 
+from heads.training.cost import format_ms
 from registry.store.heads import get_head_version, head_model_versions
 from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
 from registry.store.runs import tracked_run
@@ -42,8 +43,8 @@ def production_table(client: MlflowClient, alias: str = PRODUCTION) -> list[dict
     """One row per head of the release behind ``alias``, sorted by head name.
 
     Returns:
-        Rows with keys ``COLUMNS`` (metrics are floats, None when not logged);
-        empty when there is no such release or it has no heads.
+        Rows with keys ``COLUMNS`` and ``added_ms_per_image_spread`` (metrics are floats,
+        None when not logged); empty when there is no such release or it has no heads.
     """
     release = get_release(client, alias)
     if release is None:
@@ -54,7 +55,8 @@ def production_table(client: MlflowClient, alias: str = PRODUCTION) -> list[dict
         metrics = run_metrics(client, mv.run_id)
         rows.append({"head": name, "version": int(version), "owner": mv.tags.get("owner", ""),
                      "tap": mv.tags.get("tap", ""),
-                     **{m: metrics.get(m) for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params")}})
+                     **{m: metrics.get(m) for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params",
+                                                    "added_ms_per_image_spread")}})
     return rows
 
 
@@ -66,7 +68,9 @@ def _cell(column: str, value: Any) -> str:
 
 
 def _cells(rows: Sequence[dict[str, Any]]) -> list[list[str]]:
-    return [[_cell(c, row.get(c)) for c in COLUMNS] for row in rows]
+    # A time comes with its spread, or reads "below timing noise" when it is not above it.
+    return [[format_ms(row.get(c), row.get("added_ms_per_image_spread")) if c == "added_ms_per_image"
+             else _cell(c, row.get(c)) for c in COLUMNS] for row in rows]
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -92,8 +96,25 @@ def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[tuple[float, float, str]]]]:
+    """The scatter panels that have points: ``(cost metric, axis label, [(cost, accuracy, head)])``.
+
+    A cost no head has logged gets no panel (an empty one reads as a finding).
+    """
+    out = []
+    for cost, label in (("added_gflops", "added GFLOPs per image"), ("added_ms_per_image", "added ms per image")):
+        points = [(r[cost], r["val_accuracy"], r["head"]) for r in rows
+                  if r.get(cost) is not None and r.get("val_accuracy") is not None]
+        if points:
+            out.append((cost, label, points))
+    return out
+
+
 def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Scatter val_accuracy against added GFLOPs and added ms per image, one point per head."""
+    """Scatter val_accuracy against added GFLOPs and added ms per image, one point per head.
+
+    Only panels with points are drawn; with none, the figure holds its title alone.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,18 +122,18 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> P
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, cost, label in ((axes[0], "added_gflops", "added GFLOPs per image"),
-                            (axes[1], "added_ms_per_image", "added ms per image")):
-        points = [(r[cost], r["val_accuracy"], r["head"]) for r in rows
-                  if r.get(cost) is not None and r.get("val_accuracy") is not None]
-        if points:
+    shown = plot_panels(rows)
+    if shown:
+        fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), sharey=True, squeeze=False)
+        for ax, (_, label, points) in zip(axes[0], shown):
             ax.scatter([p[0] for p in points], [p[1] for p in points])
             for x, y, name in points:
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val accuracy")
+            ax.set_xlabel(label)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("val accuracy")
+    else:
+        fig = plt.figure(figsize=(5, 2))
     fig.suptitle("production heads: accuracy vs added cost" if rows else "no heads in production")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from heads.training.cost import format_ms
+
 
 def narrator(logger: logging.Logger, echo: Callable[[str], None] | None) -> Callable[[str], None]:
     """One line per step of a long job: always logged (the run's log file), and handed to
@@ -34,7 +36,7 @@ def head_job_lines(job) -> list[str]:
         f"head.{r.name} v{job.version}  (trunk v{job.trunk_version}, trunk_id {r.trunk_id}, tap {r.tap})",
         f"  val_accuracy {m['val_accuracy']:.4f}  val_macro_f1 {m['val_macro_f1']:.4f}  "
         f"params {int(m['params'])}  added_gflops {m['added_gflops']:.3g}  "
-        f"added_ms_per_image {m['added_ms_per_image']:.3g}",
+        f"added_ms_per_image {format_ms(m['added_ms_per_image'], m.get('added_ms_per_image_spread'), '{:.3g}')}",
     ]
     if r.slice_accuracy:
         worst = min(r.slice_accuracy.items(), key=lambda kv: kv[1]["accuracy"])

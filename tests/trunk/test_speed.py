@@ -10,7 +10,8 @@ from tests.conftest import SMALL
 from trunk.model import Trunk, state_dict_digest
 
 KEYS = {"teacher_ms_per_image", "student_ms_per_image", "speedup", "teacher_gflops", "student_gflops",
-        "flops_ratio", "teacher_params", "student_params"}
+        "flops_ratio", "teacher_params", "student_params", "teacher_ms_per_image_q1", "teacher_ms_per_image_q3",
+        "student_ms_per_image_q1", "student_ms_per_image_q3", "speedup_q1", "speedup_q3", "rounds"}
 
 
 @pytest.fixture(scope="module")
@@ -64,3 +65,27 @@ def test_trunk_size_counts_one_trunk_at_its_own_input_size():
     same = compare_trunks(small, small, torch.zeros(2, 3, 32, 32), repeats=1, warmup=0)
     assert trunk_size(small) == {"gflops": same["teacher_gflops"], "params": same["teacher_params"]}
     assert trunk_size(big)["gflops"] == pytest.approx(4 * trunk_size(small)["gflops"], rel=0.05)
+
+
+def test_stated_speedup_is_the_ratio_of_the_medians_shown(pair, monkeypatch):
+    """Noisy rounds where the median per-round ratio says "faster" but the medians say "slower".
+
+    The cascade once printed "4.020 -> 4.577 ms/image, 1.01x the speed": two statistics of
+    one measurement. The stated ratio must be the one of the milliseconds shown.
+    """
+    teacher, student = pair
+    rounds = {"teacher": [4.0, 8.0, 12.0], "student": [12.0, 4.0, 9.0]}  # ms per batch of 2
+
+    def controlled(contenders, *, warmup, repeats, device, **_):
+        for run in contenders.values():
+            run()
+        return rounds
+
+    monkeypatch.setattr("trunk.speed.interleaved", controlled)
+    out = compare_trunks(teacher, student, torch.randn(2, 3, 32, 32), repeats=3, warmup=0)
+    assert out["teacher_ms_per_image"] == 4.0 and out["student_ms_per_image"] == 4.5
+    assert out["speedup"] == pytest.approx(8.0 / 9.0)  # < 1: the student is slower, as its ms say
+    # The per-round ratios 1/3, 2 and 4/3 give the spread, not the figure.
+    assert (out["speedup_q1"], out["speedup_q3"]) == pytest.approx((5 / 6, 5 / 3))
+    assert (out["student_ms_per_image_q1"], out["student_ms_per_image_q3"]) == (3.25, 5.25)
+    assert out["rounds"] == 3

@@ -42,7 +42,7 @@ def test_feature_map_input_shape():
 
 
 def test_cost_inside_the_bank_sees_the_mix(monkeypatch):
-    from heads.training.cost import measure_in_bank
+    from heads.training.cost import bank_cost
     from heads.store import LoadedHead
 
     torch.manual_seed(0)
@@ -57,16 +57,76 @@ def test_cost_inside_the_bank_sees_the_mix(monkeypatch):
                    {"with": [2.0, 2.0, 2.0], "without": [3.0, 4.0, 3.0]}])
     seen: list[set] = []
 
-    def controlled(contenders, *, warmup, repeats, device):
+    def controlled(contenders, *, warmup, repeats, device, **_):
         seen.append(set(contenders))
         for run in contenders.values():
             run()  # both banks really run on the features
         return next(rounds)
 
     monkeypatch.setattr("trunk.timing.interleaved", controlled)
-    big = measure_in_bank("big", heads, features, repeats=3)
+    big = bank_cost("big", heads, features, repeats=3)["added_ms_per_image"]
     assert big == pytest.approx(8.0 / 128)  # median of 8, 10 and 2 ms, per image...
-    assert measure_in_bank("lin0", {"lin0": heads["lin0"]}, features, repeats=3) == 0.0  # ...never below 0
+    assert bank_cost("lin0", {"lin0": heads["lin0"]}, features, repeats=3)["added_ms_per_image"] == 0.0  # ...never below 0
     assert seen == [{"with", "without"}] * 2
     with pytest.raises(ValueError, match="head 'nope' is not among the bank's heads"):
-        measure_in_bank("nope", heads, features)
+        bank_cost("nope", heads, features)
+
+
+class SlowStart(torch.nn.Module):
+    """A head whose first calls are slow by construction (lazy initialisation spanning several calls)."""
+
+    def __init__(self, slow_calls: int, sleep_s: float) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+        self.calls, self.slow_calls, self.sleep_s = 0, slow_calls, sleep_s
+
+    def forward(self, x):
+        import time
+
+        self.calls += 1
+        if self.calls <= self.slow_calls:
+            time.sleep(self.sleep_s)
+        return self.fc(x)
+
+
+def test_slow_first_calls_are_warmed_up_not_timed():
+    # 8 slow calls of 20 ms: a fixed 3-call warm-up timed 4 of the 5 passes slow (a 10 ms
+    # per image figure for a head that costs microseconds); the warm-up lasts at least
+    # WARMUP_S seconds (0.2 s > 8 x 20 ms), so every timed pass is a steady one.
+    from heads.training.cost import WARMUP_S
+
+    assert WARMUP_S > 8 * 0.02
+    cost = measure_cost(SlowStart(slow_calls=8, sleep_s=0.02), 4, batch_size=2, repeats=5)
+    assert cost["added_ms_per_image"] < 2.0  # far below the 10 ms per image the slow calls give
+    assert cost["added_ms_per_image_spread"] >= 0
+
+
+def test_bank_cost_reports_its_spread(monkeypatch):
+    from heads.store import LoadedHead
+    from heads.training.cost import bank_cost
+
+    heads = {"a": LoadedHead(LinearHead(8, 2).eval(), {"name": "a", "tap": "pooled", "classes": ["x", "y"]}),
+             "b": LoadedHead(MLPHead(8, 2, hidden=4).eval(), {"name": "b", "tap": "pooled", "classes": ["x", "y"]})}
+    seen = {}
+
+    def controlled(contenders, *, warmup, repeats, device, warmup_s=0.0):
+        seen.update(warmup=warmup, warmup_s=warmup_s)
+        return {"with": [5.0, 9.0, 13.0, 7.0, 6.0], "without": [1.0, 1.0, 1.0, 1.0, 1.0]}
+
+    monkeypatch.setattr("trunk.timing.interleaved", controlled)
+    cost = bank_cost("b", heads, {"pooled": torch.randn(4, 8)}, repeats=5)
+    # Per-round differences 4, 8, 12, 6, 5 ms over 4 images: median 6, quartiles 5 and 8.
+    assert cost["added_ms_per_image"] == pytest.approx(6.0 / 4)
+    assert cost["added_ms_per_image_spread"] == pytest.approx(3.0 / 4)
+    assert seen["warmup"] >= 3 and seen["warmup_s"] > 0  # warmed up, in calls and in seconds
+
+
+def test_costs_below_timing_noise_are_labelled():
+    from heads.training.cost import below_noise, format_ms
+
+    assert format_ms(0.001, 0.05) == "< 0.05 (below timing noise)"
+    assert format_ms(0.0, 0.0) == "0 (below timing noise)"
+    assert format_ms(0.55, 0.02) == "0.5500 (IQR 0.0200)"
+    assert format_ms(0.55, None) == "0.5500"  # versions measured before spreads were: the bare figure
+    assert format_ms(None, 0.1) == "-"
+    assert below_noise(0.04, 0.05) and not below_noise(0.06, 0.05) and not below_noise(0.06, None)

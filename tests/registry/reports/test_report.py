@@ -29,7 +29,7 @@ def test_production_table_rows(client, production):
     rows = production_table(client)
     assert [r["head"] for r in rows] == ["colour", "shape"]
     for row in rows:
-        assert set(row) == set(COLUMNS)
+        assert set(row) == set(COLUMNS) | {"added_ms_per_image_spread"}
         result = production[row["head"]]
         assert row["version"] == 1 and row["owner"] == "team-vision" and row["tap"] == "pooled"
         for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params"):
@@ -133,3 +133,19 @@ def test_log_report_logs_dependencies(client, refreshed, workspace, tmp_path):
     assert f"STALE: latest on trunk v{tb}, production trunk v{ta}" in md
     assert f"trunk v{tb} (candidate): colour v2" in md
     assert client.get_run(out["run_id"]).data.metrics["stale_heads"] == 1
+
+
+def test_leaderboard_marks_costs_below_timing_noise_and_leaves_empty_panels_out():
+    from registry.reports.report import plot_panels
+
+    rows = [{"head": "colour", "version": 1, "owner": "o", "tap": "pooled", "val_accuracy": 0.9,
+             "added_gflops": 1e-6, "added_ms_per_image": 0.0002, "added_ms_per_image_spread": 0.003, "params": 10},
+            {"head": "shape", "version": 1, "owner": "o", "tap": "pooled", "val_accuracy": 0.8,
+             "added_gflops": 2e-6, "added_ms_per_image": 0.55, "added_ms_per_image_spread": 0.02, "params": 10}]
+    text = format_table(rows)
+    assert "< 0.003 (below timing noise)" in text.splitlines()[2]
+    assert "0.5500 (IQR 0.0200)" in text.splitlines()[3]
+    assert [p[0] for p in plot_panels(rows)] == ["added_gflops", "added_ms_per_image"]
+    unmeasured = [{**r, "added_ms_per_image": None} for r in rows]
+    assert [p[0] for p in plot_panels(unmeasured)] == ["added_gflops"]
+    assert plot_panels([]) == []
