@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -32,6 +33,29 @@ class Context:
     @property
     def augment(self) -> list:
         return OmegaConf.to_container(self.cfg.augment.ops, resolve=True)
+
+    def overridden(self, node: str) -> set[str]:
+        """The fields of ``node`` (e.g. ``multitask``) this run's command line sets; ``augment`` for that group."""
+        if not HydraConfig.initialized():
+            return set()
+        return overridden_fields(list(HydraConfig.get().overrides.task), node)
+
+
+def overridden_fields(overrides: list[str], node: str) -> set[str]:
+    """The settings a command line sets: ``node.<field>`` overrides give ``<field>``, ``augment`` /
+    ``augment.*`` give ``augment``; a whole ``node=...`` override gives every field it names."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    fields: set[str] = set()
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "augment" or key.startswith("augment."):
+            fields.add("augment")
+        elif key.startswith(f"{node}."):
+            fields.add(key[len(node) + 1:].split(".")[0])
+        elif key == node and isinstance(override.value(), dict):
+            fields.update(str(k) for k in override.value())
+    return fields
 
 
 class Registered:
@@ -65,14 +89,23 @@ class _Trained:
 
 
 class Multitask(_Trained):
-    """The production trunk (``base: config``: the ``trunk`` group) retrained on every production head's data."""
+    """The production trunk (``base: config``: the ``trunk`` group) retrained on every production head's data.
+
+    It keeps the production trunk's stored recipe; the ``multitask.*`` settings and the
+    ``augment`` group apply only where the command line sets them (or where production has
+    no recipe).
+    """
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
         from registry.jobs import refresh
+        from registry.jobs.train_trunk import SETTING_FIELDS
         from tools.common import build_trunk
 
         base = build_trunk(ctx.cfg.trunk) if self.settings["base"] == "config" else None
-        return lambda: refresh.multitask_candidate(ctx.client, ctx.ws, base=base, **self.training_args(ctx))
+        # Only what the command line sets replaces the production trunk's recipe.
+        overridden = ctx.overridden("multitask") & set(SETTING_FIELDS)
+        return lambda: refresh.multitask_candidate(ctx.client, ctx.ws, base=base, overridden=overridden,
+                                                   **self.training_args(ctx))
 
 
 class Timm:

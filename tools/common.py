@@ -165,11 +165,13 @@ def _check_bool_overrides(cfg: DictConfig) -> None:
             raise ValueError(f"field '{key}': '{value}' is not a boolean; write true or false")
 
 
-def tool(config_name: str) -> Callable[..., Any]:
+def tool(config_name: str, rewrite_args: Callable[[list[str]], list[str]] | None = None) -> Callable[..., Any]:
     """Turn ``fn(cfg)`` into a Hydra entry point reading ``conf/<config_name>.yaml``.
 
     The entry point, called with no argument, runs Hydra on the command line; called with a
     composed config (a test, ``hydra.compose``), it runs the tool on it, errors handled alike.
+    ``rewrite_args`` maps the command line's arguments before Hydra reads them (a shorthand
+    Hydra's grammar cannot express).
     """
 
     def decorate(fn: Callable[[DictConfig], Any]) -> Callable[..., Any]:
@@ -214,6 +216,8 @@ def tool(config_name: str) -> Callable[..., Any]:
             from omegaconf.errors import OmegaConfBaseException
 
             _failed.clear()
+            if rewrite_args is not None:
+                sys.argv = [sys.argv[0], *rewrite_args(sys.argv[1:])]
             # Hydra prints composition errors over several lines and exits 1; let them reach
             # us, to print one line and exit 2 like every other config error.
             previous = os.environ.get("HYDRA_FULL_ERROR")

@@ -4,7 +4,7 @@
     python -m tools.refresh candidate=multitask multitask.epochs=8
     python -m tools.refresh candidate=timm trunk=local_weights trunk.model_name=resnet18 trunk.weights=/w.safetensors
     python -m tools.refresh                      # the trunk aliased `candidate`
-    python -m tools.refresh candidate=version candidate.version=3
+    python -m tools.refresh candidate=3          # trunk version 3 (= candidate=version candidate.version=3)
 """
 
 from __future__ import annotations
@@ -15,7 +15,22 @@ from tools.candidates import Context, build_candidate
 from tools.common import client, device, num_workers, tool, workspace
 
 
-@tool("refresh")
+def numbered_candidate(args: list[str]) -> list[str]:
+    """``candidate=3`` (a trunk version) as Hydra can read it: ``candidate=version candidate.version=3``.
+
+    ``candidate`` is a config group, and a group's option is a file name, never a number.
+    """
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if eq and key == "candidate" and value.isdigit():
+            out += ["candidate=version", f"candidate.version={value}"]
+        else:
+            out.append(arg)
+    return out
+
+
+@tool("refresh", rewrite_args=numbered_candidate)
 def main(cfg) -> None:
     from heads.checks.contract import Tolerances
     from registry.jobs.refresh import refresh_job
@@ -32,7 +47,9 @@ def main(cfg) -> None:
         cascade=cfg.cascade, echo=print)
     if built is not None and built.how == "distill":
         f = built.figures
-        print(f"student vs teacher: {f.get('speedup_vs_teacher', float('nan')):.2f}x the speed, "
+        from trunk.timing import times_faster
+
+        print(f"student vs teacher: {times_faster(f.get('speedup_vs_teacher', float('nan')))}, "
               f"{f.get('flops_ratio_vs_teacher', float('nan')):.2f}x fewer GFLOPs (same batches, one run); "
               f"pooled cosine {f.get('cosine_pooled', float('nan')):.3f}")
     if result is None:

@@ -26,6 +26,17 @@ def main(cfg) -> None:
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
     print(f"trunk v{job.version} ({job.trunk.model_name}, trunk_id {job.trunk.trunk_id}): {job.status}")
     print(f"  {metrics}")
+    for row in job.history:  # empty when a trunk trained before was reused
+        print(f"  epoch {row['epoch']}: " + "  ".join(f"{k} {v:.3f}" for k, v in row.items()
+                                                       if k.startswith("val_accuracy_")))
+    names = [s.name for s in specs]
+    if any(f"val_accuracy_{n}" in job.metrics for n in names):
+        print("  val accuracy (each head's val split; no val or golden image of any head was trained on): "
+              + "  ".join(f"{n} {job.metrics[f'val_accuracy_{n}']:.3f}" for n in names
+                          if f"val_accuracy_{n}" in job.metrics))
+    if "excluded_eval_images" in job.metrics:
+        print(f"  kept out of training: {int(job.metrics['excluded_eval_images'])} images that are a head's "
+              f"validation or golden images")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class DistillResult(TrunkTrainResult):
             ``distill_loss_<tap>``, ``cosine_pooled``, ``n_images``, ``skipped_images``,
             ``distill_seconds``.
         skipped: one line per image that could not be decoded (path and reason).
+        paths: the images actually distilled on (the decodable ones), in order.
     """
 
 
@@ -209,4 +210,4 @@ def distill_trunk(
         metrics[f"distill_loss_{t}"] = float(last[f"loss_{t}"])
     metrics.update(cosine_pooled=float(last["cosine_pooled"]), n_images=float(len(paths)),
                    skipped_images=float(len(skipped)), distill_seconds=time.perf_counter() - started)
-    return DistillResult(trunk=new, history=history, metrics=metrics, skipped=skipped)
+    return DistillResult(trunk=new, history=history, metrics=metrics, skipped=skipped, paths=paths)

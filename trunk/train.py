@@ -6,6 +6,10 @@ the tasks it is labelled for. The per-task classifiers exist only to shape the t
 the result is a new :class:`~trunk.model.Trunk` (a new ``trunk_id``) and the input trunk
 is left untouched. Images that cannot be decoded are skipped with a warning and counted;
 one bad file never stops a run.
+
+A task may bring validation images (its head's val split, which the caller keeps out of
+every task's training images): after each epoch each task's classifier is scored on them
+with the trunk's eval transform, no augmentation and no gradients, as ``val_accuracy_<task>``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from trunk.decode import ImageError, load_image
 from trunk.device import resolve_device
 from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng, shuffled_loader
 from trunk.model import POOLED, Trunk
+from trunk.preprocess import eval_transform
 
 
 @dataclass
@@ -40,12 +45,17 @@ class Task:
         classes: class names; ``labels`` index into them.
         paths: image paths.
         labels: class index per path.
+        val_paths: validation image paths (none: no validation figure for this task). They
+            must not be training images of any task, or the figure means nothing.
+        val_labels: class index per validation path.
     """
 
     name: str
     classes: list[str]
     paths: list[str]
     labels: list[int]
+    val_paths: list[str] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -55,16 +65,20 @@ class TrunkTrainResult:
     Attributes:
         trunk: the trained trunk (a new object with a new ``trunk_id``).
         history: one dict per epoch (``epoch``, ``loss``, ``lr``, ``seconds``, and per task
-            ``loss_<task>``, ``accuracy_<task>``).
+            ``loss_<task>``, ``accuracy_<task>``, and ``val_accuracy_<task>`` for a task with
+            validation images).
         metrics: final figures: ``train_loss``, ``train_loss_<task>``,
-            ``train_accuracy_<task>``, ``n_images``, ``skipped_images``, ``train_seconds``.
+            ``train_accuracy_<task>``, ``val_accuracy_<task>`` and ``val_images_<task>`` (tasks
+            with validation images), ``n_images``, ``skipped_images``, ``train_seconds``.
         skipped: one line per image that could not be decoded (path and reason).
+        paths: the training images actually trained on (the decodable ones), in order.
     """
 
     trunk: Trunk
     history: list[dict]
     metrics: dict[str, float]
     skipped: list[str] = field(default_factory=list)
+    paths: list[str] = field(default_factory=list)
 
 
 def _collate(items: list[ImageItem]) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -153,11 +167,16 @@ def _check_tasks(tasks: Sequence[Task]) -> None:
             raise ValueError(f"task '{t.name}': field 'classes' needs at least 2 classes, got {len(t.classes)}")
         if len(t.paths) != len(t.labels):
             raise ValueError(f"task '{t.name}': {len(t.paths)} paths but {len(t.labels)} labels")
+        if len(t.val_paths) != len(t.val_labels):
+            raise ValueError(f"task '{t.name}': {len(t.val_paths)} val_paths but {len(t.val_labels)} val_labels")
         if not t.paths:
             raise ValueError(f"task '{t.name}': no labelled images")
         bad = next((y for y in t.labels if not 0 <= int(y) < len(t.classes)), None)
         if bad is not None:
             raise ValueError(f"task '{t.name}': field 'labels' has {bad}, outside 0..{len(t.classes) - 1}")
+        bad = next((y for y in t.val_labels if not 0 <= int(y) < len(t.classes)), None)
+        if bad is not None:
+            raise ValueError(f"task '{t.name}': field 'val_labels' has {bad}, outside 0..{len(t.classes) - 1}")
 
 
 def _union(tasks: Sequence[Task]) -> tuple[list[str], torch.Tensor]:
@@ -194,6 +213,34 @@ def _decodable(paths: list[str], labels: torch.Tensor, progress: bool) -> tuple[
     return [paths[i] for i in keep], labels[keep], skipped
 
 
+def _val_loaders(tasks: Sequence[Task], data_config: Mapping[str, Any], *, batch_size: int,
+                 num_workers: int) -> dict[int, DataLoader]:
+    """Per task index with validation images: an unshuffled loader of eval-transformed images."""
+    transform = eval_transform(data_config)
+    loaders = {}
+    for j, task in enumerate(tasks):
+        if task.val_paths:
+            dataset = ImageDataset(list(task.val_paths), transform, targets=torch.tensor(task.val_labels))
+            # A generator of its own: making the loader's iterator draws a seed, which must not
+            # come from the (seeded) global stream training draws from.
+            loaders[j] = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                    collate_fn=_collate, generator=torch.Generator().manual_seed(0))
+    return loaders
+
+
+@torch.no_grad()
+def _val_accuracy(model: Trunk, classifier: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, int]:
+    """Accuracy of ``classifier`` on the trunk's pooled features over ``loader``, and how many images counted."""
+    correct = n = 0
+    for batch in loader:
+        if batch is None:
+            continue  # no readable image in this batch
+        x, y = batch[0].to(device), batch[1].to(device)
+        correct += int((classifier(model(x, [POOLED])[POOLED]).argmax(1) == y).sum())
+        n += len(y)
+    return correct / max(n, 1), n
+
+
 def train_trunk(
     trunk: Trunk,
     tasks: Sequence[Task],
@@ -223,6 +270,9 @@ def train_trunk(
         num_workers: data-loader worker processes (0: decode in this process).
         progress: a progress bar per epoch.
 
+    Each task's validation images (if any) are scored after every epoch, the model in eval
+    mode, with the trunk's eval transform; they never add loss.
+
     Returns:
         The new trunk, per-epoch history and final metrics.
 
@@ -248,6 +298,8 @@ def train_trunk(
             batch_size=batch_size, num_workers=num_workers, lr=lr, weight_decay=weight_decay, epochs=epochs,
             device=dev)
         loss_fn = nn.CrossEntropyLoss(ignore_index=-1, reduction="sum")
+        val_loaders = _val_loaders(tasks, trunk.data_config, batch_size=batch_size, num_workers=num_workers)
+        val_counts: dict[str, int] = {}
         sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
 
         def step_loss(batch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, int] | None:
@@ -280,6 +332,15 @@ def train_trunk(
                 row[f"loss_{name}"] = s["loss"] / max(s["n"], 1)
                 row[f"accuracy_{name}"] = s["correct"] / max(s["n"], 1)
                 s.update(loss=0.0, correct=0, n=0)
+            if val_loaders:
+                # Batch norm on its running statistics, as the trunk's features are served.
+                model.eval()
+                classifiers.eval()
+                for j, loader in val_loaders.items():
+                    accuracy, val_counts[tasks[j].name] = _val_accuracy(model, classifiers[j], loader, dev)
+                    row[f"val_accuracy_{tasks[j].name}"] = accuracy
+                model.train()
+                classifiers.train()
             return row
 
         history = fit(nn.ModuleList([model, classifiers]), loader, step_loss, optimizer=optimizer, epochs=epochs,
@@ -292,6 +353,9 @@ def train_trunk(
     for t in tasks:
         metrics[f"train_loss_{t.name}"] = float(last[f"loss_{t.name}"])
         metrics[f"train_accuracy_{t.name}"] = float(last[f"accuracy_{t.name}"])
+        if f"val_accuracy_{t.name}" in last:
+            metrics[f"val_accuracy_{t.name}"] = float(last[f"val_accuracy_{t.name}"])
+            metrics[f"val_images_{t.name}"] = float(val_counts[t.name])
     metrics.update(n_images=float(len(paths)), skipped_images=float(len(skipped)),
                    train_seconds=time.perf_counter() - started)
-    return TrunkTrainResult(trunk=new, history=history, metrics=metrics, skipped=skipped)
+    return TrunkTrainResult(trunk=new, history=history, metrics=metrics, skipped=skipped, paths=list(paths))

@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,8 +29,13 @@ from mlflow import MlflowClient
 
 from heads.checks.contract import Tolerances
 from heads.spec import HeadSpec
-from heads.training.data import load_labelled_data
-from registry.jobs.train_trunk import train_trunk_job
+from registry.jobs.train_trunk import (
+    SETTING_FIELDS,
+    recipe_diff,
+    train_trunk_job,
+    trunk_recipe_of,
+    trunk_training_set,
+)
 from registry.jobs.cascade import (
     CANDIDATE,
     CascadeError,
@@ -40,17 +45,28 @@ from registry.jobs.cascade import (
 )
 from registry.store.heads import head_tags
 from registry.store.releases import PRODUCTION, get_release
-from registry.store.trunks import find_trunk_version_by_tag, load_trunk, register_trunk, set_trunk_alias, trunk_metrics
+from registry.store.trunks import (
+    find_trunk_version_by_tag,
+    load_trunk,
+    register_trunk,
+    set_trunk_alias,
+    trunk_metrics,
+    trunk_recipe,
+    trunk_trained_on,
+)
 from registry.reports.summary import narrator
 from registry.store.workspace import Workspace
 from trunk.distill import distill_trunk
 from trunk.images import resolve_inputs
 from trunk.model import POOLED, Trunk
+from trunk.seen import SeenImages, content_sha
 from trunk.speed import compare_trunks
 
 log = logging.getLogger(__name__)
 
 DISTILL_RECIPE_TAG = "distill_recipe"
+# MLflow's limit on a tag value is 8000 characters; a recipe difference longer than that is cut.
+MAX_TAG_CHARS = 5000
 
 
 @dataclass
@@ -63,6 +79,8 @@ class Candidate:
         how: ``multitask``, ``timm``, ``distill`` or ``alias``.
         status: ``built`` or ``reused (same recipe)``.
         figures: what building measured (distillation: loss, cosine, speed-up).
+        notes: lines to show with it (a multitask candidate: its recipe difference from production).
+        recipe: the recipe it was trained with (empty when not trained here).
     """
 
     version: int
@@ -70,6 +88,8 @@ class Candidate:
     how: str
     status: str
     figures: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 def mark_candidate(client: MlflowClient, version: int) -> None:
@@ -88,16 +108,58 @@ def production_specs(client: MlflowClient, workspace: Workspace) -> tuple[Any, l
 
 def multitask_candidate(client: MlflowClient, workspace: Workspace, *, base: Trunk | None, epochs: int,
                         batch_size: int, lr: float, weight_decay: float, augment_ops: list | None, seed: int,
-                        device: str, num_workers: int, progress: bool) -> Candidate:
-    """Retrain ``base`` (default: the production trunk) on the union of the production heads' data."""
+                        device: str, num_workers: int, progress: bool,
+                        overridden: Collection[str] = ()) -> Candidate:
+    """Retrain ``base`` (default: the production trunk) on the union of the production heads' training splits.
+
+    The candidate keeps the production trunk's recipe (``recipe.json``): every training
+    setting (:data:`~registry.jobs.train_trunk.SETTING_FIELDS`: augmentation, epochs,
+    batch size, lr, weight decay, seed) comes from it, except the fields named in
+    ``overridden``, which take the values given here. A production trunk without a stored
+    recipe (registered from timm or a weights file) gives the values given here, and a
+    note says so. The candidate's notes list its recipe difference from production, also
+    recorded as the version tag ``recipe_diff``.
+
+    Args:
+        epochs, batch_size, lr, weight_decay, augment_ops, seed: the configured settings.
+        overridden: the settings the user set for this run (``augment`` for the ops).
+    """
     release, specs = production_specs(client, workspace)
-    base = base if base is not None else load_trunk(client, release.trunk_version)
-    job = train_trunk_job(client, base, specs, workspace=workspace, epochs=epochs, batch_size=batch_size, lr=lr,
-                          weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,
-                          num_workers=num_workers, progress=progress, adopt=False)
+    production = load_trunk(client, release.trunk_version)
+    base = base if base is not None else production
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+             "augment": augment_ops}
+    unknown = sorted(set(overridden) - set(SETTING_FIELDS))
+    if unknown:
+        raise ValueError(f"overridden: {', '.join(unknown)} is not one of {', '.join(SETTING_FIELDS)}")
+    stored = trunk_recipe(client, release.trunk_version)
+    notes = []
+    if stored is None:
+        notes.append(f"production trunk v{release.trunk_version} has no stored recipe (registered from timm or a "
+                     f"weights file): training with the configured multitask settings and augment group")
+        settings = given
+        tags = {"recipe_from": "config",
+                "recipe_diff": f"production trunk v{release.trunk_version} has no stored recipe"}
+    else:
+        settings = {k: given[k] if k in overridden else stored[k] for k in SETTING_FIELDS}
+        recipe = trunk_recipe_of(base, [s.name for s in specs], epochs=settings["epochs"],
+                                 batch_size=settings["batch_size"], lr=settings["lr"],
+                                 weight_decay=settings["weight_decay"], augment_ops=settings["augment"],
+                                 seed=settings["seed"])
+        diff = recipe_diff(stored, recipe)
+        notes += [f"recipe vs production trunk v{release.trunk_version}: {line}" for line in diff] or \
+            [f"same recipe as production trunk v{release.trunk_version}"]
+        tags = {"recipe_from": str(release.trunk_version),
+                "recipe_diff": "; ".join(diff) if diff else "same recipe"}
+    job = train_trunk_job(client, base, specs, workspace=workspace, epochs=settings["epochs"],
+                          batch_size=settings["batch_size"], lr=settings["lr"], weight_decay=settings["weight_decay"],
+                          augment_ops=settings["augment"], seed=settings["seed"], device=device,
+                          num_workers=num_workers, progress=progress, adopt=False,
+                          tags={k: v[:MAX_TAG_CHARS] for k, v in tags.items()})
     mark_candidate(client, job.version)
     status = "reused (same recipe)" if job.status.startswith("reused") else "built"
-    return Candidate(job.version, job.trunk, "multitask", status, dict(job.metrics))
+    return Candidate(job.version, job.trunk, "multitask", status, dict(job.metrics), notes=notes,
+                     recipe=job.recipe)
 
 
 def timm_candidate(client: MlflowClient, trunk: Trunk) -> Candidate:
@@ -132,8 +194,8 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
     student = Trunk(model_name, seed=student_seed, data_config=teacher.data_config, model_kwargs=dict(model_kwargs))
     if input:
         paths = [str(p) for p in resolve_inputs(input)]
-    else:
-        paths = sorted({s.path for spec in specs for s in load_labelled_data(spec).train})
+    else:  # the heads' training images, without any head's validation or golden images (by content)
+        paths = sorted({p for task in trunk_training_set(specs).tasks for p in task.paths})
     if taps == "auto":
         wanted = branch_taps(client, release)
         taps = [t for t in wanted if t in student.taps and t in teacher.taps]
@@ -161,12 +223,37 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
                "student_ms_per_image": speed["student_ms_per_image"]}
     params = {"teacher_trunk_version": release.trunk_version, "teacher_trunk_id": teacher.trunk_id,
               "student": model_name, "images": len(paths), **{k: v for k, v in settings.items() if k != "augment"}}
+    recipe_json = {"model_name": model_name, "model_kwargs": dict(model_kwargs),
+                   "data_config": dict(teacher.data_config), "student_seed": student_seed,
+                   "distilled_from": release.trunk_version, "teacher_trunk_id": teacher.trunk_id, "images": len(paths),
+                   **settings, "augment": list(augment_ops or [])}
     version = register_trunk(client, result.trunk, description=f"{model_name} distilled from trunk "
                                                                  f"v{release.trunk_version}",
-                             params=params, metrics=figures,
+                             params=params, metrics=figures, recipe=recipe_json,
+                             trained_on=distilled_on(client, release.trunk_version, result.paths),
                              tags={DISTILL_RECIPE_TAG: recipe, "distilled_from": str(release.trunk_version)})
     mark_candidate(client, version)
     return Candidate(version, result.trunk, "distill", "built", figures)
+
+
+def distilled_on(client: MlflowClient, teacher_version: int, paths: Sequence[str]) -> SeenImages | None:
+    """What a distilled student has seen: its own images plus everything its teacher trained on.
+
+    The student learns to reproduce the teacher's features, so what the teacher learned
+    from its training images reaches it too. None when the teacher has no record: then
+    what the student saw is unknown as well.
+
+    Args:
+        client: the registry.
+        teacher_version: the teacher's ``trunk`` version.
+        paths: the images the student was distilled on (the decodable ones).
+    """
+    teacher_seen = trunk_trained_on(client, teacher_version)
+    if teacher_seen is None:
+        log.warning("trunk v%s has no record of its training images, so the distilled student has none either",
+                    teacher_version)
+        return None
+    return teacher_seen.union(SeenImages(content_sha(p) for p in paths))
 
 
 def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[], Candidate] | None,
@@ -177,8 +264,11 @@ def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[
     built = None
     if build is not None:
         built = build()
-        narrator(log, echo)(f"candidate trunk v{built.version} ({built.trunk.model_name}, trunk_id {built.trunk.trunk_id}): "
-             f"{built.how}, {built.status}")
+        say = narrator(log, echo)
+        say(f"candidate trunk v{built.version} ({built.trunk.model_name}, trunk_id {built.trunk.trunk_id}): "
+            f"{built.how}, {built.status}")
+        for note in built.notes:
+            say(f"  {note}")
         candidate = built.version
     if not cascade:
         return built, None

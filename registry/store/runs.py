@@ -53,6 +53,13 @@ class RunLog:
         """Log params (stringified, cut to MLflow's limit) and metrics (at step 0) in one batch."""
         self.client.log_batch(self.run_id, metrics=metrics_batch(metrics or {}), params=params_batch(params or {}))
 
+    def log_steps(self, rows: Mapping[int, Mapping[str, Any]]) -> None:
+        """Log metrics per step (e.g. per epoch: ``{1: {"val_accuracy_x": 0.8}, 2: {...}}``) in one batch."""
+        now = get_current_time_millis()
+        batch = [Metric(str(k), float(v), now, int(step)) for step, row in rows.items() for k, v in row.items()]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
     def log_file(self, path: str | Path) -> None:
         """Upload one file to the run's artifact root."""
         self.client.log_artifact(self.run_id, str(path))

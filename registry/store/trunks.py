@@ -8,9 +8,11 @@ rebuilds the trunk from them and checks that the weights still hash to the versi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from registry.store.tracking import (
     run_metrics,
 )
 from trunk.model import Trunk
-from trunk.seen import SeenError, SeenImages
+from trunk.seen import SeenImages
 
 TRUNK_MODEL = "trunk"
 ARTIFACT_PATH = "trunk"
@@ -36,6 +38,9 @@ ARTIFACT_PATH = "trunk"
 TRAINED_ON_ARTIFACT = "trained_on/images.safetensors"
 TRAINED_ON_TAG = "trained_on_digest"
 TRAINED_ON_COUNT_TAG = "trained_on_images"
+# How a trunk was trained (trunk.train settings, augmentation, tasks, model): artifact, and a tag with its hash.
+RECIPE_ARTIFACT = "recipe.json"
+RECIPE_SHA_TAG = "recipe_sha"
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +122,8 @@ def clear_trunk_alias(client: MlflowClient, alias: str, version: int) -> bool:
 def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
                    params: Mapping[str, Any] | None = None,
                    metrics: Mapping[str, float] | None = None, tags: Mapping[str, str] | None = None,
-                   trained_on: SeenImages | None = None) -> int:
+                   trained_on: SeenImages | None = None, recipe: Mapping[str, Any] | None = None,
+                   epoch_metrics: Mapping[int, Mapping[str, float]] | None = None) -> int:
     """Register a trunk as a version of ``trunk``, unless its trunk_id already is one.
 
     Args:
@@ -131,6 +137,11 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
             artifact ``trained_on/images.safetensors`` and tagged with its digest, so
             heads and cascades can tell seen validation images from unseen ones. None
             (a trunk from timm or a weights file): unknown.
+        recipe: how the trunk was trained (JSON-able): stored as the artifact
+            ``recipe.json``, tagged ``recipe_sha``, read back by :func:`trunk_recipe`;
+            a refresh starts from it.
+        epoch_metrics: per epoch (the step), metrics to log as curves (e.g.
+            ``val_accuracy_<task>``); a key logged here is not logged again at step 0.
 
     Returns:
         The version number: the existing one when a version with the same ``trunk_id``
@@ -143,6 +154,12 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
     tags = {**(tags or {}), "trunk_id": trunk.trunk_id, "model_name": trunk.model_name}
     if trained_on is not None:
         tags.update({TRAINED_ON_TAG: trained_on.digest, TRAINED_ON_COUNT_TAG: str(len(trained_on))})
+    recipe_text = None
+    if recipe is not None:
+        recipe_text = json.dumps(recipe, sort_keys=True, indent=2, default=str) + "\n"
+        tags[RECIPE_SHA_TAG] = hashlib.sha256(recipe_text.encode()).hexdigest()[:16]
+    curves = {int(k): dict(v) for k, v in (epoch_metrics or {}).items()}
+    curve_keys = {k for row in curves.values() for k in row}
     with tracked_run(client, "trunks", run_name=f"trunk-{trunk.trunk_id}",
                      tags={**tags, **({"mlflow.note.content": description} if description else {})}) as run:
         all_params: dict[str, Any] = {"model_name": trunk.model_name, "trunk_id": trunk.trunk_id,
@@ -150,7 +167,12 @@ def register_trunk(client: MlflowClient, trunk: Trunk, *, description: str = "",
         all_params.update({f"data_config.{k}": v for k, v in trunk.data_config.items()})
         all_params.update({f"model_kwargs.{k}": v for k, v in trunk.model_kwargs.items()})
         all_params.update(params or {})
-        run.log(params=all_params, metrics=metrics)
+        run.log(params=all_params, metrics={k: v for k, v in (metrics or {}).items() if k not in curve_keys})
+        run.log_steps(curves)
+        if recipe_text is not None:
+            with tempfile.TemporaryDirectory(prefix="recipe-") as tmp:
+                (Path(tmp) / RECIPE_ARTIFACT).write_text(recipe_text)
+                run.log_file(Path(tmp) / RECIPE_ARTIFACT)
         with tempfile.TemporaryDirectory(prefix="trunk-") as tmp:
             trunk.save(tmp)
             run.log_folder(tmp, artifact_path=ARTIFACT_PATH)
@@ -180,6 +202,49 @@ def load_trunk(client: MlflowClient, version: int) -> Trunk:
     return trunk
 
 
+def _tagged_artifact(client: MlflowClient, version: int, tag: str, artifact: str, read: Callable[[Path, str], Any],
+                     what: str) -> Any:
+    """``read(local file, tag value)`` of one artifact of ``trunk`` v<version> that a version tag vouches for.
+
+    None when the version has no such tag (the trunk has no such record). ``read`` checks
+    the file against the tag's value and raises ValueError (or OSError) when it does not match.
+
+    Raises:
+        RegistryError: no such version, or the artifact is missing, unreadable or does not
+            match its tag; the message names the version and ``what``.
+    """
+    mv = get_trunk_version(client, version)
+    value = mv.tags.get(tag)
+    if not value:
+        return None
+    with tempfile.TemporaryDirectory(prefix="trunk-record-") as tmp:
+        try:
+            return read(download_artifact(client, mv.run_id, artifact, tmp), value)
+        except (ArtifactError, OSError, ValueError) as e:
+            raise RegistryError(f"trunk v{version}: its {what} cannot be used: {e}") from None
+
+
+def _read_recipe(path: Path, sha: str) -> dict[str, Any]:
+    text = path.read_text()
+    if hashlib.sha256(text.encode()).hexdigest()[:16] != sha:
+        raise ValueError(f"{RECIPE_ARTIFACT} does not hash to its tag '{RECIPE_SHA_TAG}' {sha}; "
+                         f"the stored artifact was altered")
+    return json.loads(text)
+
+
+def trunk_recipe(client: MlflowClient, version: int) -> dict[str, Any] | None:
+    """The recipe ``trunk`` v<version> was trained with (``recipe.json``), or None when it has none.
+
+    A trunk registered from timm or a weights file (or by a platform before recipes were
+    stored) has none.
+
+    Raises:
+        RegistryError: no such version, or the stored recipe is missing, unreadable, not
+            JSON, or does not hash to the version's ``recipe_sha`` tag.
+    """
+    return _tagged_artifact(client, version, RECIPE_SHA_TAG, RECIPE_ARTIFACT, _read_recipe, "recipe")
+
+
 def trunk_trained_on(client: MlflowClient, version: int) -> SeenImages | None:
     """The images ``trunk`` v<version> was trained on (by content), or None when it has no record.
 
@@ -189,13 +254,6 @@ def trunk_trained_on(client: MlflowClient, version: int) -> SeenImages | None:
         RegistryError: no such version, or the stored set is missing, unreadable or does
             not hash to the version's ``trained_on_digest`` tag.
     """
-    mv = get_trunk_version(client, version)
-    digest = mv.tags.get(TRAINED_ON_TAG)
-    if not digest:
-        return None
-    with tempfile.TemporaryDirectory(prefix="trained-on-") as tmp:
-        try:
-            local = download_artifact(client, mv.run_id, TRAINED_ON_ARTIFACT, tmp)
-            return SeenImages.load(local, expected_digest=digest)
-        except (ArtifactError, SeenError) as e:
-            raise RegistryError(f"trunk v{version}: its record of training images cannot be used: {e}") from None
+    return _tagged_artifact(client, version, TRAINED_ON_TAG, TRAINED_ON_ARTIFACT,
+                            lambda path, digest: SeenImages.load(path, expected_digest=digest),
+                            "record of training images")

@@ -84,3 +84,39 @@ def test_timm_candidate_is_registered_with_alias_candidate_only(ws):
     assert int(client.get_registered_model("trunk").aliases["candidate"]) == version
     production = client.get_model_version_by_alias("release", "production")
     assert production.tags["trunk_version"] != str(version)  # building a candidate never moves production
+
+
+def test_multitask_candidate_from_a_trunk_without_recipe_says_so_and_stores_its_own(ws):
+    from mlflow import MlflowClient
+
+    from registry.store.trunks import trunk_recipe, trunk_version_tags
+
+    # production's trunk was registered as it is (no recipe): the configured settings apply, and the tool says so
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=multitask", "multitask.epochs=1", "augment=none",
+                    "cascade=false", "progress=false")
+    assert proc.returncode == 0, proc.stderr
+    version = int(proc.stdout.split("candidate trunk v")[1].split()[0])
+    production = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db").get_model_version_by_alias(
+        "release", "production").tags["trunk_version"]
+    line = (f"  production trunk v{production} has no stored recipe (registered from timm or a weights file): "
+            f"training with the configured multitask settings and augment group")
+    assert line in proc.stdout.splitlines()
+    client = MlflowClient(tracking_uri=f"sqlite:///{ws}/mlflow.db", registry_uri=f"sqlite:///{ws}/mlflow.db")
+    recipe = trunk_recipe(client, version)  # the candidate's own recipe, for the refresh after it
+    assert (recipe["augment"], recipe["epochs"], recipe["tasks"]) == ([], 1, ["colour", "count_branch", "shape"])
+    assert trunk_version_tags(client, version)["recipe_diff"] == f"production trunk v{production} has no stored recipe"
+
+
+def test_a_numbered_candidate_is_the_version_option():
+    from tools.refresh import numbered_candidate
+
+    assert numbered_candidate(["candidate=3", "promote=false"]) == ["candidate=version", "candidate.version=3",
+                                                                   "promote=false"]
+    assert numbered_candidate(["candidate=multitask", "multitask.epochs=3"]) == ["candidate=multitask",
+                                                                                 "multitask.epochs=3"]
+
+
+def test_candidate_by_number_on_the_command_line_names_the_missing_version(ws):
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=7")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: trunk v7 does not exist in the registry"

@@ -150,6 +150,7 @@ def test_an_undecodable_image_is_skipped_and_counted(teacher, student, images, t
                                progress=False)
     assert result.metrics["n_images"] == 15 and result.metrics["skipped_images"] == 1
     assert len(result.skipped) == 1 and "empty file" in result.skipped[0]
+    assert result.paths == [str(p) for p in images[:15]]  # what the student saw, for its trained_on record
     with pytest.raises(ValueError, match="none of the 1 distillation images could be decoded"):
         with pytest.warns(UserWarning):
             distill_trunk(teacher, student, [str(empty)], progress=False)

@@ -143,3 +143,22 @@ def test_a_bad_device_name_is_one_line_before_any_image_is_read(shapes, start, t
     result = train_trunk(start, [task(shapes, "shape")], epochs=1, batch_size=8, device=torch.device("cpu"),
                          progress=False)
     assert [row["epoch"] for row in result.history] == [1]
+
+
+def test_val_images_are_scored_every_epoch_and_never_change_training(shapes, start):
+    # 12 images train, the other 4 validate: a validation figure per task per epoch, with
+    # the eval transform, no gradients, and not a single random draw taken from training.
+    t = task(shapes, "shape")
+    plain = Task(t.name, t.classes, t.paths[:12], t.labels[:12])
+    checked = Task(t.name, t.classes, t.paths[:12], t.labels[:12], val_paths=t.paths[12:], val_labels=t.labels[12:])
+    other = task(shapes, "colour", keep=12)  # no val images: no val figure for it, as before
+    a = train_trunk(start, [checked, other], epochs=2, batch_size=4, augment_ops=FLIP, progress=False)
+    b = train_trunk(start, [checked, other], epochs=2, batch_size=4, augment_ops=FLIP, progress=False)
+    c = train_trunk(start, [plain, other], epochs=2, batch_size=4, augment_ops=FLIP, progress=False)
+    assert a.trunk.trunk_id == b.trunk.trunk_id == c.trunk.trunk_id
+    assert [sorted(k for k in row if k.startswith("val_")) for row in a.history] == [["val_accuracy_shape"]] * 2
+    assert [row["val_accuracy_shape"] for row in a.history] == [row["val_accuracy_shape"] for row in b.history]
+    assert all(row["val_accuracy_shape"] * 4 in (0, 1, 2, 3, 4) for row in a.history)  # out of exactly 4
+    assert a.metrics["val_accuracy_shape"] == a.history[-1]["val_accuracy_shape"] and a.metrics["val_images_shape"] == 4
+    assert "val_accuracy_colour" not in a.metrics and not any(k.startswith("val_") for k in c.metrics)
+    assert sorted(a.paths) == sorted(set(t.paths[:12]) | set(other.paths))  # what it trained on, val excluded

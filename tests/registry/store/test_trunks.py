@@ -90,3 +90,15 @@ def test_trained_on_refuses_a_record_that_does_not_match_its_tag(client, trunk_a
     client.set_model_version_tag(TRUNK_MODEL, str(version), TRAINED_ON_TAG, SeenImages(_shas(9)).digest)
     with pytest.raises(RegistryError, match=f"trunk v{version}: its record of training images cannot be used"):
         trunk_trained_on(client, version)
+
+
+def test_recipe_round_trips_and_one_that_does_not_match_its_tag_is_refused(client, trunk_a, trunk_b):
+    from registry.store.trunks import RECIPE_SHA_TAG, trunk_recipe
+
+    recipe = {"epochs": 3, "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}]}
+    version = register_trunk(client, trunk_a, recipe=recipe)
+    assert trunk_recipe(client, version) == recipe
+    assert trunk_recipe(client, register_trunk(client, trunk_b)) is None
+    client.set_model_version_tag(TRUNK_MODEL, str(version), RECIPE_SHA_TAG, "0" * 16)
+    with pytest.raises(RegistryError, match=f"trunk v{version}: its recipe cannot be used: .*altered"):
+        trunk_recipe(client, version)
