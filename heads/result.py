@@ -32,6 +32,12 @@ class HeadResult:
         module_kwargs: the module's full constructor arguments when they differ from the
             config's ``module`` entries (a branch's trunk-derived ``model_name``, ``tap``,
             ``model_kwargs``); None means the config's entries are the whole story.
+        val_paths: the validation images the figures were computed on, in row order
+            (unreadable ones left out), so the same predictions can be scored again on a
+            subset (e.g. the images the trunk never trained on) without retraining.
+        val_labels: their true class indices, in the same order.
+        val_predictions: the head's predicted class indices, in the same order.
+        tags: extra version tags for the registry (e.g. ``trunk_trained_on``).
     """
 
     spec: HeadSpec
@@ -47,6 +53,10 @@ class HeadResult:
     artifacts: dict[str, Path] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     module_kwargs: dict[str, Any] | None = None
+    val_paths: list[str] = field(default_factory=list)
+    val_labels: list[int] = field(default_factory=list)
+    val_predictions: list[int] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:

@@ -19,7 +19,7 @@ EXIT_NOT_PROMOTED = 1
 
 @tool("train_head")
 def main(cfg) -> None:
-    from registry.jobs.train import train_head_job
+    from registry.jobs.train import overlap_line, train_head_job
     from registry.reports.summary import head_job_lines
 
     ws = workspace(cfg)
@@ -27,7 +27,10 @@ def main(cfg) -> None:
     job = train_head_job(client(cfg, ws), spec, workspace=ws, trunk_version=cfg.trunk_version,
                          batch_size=cfg.batch_size, num_workers=num_workers(cfg), device=device(cfg),
                          progress=cfg.progress, promote=cfg.promote)
-    print("\n".join(head_job_lines(job)))
+    lines = head_job_lines(job)
+    # Right after the figures: how far to trust val_accuracy (the trunk may have trained on val images).
+    lines.insert(2, overlap_line(job))
+    print("\n".join(lines))
     if job.refused:
         # A passing head that did not reach production is a failed job, not a quiet success.
         print(f"error: head.{spec.name} v{job.version} passed its gate but is not in production: {job.refused}",

@@ -3,11 +3,28 @@
 When the trunk is refreshed every production head is retrained on the candidate. The new
 version must pass its own gate (:mod:`heads.checks.gate`) and, against the production version:
 
-- overall ``val_accuracy`` at least production's minus ``tolerance``;
+- overall validation accuracy at least production's minus ``tolerance``, held on the
+  *common unseen subset* when it is big enough (see below);
 - every slice that has at least ``min_slice_size`` validation examples in production at
   least production's slice accuracy minus ``slice_tolerance``; a slice that production
   had and the candidate lacks fails (the validation data changed under the head);
 - every image of the head's golden set (:mod:`heads.checks.golden`) still gets its required label.
+
+Which accuracy is held. A validation image either trunk trained on flatters that trunk's
+head, so the cascade scores the production head (on the production trunk) and the
+candidate head (on the candidate) on the same *common unseen subset*: the head's
+validation images in neither trunk's record of its training images
+(:class:`CommonUnseen`). The rule:
+
+- both trunks have a record and the subset has at least ``min_slice_size`` images: the
+  accuracy check is ``val_accuracy_unseen`` on that subset (candidate at least
+  production minus ``tolerance``); the full split's ``val_accuracy`` stays in the report
+  as a figure, not held;
+- the subset is smaller than ``min_slice_size`` (a figure on a handful of images is
+  noise), or a trunk has no record (``unknown``): ``val_accuracy`` on the full split is
+  held, as before, and the check's note says why.
+
+Slices and the golden set are checked as before, on the full split.
 
 A head with no candidate version at all (its retraining failed) fails too. Everything
 here is arithmetic on flat metric dicts as MLflow stores them (``val_accuracy``,
@@ -57,6 +74,30 @@ class Tolerances:
                    defaults.min_slice_size if size is None else int(size))  # type: ignore[arg-type]
 
 
+@dataclass(frozen=True)
+class CommonUnseen:
+    """Production and candidate scored on the validation images neither trunk trained on.
+
+    Attributes:
+        images: how many images the subset holds; None when a trunk has no record of its
+            training images (unknown), so no subset could be formed.
+        production_accuracy: the production head's accuracy on them (None when ``images`` is 0 or None).
+        candidate_accuracy: the candidate head's accuracy on them.
+        note: why it is unknown (which trunk has no record).
+    """
+
+    images: int | None
+    production_accuracy: float | None = None
+    candidate_accuracy: float | None = None
+    note: str = ""
+
+    def describe(self) -> str:
+        """A few words for the cascade's per-head line."""
+        if self.images is None:
+            return f"unseen subset unknown ({self.note}): compared on the full split"
+        return f"compared on {self.images} val images neither trunk trained on"
+
+
 @dataclass
 class GoldenResult:
     """A head's golden set run through the candidate.
@@ -99,7 +140,8 @@ def worst_slice(metrics: Mapping[str, float], min_size: int = 0) -> tuple[str, f
 
 def check_contract(production: Mapping[str, float], candidate: Mapping[str, float] | None, *,
                    tolerances: Tolerances, own_gate_passed: bool | None = True,
-                   golden: GoldenResult | None = None, missing_reason: str = "") -> GateReport:
+                   golden: GoldenResult | None = None, missing_reason: str = "",
+                   unseen: CommonUnseen | None = None) -> GateReport:
     """Check a retrained head against its production version.
 
     Args:
@@ -110,6 +152,8 @@ def check_contract(production: Mapping[str, float], candidate: Mapping[str, floa
         own_gate_passed: the verdict of the head's own gate on the candidate.
         golden: the golden set's result on the candidate; None when the head has none.
         missing_reason: why there is no candidate (shown when ``candidate`` is None).
+        unseen: both heads scored on the common unseen subset; None: not formed (the
+            full split is held, as when it is unknown). See the module docstring's rule.
 
     Returns:
         A :class:`GateReport`; ``passed`` only when every check passed.
@@ -119,15 +163,35 @@ def check_contract(production: Mapping[str, float], candidate: Mapping[str, floa
                                                                         f"{missing_reason or 'missing'}")])
     checks = [Check("own gate", 1.0 if own_gate_passed else 0.0, 1.0, bool(own_gate_passed),
                     note="" if own_gate_passed else "the head's own gate failed (see its gate.txt)")]
+    held_on_unseen = (unseen is not None and unseen.images is not None
+                      and unseen.images >= tolerances.min_slice_size and unseen.images > 0)
+    if held_on_unseen:
+        limit = float(unseen.production_accuracy) - tolerances.tolerance
+        got = float(unseen.candidate_accuracy)
+        checks.append(Check("val_accuracy_unseen", got, limit, got >= limit,
+                            note=f"production {float(unseen.production_accuracy):.4g} - tolerance "
+                                 f"{tolerances.tolerance:g}, on the {unseen.images} val images neither trunk "
+                                 f"trained on"))
+    if unseen is None or unseen.images is None:
+        why = "" if unseen is None else f"; unseen subset unknown ({unseen.note}): held on the full split"
+    elif not held_on_unseen:
+        why = (f"; only {unseen.images} val images neither trunk trained on (< min_slice_size "
+               f"{tolerances.min_slice_size}): held on the full split")
+    else:
+        why = ""
     prod_acc, cand_acc = production.get("val_accuracy"), candidate.get("val_accuracy")
-    if prod_acc is None:
+    if held_on_unseen:
+        limit = float(prod_acc) - tolerances.tolerance if prod_acc is not None else 0.0
+        checks.append(Check("val_accuracy", None if cand_acc is None else float(cand_acc), limit, True,
+                            note="full split, reported, not held (val_accuracy_unseen is held)"))
+    elif prod_acc is None:
         checks.append(Check("val_accuracy", cand_acc, 0.0, False, note="production version has no val_accuracy"))
     else:
         limit = float(prod_acc) - tolerances.tolerance
         ok = cand_acc is not None and float(cand_acc) >= limit
         checks.append(Check("val_accuracy", None if cand_acc is None else float(cand_acc), limit, ok,
                             note=f"production {float(prod_acc):.4g} - tolerance {tolerances.tolerance:g}"
-                                 + ("" if cand_acc is not None else "; metric missing")))
+                                 + ("" if cand_acc is not None else "; metric missing") + why))
     cand_slices = slices(candidate)
     for name, (acc, n) in sorted(slices(production).items()):
         key = f"slice_accuracy.{name}"

@@ -72,13 +72,17 @@ def _prefix(trunk: nn.Module, x: Tensor, tap: str, device: torch.device) -> Tens
 
 
 def _val_features(trunk: nn.Module, data: LabelledData, tap: str, device: torch.device, batch_size: int,
-                  num_workers: int, source: str) -> tuple[Tensor, Tensor, list[str | None], int]:
-    """Decode the validation images once and keep their tap features (CPU, float32)."""
+                  num_workers: int, source: str) -> tuple[Tensor, Tensor, list[Sample], int]:
+    """Decode the validation images once and keep their tap features (CPU, float32).
+
+    Returns:
+        ``(features, labels, the readable samples in row order, unreadable count)``.
+    """
     loader = DataLoader(_images(data.val, eval_transform(trunk.data_config)), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, collate_fn=_as_list)
-    feats, labels, slices, skipped = [], [], [], 0
+    feats, labels, kept, skipped = [], [], [], 0
     for batch in loader:
-        slices += [data.val[it.index].slice for it in readable(batch)]
+        kept += [data.val[it.index] for it in readable(batch)]
         x, y, n_bad = collate_readable(batch)
         skipped += n_bad
         if len(x):
@@ -86,7 +90,7 @@ def _val_features(trunk: nn.Module, data: LabelledData, tap: str, device: torch.
             labels.append(y)
     if not feats:
         raise ValueError(f"{source}: no readable validation images ({skipped} unreadable)")
-    return torch.cat(feats), torch.cat(labels), slices, skipped
+    return torch.cat(feats), torch.cat(labels), kept, skipped
 
 
 def _branch_logits(module: nn.Module, x: Tensor, device: torch.device) -> Tensor:
@@ -117,7 +121,7 @@ def _cached_loader(data: LabelledData, cached: tuple[Tensor, Tensor], *, seed: i
     # The same sampler as training from images, so both paths see the same batches.
     order = RandomSampler(range(len(train_x)), generator=torch.Generator().manual_seed(seed))
     batches = _WithNoneSkipped(TensorBatches((train_x, train_y), batch_size, order))
-    return batches, val_x.float(), val_y, [s.slice for s in data.val]
+    return batches, val_x.float(), val_y, list(data.val)
 
 
 class _WithNoneSkipped:
@@ -216,14 +220,14 @@ def fit_branch_head(
 
     with _frozen_trunk(trunk, dev):
         if cached is None:
-            val_x, val_y, val_slices, val_skipped = _val_features(trunk, data, tap, dev, batch_size, num_workers,
+            val_x, val_y, val_kept, val_skipped = _val_features(trunk, data, tap, dev, batch_size, num_workers,
                                                                   spec.source)
             loader = _train_loader(data, trunk, augment_ops, seed=seed, batch_size=batch_size,
                                    num_workers=num_workers)
         else:
             if augment_ops:
                 raise spec.error("augment", "cached tap features cannot be augmented; train from images instead")
-            loader, val_x, val_y, val_slices = _cached_loader(data, cached, seed=seed, batch_size=batch_size,
+            loader, val_x, val_y, val_kept = _cached_loader(data, cached, seed=seed, batch_size=batch_size,
                                                               source=spec.source)
             val_skipped = 0
         optimiser = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad],
@@ -256,10 +260,11 @@ def fit_branch_head(
     # Cost counts only what the branch adds: its suffix and classifier, from the tap's features.
     cost = measure_cost(module, branch_input_shape(trunk, tap), device=dev)
     return finish_head(
-        spec, data, module.cpu().eval(), logits, val_y, val_slices, cost,
+        spec, data, module.cpu().eval(), logits, val_y, [s.slice for s in val_kept], cost,
         history=outcome.history, in_features=in_features, trunk_id=trunk.trunk_id, out_dir=out_dir,
         metrics={"best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run,
                  "train_size": len(data.train) - train_skipped, "val_size": len(val_y),
                  "train_skipped": train_skipped, "val_skipped": val_skipped},
         module_kwargs=full_kwargs,
+        val_paths=[s.path for s in val_kept],
     )

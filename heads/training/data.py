@@ -12,6 +12,13 @@ Without a ``split`` column the validation split is seeded and stratified. Every 
 a :class:`heads.spec.HeadConfigError` naming the head config, the field and, for a
 manifest, the file and row.
 
+Data that cannot train a classifier is refused (:func:`check_trainable`): fewer than
+:data:`MIN_CLASSES` classes (one class passes any accuracy gate at 1.000), and, when
+the platform makes the split (no ``split`` column), a class with fewer than
+:data:`MIN_IMAGES_PER_CLASS` images, which cannot be in both train and val. With a
+``split`` column the team's split is kept: each class needs a training image, and a
+class may be absent from validation.
+
 Which files a head's data may make the platform read (head configs and manifests come
 from other teams; the platform may run with more rights than they have):
 
@@ -38,6 +45,7 @@ from pathlib import Path
 from heads.spec import HeadConfigError, HeadSpec
 from trunk.images import IMAGE_EXTENSIONS
 from trunk.manifest import ManifestError, open_table
+from trunk.seen import SeenImages
 
 SPLITS = ("train", "val")
 REQUIRED_COLUMNS = ("path", "label")
@@ -45,6 +53,10 @@ REQUIRED_COLUMNS = ("path", "label")
 COLUMNS = (*REQUIRED_COLUMNS, "split", "slice")
 # A manifest in a folder of this name lists the images of the folder above (../images/...).
 MANIFESTS_FOLDER = "manifests"
+# A classifier needs two classes; a platform-made stratified split needs one training and
+# one validation image of every class.
+MIN_CLASSES = 2
+MIN_IMAGES_PER_CLASS = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,8 @@ class LabelledData:
             the file's content hash (MLflow tag ``data_sha``).
         source: the folder or manifest the data was read from.
         has_slices: whether any example carries a slice.
+        kept_out_of_val: images the platform's split put in train instead of validation
+            because the trunk had trained on them (see :func:`load_labelled_data` ``avoid``).
     """
 
     classes: list[str]
@@ -82,6 +96,7 @@ class LabelledData:
     data_sha: str
     source: str
     has_slices: bool
+    kept_out_of_val: int = 0
 
 
 @dataclass
@@ -91,15 +106,20 @@ class _Row:
     label: str
     split: str | None
     slice: str | None
+    sha: str = ""  # the file's content hash, filled once per load
 
 
-def load_labelled_data(spec: HeadSpec) -> LabelledData:
+def load_labelled_data(spec: HeadSpec, avoid: SeenImages | None = None) -> LabelledData:
     """Read the labelled data a head config names and split it.
 
     Relative ``data.root`` / ``data.manifest`` values are relative to the working folder.
 
     Args:
         spec: a validated head config.
+        avoid: the images (by content) the trunk the head is evaluated on trained on.
+            When the platform makes the split (no ``split`` column), they go to train, and
+            validation is drawn from the rest of each class, as far as the class allows;
+            a team's own split is kept as it is (its overlap is reported, not changed).
 
     Returns:
         The examples, classes, split and content hash.
@@ -117,9 +137,24 @@ def load_labelled_data(spec: HeadSpec) -> LabelledData:
         rows = _rows_from_manifest(spec, location)
     if not rows:
         raise spec.error("data", f"no images found in {location}")
+    for r in rows:
+        r.sha = _file_sha256(r.path)
     classes = sorted({r.label for r in rows})
+    field_name, what = _where(spec, location)
+    if len(classes) < MIN_CLASSES:
+        raise spec.error(field_name, f"{what} has a single class ({classes[0]!r}, {len(rows)} images); a classifier "
+                                     f"needs at least {MIN_CLASSES} classes")
     if not any(r.split for r in rows):
-        _assign_split(rows, float(data["val_fraction"]), int(data["split_seed"]))
+        counts = {c: sum(r.label == c for r in rows) for c in classes}
+        few = {c: n for c, n in counts.items() if n < MIN_IMAGES_PER_CLASS}
+        if few:
+            shown = ", ".join(f"'{c}' has {n}" for c, n in sorted(few.items()))
+            raise spec.error(field_name, f"{what}: class {shown} image(s); without a 'split' column each class needs "
+                                         f"at least {MIN_IMAGES_PER_CLASS} (1 for training, 1 for validation): "
+                                         f"add images or give a 'split' column")
+        kept_out = _assign_split(rows, float(data["val_fraction"]), int(data["split_seed"]), avoid)
+    else:
+        kept_out = 0
     index = {c: i for i, c in enumerate(classes)}
     train = [Sample(str(r.path), index[r.label], r.slice) for r in rows if r.split == "train"]
     val = [Sample(str(r.path), index[r.label], r.slice) for r in rows if r.split == "val"]
@@ -136,7 +171,31 @@ def load_labelled_data(spec: HeadSpec) -> LabelledData:
         data_sha=_data_sha(rows),
         source=str(location),
         has_slices=any(r.slice is not None for r in rows),
+        kept_out_of_val=kept_out,
     )
+
+
+def check_trainable(spec: HeadSpec, data: LabelledData) -> None:
+    """Refuse labelled data that cannot train a classifier (fewer than :data:`MIN_CLASSES` classes).
+
+    :func:`load_labelled_data` refuses such files itself; this also covers data built or
+    filtered elsewhere before a head is trained and gated on it.
+
+    Raises:
+        HeadConfigError: naming the data's field and file.
+    """
+    if len(data.classes) < MIN_CLASSES:
+        field_name, what = _where(spec, Path(data.source))
+        raise spec.error(field_name, f"{what} has {len(data.classes)} class(es) "
+                                     f"({', '.join(repr(c) for c in data.classes) or 'none'}); a classifier needs "
+                                     f"at least {MIN_CLASSES} classes")
+
+
+def _where(spec: HeadSpec, location: Path) -> tuple[str, str]:
+    """The config field and the wording that name a head's data in an error."""
+    if spec.data.get("root"):
+        return "data.root", f"{location} (class folders)"
+    return "data.manifest", f"{location}: column 'label'"
 
 
 # -- class folders ------------------------------------------------------------------------
@@ -256,10 +315,22 @@ def _rows_from_manifest(spec: HeadSpec, manifest: Path) -> list[_Row]:
 
 
 # -- split and hash -----------------------------------------------------------------------
-def _assign_split(rows: list[_Row], val_fraction: float, seed: int) -> None:
+def _assign_split(rows: list[_Row], val_fraction: float, seed: int, avoid: SeenImages | None = None) -> int:
     """Stratified split: per class, a shuffle seeded by (seed, class), so adding a class
     never reshuffles the others; a class with at least 2 images keeps 1 for validation
-    and at least 1 for training."""
+    and at least 1 for training.
+
+    Validation takes the first images of the shuffle that are not in ``avoid``; when every
+    such image would have been chosen anyway the split is exactly the unsteered one. A
+    class with too few unseen images keeps fewer in validation (at least 1: then an
+    image the trunk saw stays there, and the overlap is reported).
+
+    Returns:
+        How many images the steering moved out of validation.
+    """
+    seen = avoid.mask([r.sha for r in rows]) if avoid is not None and len(avoid) else [False] * len(rows)
+    is_seen = {id(r): flag for r, flag in zip(rows, seen)}
+    moved = 0
     by_class: dict[str, list[_Row]] = {}
     for r in rows:
         by_class.setdefault(r.label, []).append(r)
@@ -269,8 +340,13 @@ def _assign_split(rows: list[_Row], val_fraction: float, seed: int) -> None:
         random.Random(f"{seed}/{label}").shuffle(members)
         n = len(members)
         n_val = 0 if n < 2 else min(n - 1, max(1, round(n * val_fraction)))
-        for i, r in enumerate(members):
-            r.split = "val" if i < n_val else "train"
+        unseen = [r for r in members if not is_seen[id(r)]]
+        chosen = unseen[:n_val] if unseen else members[:min(n_val, 1)]
+        moved += sum(is_seen[id(r)] for r in members[:n_val]) - sum(is_seen[id(r)] for r in chosen)
+        picked = {id(r) for r in chosen}
+        for r in members:
+            r.split = "val" if id(r) in picked else "train"
+    return moved
 
 
 def _file_sha256(path: Path) -> str:
@@ -283,5 +359,5 @@ def _data_sha(rows: list[_Row]) -> str:
     # under the same names must not look unchanged (mtime/size would miss a same-size edit).
     h = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r.rel):
-        h.update(json.dumps([r.rel, r.label, r.split, r.slice, _file_sha256(r.path)]).encode() + b"\n")
+        h.update(json.dumps([r.rel, r.label, r.split, r.slice, r.sha]).encode() + b"\n")
     return h.hexdigest()[:16]

@@ -107,6 +107,40 @@ def evaluate(
     )
 
 
+def seen_split_metrics(predictions: Sequence[int], labels: Sequence[int], classes: Sequence[str],
+                       seen: Sequence[bool]) -> dict[str, float]:
+    """How much of a validation split the trunk trained on, and the same predictions scored on the rest.
+
+    Nothing is retrained or re-run: the head's validation predictions are restricted to
+    the rows whose image the trunk never saw.
+
+    Args:
+        predictions: the head's predicted class index per validation row.
+        labels: the true class index per row.
+        classes: label names.
+        seen: per row, whether the trunk trained on that image (by content hash).
+
+    Returns:
+        ``val_seen_by_trunk`` (rows seen), ``val_seen_share`` (of all rows),
+        ``val_unseen_images``, and, when at least one row is unseen,
+        ``val_accuracy_unseen`` and ``val_macro_f1_unseen``.
+
+    Raises:
+        ValueError: the three sequences differ in length, or are empty.
+    """
+    if not (len(predictions) == len(labels) == len(seen)) or not len(seen):
+        raise ValueError(f"{len(predictions)} predictions, {len(labels)} labels and {len(seen)} seen flags: "
+                         f"need the same non-zero number")
+    n_seen = sum(bool(s) for s in seen)
+    out = {"val_seen_by_trunk": float(n_seen), "val_seen_share": n_seen / len(seen),
+           "val_unseen_images": float(len(seen) - n_seen)}
+    unseen = [i for i, s in enumerate(seen) if not s]
+    if unseen:
+        ev = evaluate([predictions[i] for i in unseen], [labels[i] for i in unseen], classes)
+        out.update(val_accuracy_unseen=ev.accuracy, val_macro_f1_unseen=ev.macro_f1)
+    return out
+
+
 def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path, title: str) -> Path:
     """Write a confusion matrix PNG: colour is the row-normalised rate, text the count.
 

@@ -13,7 +13,7 @@ from heads.training.evaluate import evaluate, plot_confusion
 from heads.result import HeadResult
 from heads.spec import HeadSpec
 from heads.store import build_module, save_head
-from heads.training.train import predict_logits, train_on_features
+from heads.training.train import TrainSettings, predict_logits, train_on_features
 from trunk.files import write_json_atomic
 from trunk.loop import seeded_rng
 
@@ -67,11 +67,8 @@ def fit_head(
     # Initial weights come from the head's own seed, without disturbing the caller's RNG.
     with seeded_rng(t["seed"], device):
         module = build_module(target, kwargs, in_features=in_features, num_classes=len(data.classes))
-    outcome = train_on_features(
-        module, train_x, train_y, val_x, val_y,
-        epochs=t["epochs"], batch_size=t["batch_size"], lr=t["lr"], weight_decay=t["weight_decay"],
-        patience=t["patience"], seed=t["seed"], device=device, progress=progress,
-    )
+    outcome = train_on_features(module, train_x, train_y, val_x, val_y, TrainSettings.from_config(t),
+                                device=device, progress=progress)
     logits = predict_logits(module, val_x, device)
     cost = measure_cost(module, in_features, device=device)
     return finish_head(
@@ -79,6 +76,7 @@ def fit_head(
         history=outcome.history, in_features=in_features, trunk_id=trunk_id, out_dir=out_dir,
         metrics={"best_epoch": outcome.best_epoch, "epochs_run": outcome.epochs_run,
                  "train_size": len(data.train), "val_size": len(data.val)},
+        val_paths=[s.path for s in data.val],
     )
 
 
@@ -97,6 +95,7 @@ def finish_head(
     out_dir: Path,
     metrics: dict[str, float],
     module_kwargs: dict | None = None,
+    val_paths: list[str] | None = None,
 ) -> HeadResult:
     """Evaluate a trained head on its validation logits, write its files, return its result.
 
@@ -110,6 +109,8 @@ def finish_head(
         metrics: more metrics to record beside the evaluation's and the cost's.
         module_kwargs: the full constructor arguments to store, when they are more than
             the config's (a branch's trunk arguments).
+        val_paths: the image of each row of ``logits`` (kept on the result, so the same
+            predictions can be scored on a subset later: :attr:`HeadResult.val_paths`).
     """
     ev = evaluate(logits, val_y, data.classes, slices=val_slices if data.has_slices else None,
                   min_slice_size=spec.gate["min_slice_size"])
@@ -137,6 +138,9 @@ def finish_head(
         artifacts={"confusion": confusion_png, "history": history_json},
         history=history,
         module_kwargs=module_kwargs,
+        val_paths=list(val_paths or []),
+        val_labels=val_y.tolist(),
+        val_predictions=torch.as_tensor(logits).argmax(1).tolist(),
     )
     save_head(out_dir / HEAD_DIR, module, result.meta())
     return result

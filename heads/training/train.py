@@ -8,6 +8,8 @@ CPU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +24,34 @@ EVAL_CHUNK = 8192
 # What a head's training run did: best_epoch, epochs_run and one history row per epoch
 # (``epoch``, ``train_loss``, ``val_loss``, ``val_accuracy``).
 TrainOutcome = FitOutcome
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How a head trains: a head config's ``train`` block, as one object.
+
+    Attributes:
+        epochs: the most epochs to run.
+        batch_size: examples per optimiser step.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        patience: stop after this many epochs without a better best epoch; ``<= 0``
+            disables early stopping.
+        seed: seeds shuffling and dropout.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, train: Mapping[str, Any]) -> TrainSettings:
+        """From a validated head config's ``train`` block (extra keys are ignored)."""
+        return cls(int(train["epochs"]), int(train["batch_size"]), train["lr"], train["weight_decay"],
+                   int(train["patience"]), int(train["seed"]))
 
 
 def predict_logits(module: nn.Module, x: Tensor, device: str | torch.device = "cpu") -> Tensor:
@@ -40,22 +70,9 @@ def val_score(row: dict[str, Any]) -> tuple[float, float]:
     return row["val_accuracy"], -row["val_loss"]
 
 
-def train_on_features(
-    module: nn.Module,
-    train_x: Tensor,
-    train_y: Tensor,
-    val_x: Tensor,
-    val_y: Tensor,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    patience: int,
-    seed: int,
-    device: str | torch.device = "cpu",
-    progress: bool = False,
-) -> TrainOutcome:
+def train_on_features(module: nn.Module, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
+                      settings: TrainSettings, *, device: str | torch.device = "cpu",
+                      progress: bool = False) -> TrainOutcome:
     """Train ``module`` in place and leave it holding its best weights, in eval mode.
 
     The best epoch is the one with the highest validation accuracy; ties go to the lower
@@ -67,13 +84,7 @@ def train_on_features(
         train_y: ``(N,)`` class indices.
         val_x: validation features.
         val_y: validation class indices.
-        epochs: the most epochs to run.
-        batch_size: examples per optimiser step.
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        patience: stop after this many epochs without a better best epoch; ``<= 0``
-            disables early stopping.
-        seed: seeds shuffling and dropout.
+        settings: epochs, batch size, optimiser, early stopping and seed.
         device: where to train.
         progress: show a tqdm bar over epochs.
 
@@ -92,10 +103,11 @@ def train_on_features(
     val_y = torch.as_tensor(val_y, dtype=torch.long)
     device = torch.device(device)
     module.to(device)
-    optimiser = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay)
+    t = settings
+    optimiser = torch.optim.AdamW(module.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     # Shuffling draws from its own CPU generator, so the order does not depend on the device.
-    order = EpochPermutation(len(train_x), torch.Generator().manual_seed(seed))
-    batches = TensorBatches((train_x, train_y), batch_size, order)
+    order = EpochPermutation(len(train_x), torch.Generator().manual_seed(t.seed))
+    batches = TensorBatches((train_x, train_y), t.batch_size, order)
 
     def loss_fn(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, int]:
         xb, yb = batch
@@ -105,8 +117,8 @@ def train_on_features(
         return {"epoch": stats.epoch, "train_loss": stats.train_loss,
                 **val_metrics(predict_logits(module, val_x, device), val_y)}
 
-    outcome = fit(module, batches, loss_fn, optimizer=optimiser, epochs=epochs, device=device,
-                  epoch_row=epoch_row, score=val_score, patience=patience, seed=seed, progress=progress,
+    outcome = fit(module, batches, loss_fn, optimizer=optimiser, epochs=t.epochs, device=device,
+                  epoch_row=epoch_row, score=val_score, patience=t.patience, seed=t.seed, progress=progress,
                   desc="train head")
     module.eval()
     return outcome

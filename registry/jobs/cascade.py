@@ -5,14 +5,21 @@ stored with its production version, so the head is retrained exactly as its team
 configured it, seed included), trains it on the candidate trunk (features re-extracted
 into the cache; branch heads copy their layers from the candidate), evaluates it on the
 same validation data and slices, runs its golden set, and checks the model contract of
-:mod:`heads.checks.contract` against the production version. If every head passes, one new
+:mod:`heads.checks.contract` against the production version. Accuracy is compared on
+the head's validation images that *neither* trunk trained on (by content hash, from each
+trunk version's record): the production head on the production trunk's features and the
+candidate head on the candidate's, both from the feature cache; the per-head line says
+how many images that was, or that it is unknown (a trunk without a record), in which
+case the full split is compared. If every head passes, one new
 ``release`` (the candidate trunk plus every new head version) becomes production by
 compare-and-swap against the production version the cascade started from; otherwise
 production is untouched and the report says which heads block and why.
 
 Resuming is by construction: a head version registered on the candidate's ``trunk_id``
 with the same ``config_sha`` and ``data_sha`` was trained from the same recipe, so a
-restarted cascade reuses it and re-checks its contract from its logged metrics; the
+restarted cascade reuses it and re-checks its contract from its logged metrics (the
+common-unseen figures are recomputed from the registered heads and the cache, so they are
+the same); the
 release a cascade creates carries the tag ``cascade=<id>`` (``id``: the candidate's
 ``trunk_id`` and the production version it started from), so a cascade killed after
 creating it but before moving production moves production to that same release.
@@ -27,14 +34,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from mlflow import MlflowClient
 
-from heads.checks.contract import GoldenResult, Tolerances, check_contract
+from heads.checks.contract import CommonUnseen, GoldenResult, Tolerances, check_contract
 from heads.checks.gate import GateReport
 from heads.checks.golden import check_golden, read_golden
 from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
 from heads.store import HeadArtifactError, LoadedHead
-from heads.training.data import data_roots, load_labelled_data
+from heads.training.data import LabelledData, data_roots, load_labelled_data
+from registry.jobs.extract import extract_job
 from registry.jobs.train import train_head_on
 from registry.reports.cascade import log_cascade_report
 from registry.store.heads import (
@@ -57,15 +66,25 @@ from registry.store.releases import (
     move_alias,
 )
 from registry.store.tracking import ArtifactError, RegistryError, download_artifact
-from registry.store.trunks import clear_trunk_alias, get_trunk_version, load_trunk, trunk_alias_versions
+from registry.store.trunks import (
+    clear_trunk_alias,
+    get_trunk_version,
+    load_trunk,
+    trunk_alias_versions,
+    trunk_trained_on,
+)
 from registry.reports.summary import narrator
 from registry.store.workspace import Workspace
 from trunk.decode import ImageError
-from trunk.model import Trunk, TrunkError
+from trunk.loop import predict
+from trunk.model import POOLED, Trunk, TrunkError
+from trunk.seen import SeenImages
 
 log = logging.getLogger(__name__)
 
 CASCADE_TAG = "cascade"
+# Rows per forward pass when scoring heads on the common unseen subset.
+SCORE_CHUNK = 256
 # What can go wrong with one head without stopping the others: its verdict becomes FAIL.
 HEAD_ERRORS = (HeadConfigError, HeadArtifactError, TrunkError, RegistryError, ImageError, ValueError,
                FileNotFoundError, OSError)
@@ -90,6 +109,8 @@ class HeadOutcome:
         candidate_metrics: the retrained version's run metrics (None when failed).
         golden: the golden set's result, when the head has one.
         reason: why retraining failed, when it did.
+        unseen: both versions scored on the validation images neither trunk trained on
+            (``images`` None: unknown); None when retraining failed.
     """
 
     name: str
@@ -101,6 +122,7 @@ class HeadOutcome:
     candidate_metrics: dict[str, float] | None = None
     golden: GoldenResult | None = None
     reason: str = ""
+    unseen: CommonUnseen | None = None
 
     @property
     def passed(self) -> bool:
@@ -205,30 +227,125 @@ def _golden(spec: HeadSpec, trunk: Trunk, head: LoadedHead, device: str, batch_s
     return check_golden(trunk, spec.name, head, items, source=str(path), device=device, batch_size=batch_size)
 
 
+@dataclass
+class CommonUnseenScorer:
+    """Scores production and candidate heads on the validation images neither trunk trained on.
+
+    Built once per cascade from both trunk versions' records
+    (:func:`registry.store.trunks.trunk_trained_on`). Features come from the feature cache
+    (extracted when missing), as for head training, so a resumed cascade gets the same
+    figures from the same registered heads.
+
+    Attributes:
+        excluded: the union of both records; None when either trunk has none (unknown).
+        note: why it is unknown.
+    """
+
+    client: MlflowClient
+    workspace: Workspace
+    production: Release
+    excluded: SeenImages | None
+    note: str
+    batch_size: int
+    num_workers: int
+    device: str
+    _production_trunk: Trunk | None = None
+
+    @classmethod
+    def for_cascade(cls, client: MlflowClient, workspace: Workspace, production: Release, candidate_version: int,
+                    **run: Any) -> CommonUnseenScorer:
+        records = {v: trunk_trained_on(client, v) for v in (production.trunk_version, candidate_version)}
+        missing = [f"trunk v{v}" for v, r in records.items() if r is None]
+        if missing:
+            return cls(client, workspace, production, None,
+                       f"{' and '.join(missing)} {'has' if len(missing) == 1 else 'have'} no record of "
+                       f"{'its' if len(missing) == 1 else 'their'} training images", **run)
+        prod, cand = records.values()
+        return cls(client, workspace, production, prod.union(cand), "", **run)
+
+    def score(self, spec: HeadSpec, data: LabelledData, candidate: Trunk, head: LoadedHead) -> CommonUnseen:
+        """Both versions of ``spec``'s head on its common unseen validation images."""
+        if self.excluded is None:
+            return CommonUnseen(None, note=self.note)
+        paths = [s.path for s in data.val]
+        cand = self._extract(candidate, paths, head.tap)
+        kept = [(s, sha) for s, sha in zip(data.val, cand.shas) if sha]
+        kept = [(s, sha) for (s, sha), seen in zip(kept, self.excluded.mask(sha for _, sha in kept)) if not seen]
+        if not kept:
+            return CommonUnseen(0)
+        shas = [sha for _, sha in kept]
+        truth = [data.classes[s.label] for s, _ in kept]
+        production_head = load_head_version(self.client, spec.name, self.production.heads[spec.name])
+        if self._production_trunk is None:
+            self._production_trunk = load_trunk(self.client, self.production.trunk_version)
+        prod_trunk = self._production_trunk
+        prod = self._extract(prod_trunk, [s.path for s, _ in kept], production_head.tap)
+        return CommonUnseen(
+            len(kept),
+            production_accuracy=self._accuracy(production_head, prod_trunk, prod.caches[production_head.tap].load(shas),
+                                               truth),
+            candidate_accuracy=self._accuracy(head, candidate, cand.caches[head.tap].load(shas), truth))
+
+    def _extract(self, trunk: Trunk, paths: list[str], tap: str):
+        return extract_job(trunk, paths, workspace=self.workspace, taps=(tap,), batch_size=self.batch_size,
+                           num_workers=self.num_workers, device=self.device, progress=False)
+
+    def _accuracy(self, head: LoadedHead, trunk: Trunk, x: torch.Tensor, truth: list[str]) -> float:
+        # As in training: branch heads read the tap's map (mixed precision on CUDA), pooled heads the vector.
+        if head.tap != POOLED:
+            x = x.view(-1, *trunk.tap(head.tap).shape)
+        dev = torch.device(self.device)
+        module = head.module.to(dev)
+        try:
+            logits = predict(module, x, dev, chunk=SCORE_CHUNK, mixed_precision=head.tap != POOLED)
+        finally:
+            module.cpu()
+        classes = head.classes
+        return sum(classes[int(i)] == t for i, t in zip(logits.argmax(1), truth)) / len(truth)
+
+
+def _unseen_metrics(unseen: CommonUnseen) -> dict[str, float]:
+    # On the version the cascade trained, for MLflow; the contract itself always recomputes them.
+    if unseen.images is None:
+        return {}
+    out = {"contract_unseen_images": float(unseen.images)}
+    if unseen.images:
+        out.update(contract_unseen_production_accuracy=unseen.production_accuracy,
+                   contract_unseen_candidate_accuracy=unseen.candidate_accuracy)
+    return out
+
+
 def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: str, *, workspace: Workspace,
-             production_metrics: dict[str, float], tolerances: Tolerances, batch_size: int, num_workers: int,
-             device: str, progress: bool) -> tuple[int, str, GoldenResult | None, GateReport]:
-    data = load_labelled_data(spec)
+             production_metrics: dict[str, float], tolerances: Tolerances, scorer: CommonUnseenScorer,
+             batch_size: int, num_workers: int, device: str, progress: bool
+             ) -> tuple[int, str, GoldenResult | None, GateReport, CommonUnseen]:
+    # Split as train_head_on would on this trunk, so a resumed cascade finds the same data_sha.
+    data = load_labelled_data(spec, avoid=trunk_trained_on(client, tv))
     done = _existing_version(client, spec.name, trunk.trunk_id, spec.config_sha, data.data_sha)
     if done is not None:
         tags = get_head_version(client, spec.name, done).tags
-        golden = _golden(spec, trunk, load_head_version(client, spec.name, done), device, batch_size)
+        head = load_head_version(client, spec.name, done)
+        golden = _golden(spec, trunk, head, device, batch_size)
+        unseen = scorer.score(spec, data, trunk, head)
         contract = check_contract(production_metrics, head_metrics(client, spec.name, done), tolerances=tolerances,
-                                  own_gate_passed=tags.get("gate") == "passed", golden=golden)
-        return done, "reused", golden, contract
+                                  own_gate_passed=tags.get("gate") == "passed", golden=golden, unseen=unseen)
+        return done, "reused", golden, contract, unseen
     result, gate, _ = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
                                     num_workers=num_workers, device=device, progress=progress, data=data)
-    golden = _golden(spec, trunk, LoadedHead(result.module, result.meta()), device, batch_size)
+    head = LoadedHead(result.module, result.meta())
+    golden = _golden(spec, trunk, head, device, batch_size)
+    unseen = scorer.score(spec, data, trunk, head)
     # The same flattening MLflow gets, so the contract reads what a resumed cascade will read.
     contract = check_contract(production_metrics, head_run_metrics(result), tolerances=tolerances,
-                              own_gate_passed=gate.passed, golden=golden)
+                              own_gate_passed=gate.passed, golden=golden, unseen=unseen)
     extra = {} if golden is None else {"golden_total": golden.total, "golden_wrong": len(golden.wrong)}
+    extra.update(_unseen_metrics(unseen))
     version = register_head(client, result, trunk_version=tv, gate_report=gate,
                             tags={CASCADE_TAG: cid, "contract": "passed" if contract.passed else "failed"},
                             metrics=extra,
                             artifacts={"contract.txt": contract.format(f"{model_name(spec.name)} on trunk v{tv} "
                                                                        f"vs production") + "\n"})
-    return version, "trained", golden, contract
+    return version, "trained", golden, contract, unseen
 
 
 def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | int = CANDIDATE,
@@ -267,16 +384,21 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
     say(f"cascade {cid}: candidate trunk v{tv} ({trunk.model_name}, trunk_id {trunk.trunk_id}) against "
          f"release v{production.version} (trunk v{production.trunk_version}, {len(production.heads)} heads)")
     context = {"workspace": str(workspace.root)}
+    scorer = CommonUnseenScorer.for_cascade(client, workspace, production, tv, batch_size=batch_size,
+                                            num_workers=num_workers, device=device)
+    if scorer.excluded is None:
+        say(f"  validation images neither trunk trained on: unknown ({scorer.note}); heads are compared on "
+            f"their full validation split")
     for i, (name, pv) in enumerate(sorted(production.heads.items()), start=1):
         prod_metrics = head_metrics(client, name, pv)
         try:
             spec = stored_spec(client, name, pv, context)
             tol = Tolerances.for_head(spec.gate, tolerances)
-            version, status, golden, contract = _retrain(
+            version, status, golden, contract, unseen = _retrain(
                 client, spec, trunk, tv, cid, workspace=workspace, production_metrics=prod_metrics, tolerances=tol,
-                batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+                scorer=scorer, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
             outcome = HeadOutcome(name, pv, version, status, contract, prod_metrics,
-                                  head_metrics(client, name, version), golden)
+                                  head_metrics(client, name, version), golden, unseen=unseen)
         except HEAD_ERRORS as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             log.warning("%s: retraining on trunk v%s failed: %s", model_name(name), tv, reason)
@@ -285,7 +407,8 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
                                   prod_metrics, reason=reason)
         result.outcomes[name] = outcome
         got = "-" if outcome.candidate_version is None else f"v{outcome.candidate_version}"
-        say(f"  [{i}/{len(production.heads)}] {name}: v{pv} -> {got} ({outcome.status}) "
+        compared = "" if outcome.unseen is None else f"{outcome.unseen.describe()}; "
+        say(f"  [{i}/{len(production.heads)}] {name}: v{pv} -> {got} ({outcome.status}) {compared}"
              f"{'PASS' if outcome.passed else 'FAIL: ' + outcome.blocking()}")
     if result.passed and promote:
         result.promoted, result.refused = _promote(client, result, say)

@@ -21,8 +21,9 @@ from heads.result import HeadResult
 from heads.spec import HeadSpec
 from heads.store import LoadedHead
 from heads.training.branch_train import fit_branch_head
-from heads.training.cost import measure_in_bank
-from heads.training.data import LabelledData, load_labelled_data
+from heads.training.cost import bank_cost
+from heads.training.data import LabelledData, check_trainable, load_labelled_data
+from heads.training.evaluate import seen_split_metrics
 from heads.training.fit import fit_head
 from registry.jobs.extract import extract_job
 from registry.store.heads import load_head_version, register_head
@@ -35,11 +36,18 @@ from registry.store.releases import (
 )
 from registry.store.trunks import (
     load_trunk,
+    trunk_trained_on,
 )
 from registry.store.workspace import Workspace
 from trunk.loader import iter_decoded
 from trunk.model import POOLED, Trunk
 from trunk.preprocess import eval_transform
+from trunk.seen import SeenImages, content_sha
+
+# Version tag: the digest of the trunk's record of its training images the head's
+# validation split was checked against, or "unknown" when the trunk has none.
+TRUNK_TRAINED_ON_TAG = "trunk_trained_on"
+UNKNOWN = "unknown"
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +150,14 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     """
     tv = trunk_version
     spec.check_tap(trunk.taps)
-    data = data if data is not None else load_labelled_data(spec)
+    trained_on = trunk_trained_on(client, tv)
+    # The platform's own split keeps images this trunk trained on out of validation.
+    data = data if data is not None else load_labelled_data(spec, avoid=trained_on)
+    check_trainable(spec, data)  # data handed in (cascade, refresh) gets the same refusal as a file
     out_dir = workspace.run_dir("head", spec.name)
+    # Content hashes of the images, from the extraction (the feature cache keys rows by them).
+    sha_of: dict[str, str | None] = {}
+    listed = [s.path for s in data.train + data.val]
     if spec.tap == POOLED:
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                        num_workers=num_workers, device=device, progress=progress)
@@ -151,6 +165,7 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
                           progress=progress)
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
+        sha_of = dict(zip(listed, extracted.shas))
     elif spec.config.get("augment"):
         # Augmented images need the prefix every step: train from images.
         result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=spec.config["augment"],
@@ -168,11 +183,66 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
                                  cached=(train_x.view(-1, *shape), val_x.view(-1, *shape)))
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
+        sha_of = dict(zip(listed, extracted.shas))
+    if data.kept_out_of_val:
+        result.metrics["val_kept_out_seen"] = float(data.kept_out_of_val)
+    # Augmented branch heads read image files, not the cache: hash their val files here.
+    val_shas = [] if trained_on is None else [sha_of.get(p) or content_sha(p) for p in result.val_paths]
+    check_val_overlap(result, trained_on, tv, val_shas)
     measure_in_release(client, trunk, tv, result, [s.path for s in data.val], device=device)
     slice_sizes = {k: v["n"] for k, v in result.slice_accuracy.items()}
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
     return result, gate, summary
+
+
+def check_val_overlap(result: HeadResult, trained_on: SeenImages | None, trunk_version: int,
+                      val_shas: Sequence[str]) -> None:
+    """Record how many of a head's validation images its trunk trained on, and accuracy on the rest.
+
+    Sets the metrics of :func:`heads.training.evaluate.seen_split_metrics` on ``result``
+    (``val_seen_by_trunk``, ``val_seen_share``, ``val_unseen_images``,
+    ``val_accuracy_unseen``, ``val_macro_f1_unseen``) and the tag ``trunk_trained_on``
+    (the record's digest). A trunk without a record (from timm, a weights file) gets
+    ``trunk_trained_on=unknown`` and none of these metrics: no overlap is not claimed.
+
+    Args:
+        result: the trained head; its ``val_paths``/``val_predictions`` rows are scored.
+        trained_on: the trunk's record (:func:`registry.store.trunks.trunk_trained_on`).
+        trunk_version: for the log line.
+        val_shas: the content hash of each of ``result.val_paths``.
+    """
+    if trained_on is None:
+        result.tags[TRUNK_TRAINED_ON_TAG] = UNKNOWN
+        log.warning("head.%s: trunk v%s has no record of the images it trained on, so whether its validation "
+                    "images were among them is unknown", result.name, trunk_version)
+        return
+    result.tags[TRUNK_TRAINED_ON_TAG] = trained_on.digest
+    figures = seen_split_metrics(result.val_predictions, result.val_labels, result.classes,
+                                 trained_on.mask(val_shas))
+    result.metrics.update(figures)
+    if figures["val_seen_by_trunk"]:
+        unseen = figures.get("val_accuracy_unseen")
+        log.warning("head.%s: %d of %d validation images (%.1f%%) were in trunk v%s's training data; "
+                    "val_accuracy on the %d unseen: %s", result.name, figures["val_seen_by_trunk"],
+                    len(val_shas), 100 * figures["val_seen_share"], trunk_version, figures["val_unseen_images"],
+                    "none unseen" if unseen is None else f"{unseen:.4f}")
+
+
+def overlap_line(job: HeadJobResult) -> str:
+    """One summary line: the head's validation overlap with its trunk's training images."""
+    m, tags = job.result.metrics, job.result.tags
+    where = f"trunk v{job.trunk_version}'s training images"
+    if tags.get(TRUNK_TRAINED_ON_TAG, UNKNOWN) == UNKNOWN or "val_seen_by_trunk" not in m:
+        return f"  val overlap with {where}: unknown (the trunk has no record of what it trained on)"
+    seen, total = int(m["val_seen_by_trunk"]), int(m["val_seen_by_trunk"] + m["val_unseen_images"])
+    if not seen:
+        return f"  val overlap with {where}: none (0 of {total})"
+    unseen = m.get("val_accuracy_unseen")
+    tail = ("no unseen image to score" if unseen is None else
+            f"val_accuracy on the {int(m['val_unseen_images'])} unseen {unseen:.4f} "
+            f"(macro-F1 {m['val_macro_f1_unseen']:.4f})")
+    return f"  val overlap with {where}: {seen} of {total} ({100 * m['val_seen_share']:.1f}%); {tail}"
 
 
 def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, result: HeadResult,
@@ -181,7 +251,9 @@ def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, r
 
     The bank holds every production head on the same trunk plus this one (replacing an
     older version of it), and runs on the trunk's features of up to ``n_images`` of the
-    head's validation images. The head timed alone is kept as ``added_ms_per_image_alone``.
+    head's validation images. The head timed alone is kept as ``added_ms_per_image_alone``;
+    ``added_ms_per_image_spread`` is the figure's timing spread (interquartile range per
+    image, :func:`heads.training.cost.bank_cost`), so a cost below the noise reads as such.
     """
     heads: dict[str, LoadedHead] = {}
     release = get_release(client, PRODUCTION)
@@ -193,5 +265,10 @@ def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, r
     with torch.inference_mode():
         features = trunk(batch.pixels.to(device), sorted({h.tap for h in heads.values()}))
     result.metrics["added_ms_per_image_alone"] = result.metrics["added_ms_per_image"]
-    result.metrics["added_ms_per_image"] = measure_in_bank(result.name, heads, features, device=device)
+    if "added_ms_per_image_spread" in result.metrics:
+        result.metrics["added_ms_per_image_alone_spread"] = result.metrics["added_ms_per_image_spread"]
+
+    cost = bank_cost(result.name, heads, features, device=device)
+    result.metrics["added_ms_per_image"] = cost["added_ms_per_image"]
+    result.metrics["added_ms_per_image_spread"] = cost["added_ms_per_image_spread"]
     result.metrics["bank_heads"] = len(heads)

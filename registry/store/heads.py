@@ -5,7 +5,10 @@ Each version's run (experiment ``heads``, run name ``<name>``) carries DESIGN's 
 ``added_ms_per_image``) plus ``recall.<class>``, ``slice_accuracy.<slice>`` and
 ``slice_size.<slice>`` (names outside MLflow's character set get ``_``); the
 version carries the tags ``trunk_id``, ``tap``, ``config_sha``, ``data_sha``, ``owner``,
-``trunk_version``, ``gate`` (``passed``/``failed``) and the content hashes of its head
+``trunk_version``, ``gate`` (``passed``/``failed``), ``trunk_trained_on`` (the digest of the
+trunk's record of its training images its validation split was checked against, or
+``unknown``; with it the run carries ``val_seen_by_trunk``, ``val_seen_share``,
+``val_unseen_images``, ``val_accuracy_unseen``, ``val_macro_f1_unseen``) and the content hashes of its head
 files, ``weights_sha256`` and ``spec_sha256`` (hex sha256 of ``head.safetensors`` and
 ``head.json``). Artifacts: ``head/`` (safetensors plus JSON, loaded without unpickling),
 ``confusion.png``, ``config/<name>.yaml`` and ``gate.txt``.
@@ -129,7 +132,8 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
         trunk_version: the ``trunk`` version whose features it was trained on; its
             ``trunk_id`` must equal the result's.
         gate_report: the gate's verdict; checked here from the head's config when None.
-        tags: extra version tags (the refresh cascade marks its versions with ``cascade``).
+        tags: extra version tags (the refresh cascade marks its versions with ``cascade``),
+            beside the result's own (:attr:`heads.result.HeadResult.tags`, e.g. ``trunk_trained_on``).
         metrics: extra run metrics (e.g. the golden set's result).
         artifacts: extra text files for the run, ``{file name: contents}``.
 
@@ -151,7 +155,7 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
     name = model_name(result.name)
     tags = {"trunk_id": result.trunk_id, "tap": result.tap, "config_sha": result.spec.config_sha,
             "data_sha": result.data_sha, "owner": result.spec.owner, "trunk_version": str(int(trunk_version)),
-            "gate": "passed" if gate.passed else "failed", **dict(tags or {})}
+            "gate": "passed" if gate.passed else "failed", **result.tags, **dict(tags or {})}
     ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
     with tracked_run(client, "heads", run_name=result.name, tags={"head": result.name, **tags}) as run:
         params = {safe_key(k): v for k, v in flatten(result.spec.config).items()}

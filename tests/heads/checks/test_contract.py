@@ -84,3 +84,35 @@ def test_a_tolerance_outside_0_1_is_a_config_error_naming_the_field(value, tmp_p
            "gate": {"slice_tolerance": value}}
     with pytest.raises(HeadConfigError, match=r"x.yaml: field 'gate.slice_tolerance'"):
         validate(raw, "x.yaml", expected_name="x")
+
+
+def test_the_common_unseen_subset_is_held_when_it_is_big_enough():
+    from heads.checks.contract import CommonUnseen
+
+    # The full split flatters the candidate (0.91 vs 0.90); on the images neither trunk saw it regressed.
+    unseen = CommonUnseen(images=25, production_accuracy=0.88, candidate_accuracy=0.84)
+    report = check_contract(PROD, cand(), tolerances=TOL, unseen=unseen)
+    assert failed(report) == ["val_accuracy_unseen"]
+    held = next(c for c in report.checks if c.name == "val_accuracy_unseen")
+    assert held.value == 0.84 and held.limit == pytest.approx(0.87) and "25 val images neither trunk" in held.note
+    full = next(c for c in report.checks if c.name == "val_accuracy")
+    assert full.passed and "not held" in full.note
+    # ... and a full-split drop alone no longer blocks: the unseen figure is the one that counts.
+    ok = check_contract(PROD, cand(val_accuracy=0.5), tolerances=TOL,
+                        unseen=CommonUnseen(images=25, production_accuracy=0.88, candidate_accuracy=0.88))
+    assert ok.passed, ok.format()
+
+
+def test_a_small_or_unknown_unseen_subset_falls_back_to_the_full_split_and_says_so():
+    from heads.checks.contract import CommonUnseen
+
+    small = CommonUnseen(images=19, production_accuracy=0.9, candidate_accuracy=0.1)
+    report = check_contract(PROD, cand(val_accuracy=0.885), tolerances=TOL, unseen=small)
+    assert failed(report) == ["val_accuracy"]
+    assert "only 19 val images neither trunk trained on (< min_slice_size 20): held on the full split" in \
+        report.checks[1].note
+    unknown = CommonUnseen(images=None, note="trunk v1 has no record of its training images")
+    report = check_contract(PROD, cand(), tolerances=TOL, unseen=unknown)
+    assert report.passed and "unseen subset unknown (trunk v1 has no record" in report.checks[1].note
+    assert unknown.describe().startswith("unseen subset unknown") and "full split" in unknown.describe()
+    assert CommonUnseen(7, 0.5, 0.5).describe() == "compared on 7 val images neither trunk trained on"

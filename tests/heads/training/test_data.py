@@ -308,3 +308,78 @@ def test_manifest_that_is_not_utf8_is_one_line_naming_the_byte(tmp_path):
     e = _error(tmp_path, {"manifest": str(manifest)})
     assert e.field == "data.manifest"
     assert str(e).endswith(f"{manifest} cannot be read: not UTF-8 text (invalid continuation byte at byte 28)")
+
+
+# -- data that cannot train a classifier ------------------------------------------------------------
+def test_a_single_class_is_refused_naming_the_file_and_the_field(tmp_path):
+    base = tmp_path / "ds"
+    rows = [r for r in manifest_rows(base) if r["label"] == "red"]
+    manifest = write_csv(base / "m.csv", rows)
+    e = _error(tmp_path, {"manifest": str(manifest)})
+    assert e.field == "data.manifest"
+    assert f"{manifest}: column 'label' has a single class ('red', 4 images)" in str(e)
+    assert "needs at least 2 classes" in str(e)
+    root = tmp_path / "folders"
+    for i in range(4):
+        write_image(root / "red" / f"{i}.png", COLOURS["red"], size=8, seed=i)
+    e = _error(tmp_path, {"root": str(root)})
+    assert e.field == "data.root" and f"{root} (class folders) has a single class ('red'" in str(e)
+
+
+def test_data_handed_to_training_with_one_class_is_refused_too(tmp_path):
+    from heads.training.data import check_trainable
+
+    base = tmp_path / "ds"
+    spec = head_spec(tmp_path, {"manifest": str(write_csv(base / "m.csv", manifest_rows(base)))})
+    data = load_labelled_data(spec)
+    check_trainable(spec, data)  # three classes: fine
+    data.classes = data.classes[:1]
+    with pytest.raises(HeadConfigError, match=r"field 'data.manifest': .*m.csv: column 'label' has 1 class\(es\) "
+                                              r"\('blue'\); a classifier needs at least 2 classes"):
+        check_trainable(spec, data)
+
+
+def test_a_class_too_small_for_a_stratified_split_is_refused(tmp_path):
+    base = tmp_path / "ds"
+    rows = [{k: v for k, v in r.items() if k != "split"} for r in manifest_rows(base)]
+    rows = [r for r in rows if r["label"] != "green" or r["path"].endswith("_0.png")]  # green: one image
+    manifest = write_csv(base / "m.csv", rows)
+    e = _error(tmp_path, {"manifest": str(manifest)})
+    assert e.field == "data.manifest"
+    assert (f"{manifest}: column 'label': class 'green' has 1 image(s); without a 'split' column each class needs "
+            f"at least 2 (1 for training, 1 for validation)") in str(e)
+    # With the team's own split the same class is fine: it trains, and is simply absent from val.
+    rows = [{**r, "split": "train" if r["label"] == "green" or not r["path"].endswith("_0.png") else "val"}
+            for r in rows]
+    d = load_labelled_data(head_spec(tmp_path, {"manifest": str(write_csv(base / "split.csv", rows))}))
+    assert d.classes == ["blue", "green", "red"] and {d.classes[s.label] for s in d.val} == {"blue", "red"}
+
+
+def test_the_platform_split_keeps_images_the_trunk_trained_on_out_of_validation(tmp_path):
+    from trunk.seen import SeenImages, content_sha
+
+    spec = head_spec(tmp_path, {"root": str(class_folders(tmp_path / "data", per_class=10)), "val_fraction": 0.3})
+    plain = load_labelled_data(spec)
+    assert plain.kept_out_of_val == 0 and len(plain.val) == 9  # 3 per class
+    seen = [s.path for s in plain.val if plain.classes[s.label] == "red"][:2]
+    steered = load_labelled_data(spec, avoid=SeenImages(content_sha(p) for p in seen))
+    assert steered.kept_out_of_val == 2
+    assert not set(seen) & {s.path for s in steered.val} and set(seen) <= {s.path for s in steered.train}
+    # Validation keeps its size where the class has unseen images, and other classes are untouched.
+    assert len(steered.val) == 9
+    assert [s for s in steered.val if plain.classes[s.label] != "red"] == \
+        [s for s in plain.val if plain.classes[s.label] != "red"]
+    assert steered.data_sha != plain.data_sha  # another split is other data
+    # Nothing the trunk saw among the val images: the very same split.
+    unrelated = SeenImages(content_sha(s.path) for s in plain.train[:4])
+    assert load_labelled_data(spec, avoid=unrelated) == plain
+
+
+def test_a_team_split_is_kept_even_where_the_trunk_saw_its_val_images(tmp_path):
+    from trunk.seen import SeenImages, content_sha
+
+    base = tmp_path / "ds"
+    spec = head_spec(tmp_path, {"manifest": str(write_csv(base / "m.csv", manifest_rows(base)))})
+    plain = load_labelled_data(spec)
+    steered = load_labelled_data(spec, avoid=SeenImages(content_sha(s.path) for s in plain.val))
+    assert steered == plain and steered.kept_out_of_val == 0  # its overlap is reported by the head job

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from heads.modules import LinearHead, MLPHead
-from heads.training.train import predict_logits, train_on_features
+from heads.training.train import TrainSettings, predict_logits, train_on_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +34,7 @@ def test_learns_separable_classes_and_records_history():
     x, y, vx, vy = split()
     torch.manual_seed(123)
     head = LinearHead(16, 3)
-    out = train_on_features(head, x, y, vx, vy, **SETTINGS)
+    out = train_on_features(head, x, y, vx, vy, TrainSettings(**SETTINGS))
     assert out.history[-1]["val_accuracy"] > 0.9
     assert out.history[0]["train_loss"] > out.history[-1]["train_loss"]
     assert [h["epoch"] for h in out.history] == list(range(1, out.epochs_run + 1))
@@ -48,7 +48,8 @@ def test_bit_identical_run_to_run_and_seed_matters():
     def run(seed):
         torch.manual_seed(7)  # same init; the training seed drives shuffling and dropout
         head = MLPHead(16, 3, hidden=32, dropout=0.3)
-        out = train_on_features(head, x, y, vx, vy, **{**SETTINGS, "epochs": 6, "patience": 0, "seed": seed})
+        settings = TrainSettings(**{**SETTINGS, "epochs": 6, "patience": 0, "seed": seed})
+        out = train_on_features(head, x, y, vx, vy, settings)
         return head.state_dict(), out.history
 
     (a, ha), (b, hb), (c, _) = run(0), run(0), run(1)
@@ -61,7 +62,7 @@ def test_caller_random_state_is_untouched():
     x, y, vx, vy = split()
     head = MLPHead(16, 3, hidden=8, dropout=0.5)  # dropout draws random numbers while training
     state = torch.get_rng_state()
-    train_on_features(head, x, y, vx, vy, **{**SETTINGS, "epochs": 2})
+    train_on_features(head, x, y, vx, vy, TrainSettings(**{**SETTINGS, "epochs": 2}))
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -72,8 +73,8 @@ def test_early_stopping_restores_the_best_epoch():
     vx, vy = torch.randn(30, 32, generator=g), torch.randint(0, 3, (30,), generator=g)
     torch.manual_seed(0)
     head = MLPHead(32, 3, hidden=64)
-    out = train_on_features(head, x, y, vx, vy, epochs=200, batch_size=8, lr=0.01, weight_decay=0.0,
-                            patience=4, seed=0)
+    settings = TrainSettings(epochs=200, batch_size=8, lr=0.01, weight_decay=0.0, patience=4, seed=0)
+    out = train_on_features(head, x, y, vx, vy, settings)
     assert out.epochs_run < 200
     assert out.epochs_run == out.best_epoch + 4
     best = out.history[out.best_epoch - 1]
@@ -87,6 +88,6 @@ def test_early_stopping_restores_the_best_epoch():
 def test_rejects_empty_or_mismatched_inputs():
     x, y, vx, vy = split()
     with pytest.raises(ValueError, match="validation"):
-        train_on_features(LinearHead(16, 3), x, y, vx[:0], vy[:0], **SETTINGS)
+        train_on_features(LinearHead(16, 3), x, y, vx[:0], vy[:0], TrainSettings(**SETTINGS))
     with pytest.raises(ValueError, match="differ in length"):
-        train_on_features(LinearHead(16, 3), x, y[:-1], vx, vy, **SETTINGS)
+        train_on_features(LinearHead(16, 3), x, y[:-1], vx, vy, TrainSettings(**SETTINGS))

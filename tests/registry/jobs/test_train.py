@@ -157,3 +157,87 @@ def test_classify_resolves_the_release_once_and_a_restart_keeps_it(client, works
     assert pinned["release"]["version"] == first
     with pytest.raises(JobError, match="release 'latest' is neither a version number nor 'production'"):
         classify_job(client, shapes.root / "images", tmp_path / "x", release="latest", **run)
+
+
+# -- a head's validation split against what its trunk trained on --------------------------------
+def test_val_images_the_trunk_trained_on_are_counted_and_the_unseen_part_scored(client, workspace, shapes, tmp_path):
+    import torch
+
+    from heads.training.data import load_labelled_data
+    from registry.jobs.extract import extract_job
+    from registry.jobs.train import overlap_line
+    from registry.store.heads import head_metrics, head_tags
+    from trunk.seen import SeenImages, content_sha
+
+    ws = Workspace.at(workspace)
+    spec = spec_for(tmp_path, shapes, "colour")
+    data = load_labelled_data(spec)
+    val = [s.path for s in data.val]
+    assert len(val) == 16
+    # The trunk trained on 6 of the head's val images (and some of its training images, which do not count).
+    record = SeenImages(content_sha(p) for p in val[:6] + [s.path for s in data.train[:10]])
+    trunk = Trunk("test_resnet", data_config=SMALL, seed=3)
+    adopt_trunk(client, register_trunk(client, trunk, trained_on=record))
+    job = train_head_job(client, spec, workspace=ws, **JOB)
+    m = job.result.metrics
+    assert (m["val_seen_by_trunk"], m["val_seen_share"], m["val_unseen_images"]) == (6, 6 / 16, 10)
+    # The unseen figure is the same head scored on the other 10 images' cached features, nothing retrained.
+    got = extract_job(trunk, val[6:], workspace=ws, taps=("pooled",), **JOB)
+    preds = job.result.module(got.caches["pooled"].load(got.shas).float()).argmax(1)
+    truth = torch.tensor([s.label for s in data.val[6:]])
+    assert m["val_accuracy_unseen"] == pytest.approx((preds == truth).sum().item() / 10, abs=1e-12)
+    assert 0.0 <= m["val_macro_f1_unseen"] <= 1.0
+    logged = head_metrics(client, "colour", job.version)
+    assert logged["val_seen_by_trunk"] == 6 and logged["val_accuracy_unseen"] == pytest.approx(m["val_accuracy_unseen"])
+    assert head_tags(client, "colour", job.version)["trunk_trained_on"] == record.digest
+    assert overlap_line(job) == (f"  val overlap with trunk v1's training images: 6 of 16 (37.5%); val_accuracy on "
+                                 f"the 10 unseen {m['val_accuracy_unseen']:.4f} (macro-F1 "
+                                 f"{m['val_macro_f1_unseen']:.4f})")
+
+    # A branch head trained from augmented images hashes its val files: the same 6 are found.
+    path = tmp_path / "heads" / "count.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "count", "owner": "tests", "data": {"manifest": str(shapes.manifests["count"])},
+        "attach": {"tap": "layer2"}, "module": {"_target_": "heads.branch.BranchHead"},
+        "augment": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}], "train": {"epochs": 1},
+    }))
+    count = load_head_spec(path)
+    assert [s.path for s in load_labelled_data(count).val] == val  # the data set's one split
+    branch = train_head_job(client, count, workspace=ws, **JOB).result
+    assert (branch.metrics["val_seen_by_trunk"], branch.metrics["val_unseen_images"]) == (6, 10)
+    unseen = [i for i, p in enumerate(branch.val_paths) if p not in val[:6]]
+    assert branch.metrics["val_accuracy_unseen"] == pytest.approx(
+        sum(branch.val_predictions[i] == branch.val_labels[i] for i in unseen) / 10, abs=1e-9)
+
+
+def test_a_trunk_without_a_record_is_unknown_not_zero_overlap(client, workspace, shapes, tmp_path):
+    from registry.jobs.train import overlap_line
+    from registry.store.heads import head_metrics, head_tags
+
+    ws = Workspace.at(workspace)
+    adopt_trunk(client, register_trunk(client, Trunk("test_resnet", data_config=SMALL)))  # as from timm
+    job = train_head_job(client, spec_for(tmp_path, shapes, "colour"), workspace=ws, **JOB)
+    assert head_tags(client, "colour", job.version)["trunk_trained_on"] == "unknown"
+    assert not {k for k in head_metrics(client, "colour", job.version) if k.startswith("val_") and "seen" in k}
+    assert "unknown" in overlap_line(job)
+
+
+def test_a_one_class_head_is_refused_before_training(client, workspace, shapes, tmp_path):
+    from heads.spec import HeadConfigError
+    from registry.store.heads import head_model_versions
+
+    ws = Workspace.at(workspace)
+    adopt_trunk(client, register_trunk(client, Trunk("test_resnet", data_config=SMALL)))
+    lines = shapes.manifests["colour"].read_text().splitlines()
+    label = lines[1].split(",")[1]
+    one = shapes.manifests["colour"].with_name("one_class.csv")
+    one.write_text("\n".join([lines[0], *(r for r in lines[1:] if r.split(",")[1] == label)]) + "\n")
+    path = tmp_path / "heads" / "colour.yaml"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(yaml.safe_dump({"name": "colour", "owner": "tests", "data": {"manifest": str(one)},
+                                    "module": {"_target_": "heads.modules.LinearHead"}}))
+    with pytest.raises(HeadConfigError) as e:
+        train_head_job(client, load_head_spec(path), workspace=ws, **JOB)
+    assert e.value.field == "data.manifest" and "\n" not in str(e.value)
+    assert f"{one}: column 'label' has a single class ('{label}'" in str(e.value)
+    assert head_model_versions(client) == {}  # nothing registered, nothing shipped
