@@ -52,6 +52,8 @@ HEAD_MODULE_CLASSES = ("heads.modules.LinearHead", "heads.modules.MLPHead", "hea
 MAX_CONFIG_BYTES = 64 * 1024
 # ${key} or ${key.sub}: plain interpolation, no resolver (`oc.env:`), no nesting.
 _PLAIN_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
+# `data` fields added after heads were registered; left out of config_sha while unset.
+_NEWER_DATA_FIELDS = ("allow_roots", "heldout")
 # Arguments the platform fills in itself when it builds a head module.
 PLATFORM_ARGS = ("in_features", "num_classes")
 
@@ -78,6 +80,9 @@ class DataConfig:
     # Absolute folders, besides the data's own folder, that manifest (and golden) rows may
     # point into. Rows outside them are refused before the file is opened (heads/training/data.py).
     allow_roots: list[str] = field(default_factory=list)
+    # A labelled set the head never trains on (CSV/Parquet with path,label and optional slice;
+    # relative paths are relative to it), scored by the refresh cascade (heads/checks/heldout.py).
+    heldout: Optional[str] = None
 
 
 @dataclass
@@ -167,9 +172,11 @@ class HeadSpec:
     def config_sha(self) -> str:
         """Hash of the resolved config (MLflow tag ``config_sha``)."""
         config = self.config
-        if not config.get("data", {}).get("allow_roots", True):
-            # Unset, the newer field is left out: heads registered before it keep their sha.
-            config = {**config, "data": {k: v for k, v in config["data"].items() if k != "allow_roots"}}
+        data = config.get("data", {})
+        # Unset, the newer fields are left out: heads registered before them keep their sha.
+        unset = [k for k in _NEWER_DATA_FIELDS if k in data and not data[k]]
+        if unset:
+            config = {**config, "data": {k: v for k, v in data.items() if k not in unset}}
         blob = json.dumps(config, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -495,6 +502,13 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
             check_ops(merged["augment"])
         except TargetError as e:
             raise HeadConfigError(source, e.field, e.reason) from None
+    if data["heldout"] is not None:
+        heldout = str(data["heldout"]).strip()
+        if not heldout:
+            raise HeadConfigError(source, "data.heldout", "is empty; name a CSV or Parquet file, or leave it out")
+        if data["manifest"] and Path(heldout).resolve() == Path(data["manifest"]).resolve():
+            raise HeadConfigError(source, "data.heldout", f"'{heldout}' is data.manifest itself; name images the "
+                                                          f"head never trains on")
     for i, root_dir in enumerate(data["allow_roots"]):
         if not Path(root_dir).is_absolute():
             raise HeadConfigError(source, f"data.allow_roots[{i}]", f"'{root_dir}' must be an absolute folder")

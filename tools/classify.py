@@ -2,6 +2,7 @@
 
     python -m tools.classify input=/data/new_images output=/data/predictions/2026-11-23
     python -m tools.classify input=s3://bucket/images.parquet output=/mnt/out backend=ray ray.address=auto
+    python -m tools.classify input=/data/heldout output=/data/pred/heldout labels=/data/heldout/labels.csv
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from tools.common import client, device, num_workers, tool, workspace
 
 @tool("classify")
 def main(cfg) -> None:
-    from registry.jobs.classify import classify_job
+    from registry.jobs.classify import classify_job, heldout_lines
     from registry.reports.summary import classify_lines
 
     ws = workspace(cfg)
@@ -22,8 +23,11 @@ def main(cfg) -> None:
                            num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress,
                            rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
                            draft=cfg.draft, ray_options=ray_options,
-                           allow_foreign_files=cfg.allow_foreign_files)
-    print("\n".join(classify_lines(success, str(cfg.output))))
+                           allow_foreign_files=cfg.allow_foreign_files, labels=cfg.labels)
+    lines = classify_lines(success, str(cfg.output))
+    if "heldout" in success:
+        lines += heldout_lines(success["heldout"])
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

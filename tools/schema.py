@@ -159,6 +159,8 @@ class ClassifyConfig(TrackedConfig):
     backend: str = "local"
     draft: bool = True
     ray: RayConfig = field(default_factory=RayConfig)
+    # A labels file to score every head on (registry.jobs.classify); null: none.
+    labels: Optional[str] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -19,10 +19,11 @@ import torch
 
 from heads.bank import HeadBank
 from heads.checks.contract import GoldenResult
-from heads.training.data import describe_roots, manifest_folder, outside_roots, read_table
+from heads.checks.heldout import read_label_file
 from heads.predict import BatchPredictor
 from heads.spec import HeadConfigError
 from heads.store import LoadedHead
+from heads.training.data import manifest_folder
 from trunk.loader import iter_decoded
 from trunk.preprocess import eval_transform
 
@@ -45,32 +46,11 @@ def read_golden(path: str | Path, classes: list[str], source: str,
             cell, a label the head does not know or a path outside the allowed folders
             (naming the file, row and field).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise HeadConfigError(source, FIELD, f"{path}: no such file")
-    columns, records = read_table(path, source, FIELD)
-    for column in ("path", "label"):
-        if column not in columns:
-            raise HeadConfigError(source, FIELD, f"{path}: missing column '{column}' (has: {', '.join(columns)})")
-    base = Path(os.path.abspath(path)).parent
     roots = [manifest_folder(path), *(Path(os.path.abspath(r)) for r in allow_roots)]
-    items = []
-    for number, record in enumerate(records, start=1):
-        image, label = str(record.get("path") or "").strip(), str(record.get("label") or "").strip()
-        if not image or not label:
-            raise HeadConfigError(source, FIELD, f"{path}: row {number}: column '{'path' if not image else 'label'}' "
-                                                 f"is empty")
-        if label not in classes:
-            raise HeadConfigError(source, FIELD, f"{path}: row {number}: column 'label': '{label}' is not one of the "
-                                                 f"head's classes ({', '.join(classes)})")
-        full = Path(image)
-        full = Path(os.path.abspath(full if full.is_absolute() else base / full))
-        if outside_roots(full, roots):
-            raise HeadConfigError(source, FIELD, f"{path}: row {number}: column 'path': {image} is outside the data "
-                                                 f"folders ({describe_roots(roots)}); add its folder to "
-                                                 f"data.allow_roots")
-        items.append((str(full), label))
-    return items
+    # The one reader of labelled files (held-out sets and classify labels files use it too).
+    rows = read_label_file(path, {"label": list(classes)}, roots=roots, unique=False,
+                           fail=lambda message: HeadConfigError(source, FIELD, message))
+    return [(row.path, row.labels["label"]) for row in rows]
 
 
 def check_golden(trunk, name: str, head: LoadedHead, items: list[tuple[str, str]], *, source: str,

@@ -1,4 +1,11 @@
-"""Bulk classification: every head of one release on one trunk pass per image (``tools.classify``)."""
+"""Bulk classification: every head of one release on one trunk pass per image (``tools.classify``).
+
+With ``labels`` (a labels file, see :mod:`heads.checks.heldout`), the job also scores every
+head the file labels on its own output: the labels are checked against the release's heads
+before any image is classified, then joined with the Parquet rows by path; each head's
+held-out figures are logged as a run of the experiment ``heldout``
+(:mod:`registry.store.heldout`) and returned under ``heldout``.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,12 @@ from typing import Any
 from mlflow import MlflowClient
 
 from heads.bank import HeadBank
+from heads.checks.heldout import LabelsFile, read_labels_file, score_classified
 from heads.classify.engine import classify as classify_paths
 from heads.classify.output import JOB_FILE, read_json
 from registry.jobs.train import JobError
+from registry.store.heldout import EXPERIMENT as HELDOUT_EXPERIMENT
+from registry.store.heldout import KEY_TAG, find_heldout_run, heldout_key, log_heldout
 from registry.store.releases import (
     PRODUCTION,
     Release,
@@ -20,9 +30,13 @@ from registry.store.releases import (
     production_version,
     read_release,
 )
+from registry.store.trunks import trunk_trained_on
 from trunk.images import resolve_inputs
+from trunk.seen import content_sha
 
 log = logging.getLogger(__name__)
+# Above this many classes a printed confusion row is unreadable (the PNG in MLflow remains).
+MAX_PRINTED_CLASSES = 10
 
 
 def release_for_output(client: MlflowClient, output: str | Path, release: str | int | None = None) -> Release:
@@ -62,18 +76,114 @@ def release_for_output(client: MlflowClient, output: str | Path, release: str | 
 def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *, batch_size: int, num_workers: int,
                  device: str, progress: bool, rows_per_shard: int = 10000, release: str | int | None = None,
                  backend: str = "local", draft: bool = True,
-                 ray_options: dict[str, Any] | None = None, allow_foreign_files: bool = False) -> dict[str, Any]:
+                 ray_options: dict[str, Any] | None = None, allow_foreign_files: bool = False,
+                 labels: str | Path | None = None) -> dict[str, Any]:
     """Classify a folder, manifest or fsspec URI with every head of one release.
 
     The release is resolved once, here (see :func:`release_for_output`), and its trunk and
     heads are loaded by version, so a promotion during the job cannot mix versions.
+
+    Args:
+        labels: a labels file (``path``, one column per head name, optional ``slice``) to
+            score the release's heads on; None: no scoring.
+
+    Returns:
+        The ``_SUCCESS.json`` content; with ``labels``, plus ``heldout`` (see
+        :func:`score_output`).
+
+    Raises:
+        heads.checks.heldout.LabelsError: a bad labels file (one line naming the file, row
+            and column), before any image is classified.
     """
     chosen = release_for_output(client, output, release)
     trunk, heads = load_release(client, chosen)
     if not heads:
         raise JobError(f"release v{chosen.version} has no heads; promote one with tools.train_head")
+    labelled = read_labels_file(labels, {n: h.classes for n, h in heads.items()}) if labels is not None else None
     paths = resolve_inputs(input)
-    return classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
-                          num_workers=num_workers, device=device, rows_per_shard=rows_per_shard, progress=progress,
-                          draft=draft, backend=backend, ray_options=ray_options,
-                          allow_foreign_files=allow_foreign_files)
+    success = classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
+                             num_workers=num_workers, device=device, rows_per_shard=rows_per_shard,
+                             progress=progress, draft=draft, backend=backend, ray_options=ray_options,
+                             allow_foreign_files=allow_foreign_files)
+    if labelled is None:
+        return success
+    return {**success, "heldout": score_output(client, chosen, heads, labelled, output, success["fingerprint"])}
+
+
+def score_output(client: MlflowClient, release: Release, heads: dict[str, Any], labels: LabelsFile,
+                 output: str | Path, fingerprint: str) -> dict[str, Any]:
+    """Score a finished classification against a labels file; log each head's figures once.
+
+    Each scored head gets a run in the experiment ``heldout`` (tagged with the release,
+    trunk and head versions, the labels file and its hash, and the job); scoring the same
+    output with the same labels again logs nothing new and gives the same run ids.
+
+    Returns:
+        ``labels``, ``labels_sha256``, ``rows`` (labelled rows), ``unmatched`` (rows with
+        no image in the output), ``skipped`` (heads without a column), ``ignored``
+        (columns naming no head), ``experiment`` and ``heads``: ``{head: figures}``
+        (:meth:`heads.checks.heldout.HeldoutScore.as_dict` plus ``version``, ``run_id``,
+        ``metrics``).
+    """
+    if labels.skipped:
+        log.info("heads without a column in %s, not scored: %s", labels.path, ", ".join(labels.skipped))
+    if labels.ignored:
+        log.warning("columns of %s naming no head of release v%s, ignored: %s", labels.path, release.version,
+                    ", ".join(labels.ignored))
+    # A held-out figure on images the trunk trained on is no held-out figure: count them.
+    seen = trunk_trained_on(client, release.trunk_version)
+    classes_of = {name: head.classes for name, head in heads.items()}
+    scores, unmatched = score_classified(output, labels, classes_of, seen=seen)
+    if unmatched:
+        log.warning("%d labelled rows of %s have no image in %s", unmatched, labels.path, output)
+    labels_sha = content_sha(labels.path)
+    report: dict[str, Any] = {"labels": labels.path, "labels_sha256": labels_sha,
+                              "rows": sum(bool(r.labels) for r in labels.rows), "unmatched": unmatched,
+                              "skipped": labels.skipped, "ignored": labels.ignored,
+                              "experiment": HELDOUT_EXPERIMENT, "heads": {}}
+    for name, result in scores.items():
+        version = int(release.heads[name])
+        key = heldout_key(fingerprint, labels_sha, name, version)
+        run_id = find_heldout_run(client, key)
+        if run_id is None:
+            run_id = log_heldout(client, result, tags={
+                KEY_TAG: key, "head_version": str(version), "release_version": str(release.version),
+                "trunk_version": str(release.trunk_version), "trunk_id": release.trunk_id,
+                "labels": labels.path, "labels_sha256": labels_sha, "output": str(output),
+                "fingerprint": fingerprint})
+        report["heads"][name] = {**result.as_dict(), "version": version, "run_id": run_id,
+                                 "metrics": result.metrics()}
+    return report
+
+
+def heldout_lines(report: dict[str, Any]) -> list[str]:
+    """The summary lines of held-out scoring (``report``: :func:`score_output`'s)."""
+    lines = [f"held-out scoring against {report['labels']}: {report['rows']} labelled images"
+             + (f", {report['unmatched']} not in the output (not scored)" if report["unmatched"] else "")]
+    for name, h in sorted(report["heads"].items()):
+        failed = f"; {h['errors']} failed to decode, not scored" if h["errors"] else ""
+        if h["accuracy"] is None:
+            lines.append(f"  {name} v{h['version']}: no decoded labelled images{failed}")
+            continue
+        lines.append(f"  {name} v{h['version']}: accuracy {h['accuracy']:.3f}, macro-F1 {h['macro_f1']:.3f} "
+                     f"on {h['images']} images{failed}")
+        seen = h["seen_by_trunk"]
+        if seen.get("heldout_seen_by_trunk"):
+            unseen = seen.get("heldout_accuracy_unseen")
+            lines.append(f"    {int(seen['heldout_seen_by_trunk'])} of them ({seen['heldout_seen_share']:.0%}) the "
+                         f"trunk trained on; accuracy on the other {int(seen['heldout_unseen_images'])}: "
+                         + (f"{unseen:.3f}" if unseen is not None else "n/a"))
+        if h["slice_accuracy"]:
+            lines.append("    slices: " + ", ".join(f"{s} {a:.3f} ({h['slice_sizes'][s]})"
+                                                    for s, a in h["slice_accuracy"].items()))
+        if len(h["classes"]) <= MAX_PRINTED_CLASSES:
+            rows = ", ".join(f"{c} [{' '.join(map(str, r))}]" for c, r in zip(h["classes"], h["confusion"]))
+            lines.append(f"    confusion (true [predicted {' '.join(h['classes'])}]): {rows}")
+    if report["skipped"]:
+        lines.append(f"  not scored (no column in the labels file): {', '.join(report['skipped'])}")
+    if report["ignored"]:
+        lines.append(f"  columns naming no head, ignored: {', '.join(report['ignored'])}")
+    if report["heads"]:
+        lines.append(f"  logged to MLflow experiment '{report['experiment']}', one run per head: "
+                     + ", ".join(f"{n} {h['run_id']}" for n, h in sorted(report["heads"].items())))
+    return lines

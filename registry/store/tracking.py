@@ -29,7 +29,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades")
+EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades", "heldout")
 
 # The columns of MLflow's SQLite schema that hold absolute artifact URIs (MLflow 2 and 3;
 # those a given schema lacks are skipped). Everything else there is relative or not ours.
@@ -211,8 +211,8 @@ def connect(workspace: str | Path, uri: str | None = None) -> MlflowClient:
     """A client for the platform's registry, with its experiments in place.
 
     Sets MLflow's global tracking and registry URI (so MLflow's own helpers agree with
-    the client) and creates the experiments ``trunks``, ``heads``, ``releases``, ``reports`` and
-    ``cascades`` if missing. With a local store their artifacts go to
+    the client) and creates the experiments ``trunks``, ``heads``, ``releases``, ``reports``,
+    ``cascades`` and ``heldout`` if missing. With a local store their artifacts go to
     ``<workspace>/mlartifacts/<experiment>``; with a server, the server decides. A workspace
     whose ``mlflow.db`` was created in another folder (copied or moved) is adopted first,
     see :func:`adopt_moved_workspace`, so it never reads or writes the other folder.

@@ -285,3 +285,28 @@ def test_config_sha_is_unchanged_by_the_allow_roots_field(tmp_path):
     assert spec.config_sha == type(spec)(config=without, source=spec.source).config_sha
     wider = load_head_spec(write(tmp_path, patch({"data.allow_roots": ["/shared"]})), context={"workspace": "/ws"})
     assert wider.config_sha != spec.config_sha
+
+
+def test_heldout_is_an_optional_data_field_that_leaves_config_sha_unchanged_when_absent(tmp_path):
+    import hashlib
+    import json
+
+    spec = load_head_spec(write(tmp_path, GOOD), context={"workspace": "/ws"})
+    assert spec.data["heldout"] is None
+    # What config_sha hashed before the field existed: the config without it (and without unset allow_roots).
+    before = {**spec.config, "data": {k: v for k, v in spec.data.items() if k not in ("heldout", "allow_roots")}}
+    assert spec.config_sha == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    named = load_head_spec(write(tmp_path, patch({"data.heldout": "${workspace}/data/colour_heldout.csv"})),
+                           context={"workspace": "/ws"})
+    assert named.data["heldout"] == "/ws/data/colour_heldout.csv"
+    assert named.config_sha != spec.config_sha
+
+
+@pytest.mark.parametrize("value, words", [
+    ("  ", "field 'data.heldout': is empty"),
+    ("${workspace}/data/colour.csv", "field 'data.heldout': '/ws/data/colour.csv' is data.manifest itself"),
+    ({"path": "x.csv"}, "field 'data.heldout': Cannot convert 'DictConfig' to string"),
+])
+def test_a_bad_heldout_field_is_one_line_naming_it(tmp_path, value, words):
+    msg = _refusal(write(tmp_path, patch({"data.heldout": value})), context={"workspace": "/ws"})
+    assert words in msg and "\n" not in msg, msg
