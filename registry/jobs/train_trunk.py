@@ -26,12 +26,14 @@ from heads.training.data import data_roots, load_labelled_data
 from registry.jobs.train import JobError
 from registry.store.releases import CANDIDATE, PRODUCTION, Release, create_release, get_release
 from registry.store.trunks import (
+    find_trunk_version,
     find_trunk_version_by_tag,
     load_trunk,
     register_trunk,
     set_trunk_alias,
     trunk_metrics,
     trunk_recipe,
+    trunk_trained_on,
 )
 from registry.store.workspace import Workspace
 from trunk.decode import ImageError
@@ -185,6 +187,19 @@ def trunk_training_set(specs: Sequence[HeadSpec]) -> TrunkTrainingSet:
     return TrunkTrainingSet(tasks, shas, excluded, len(kept_out), len(evaluation), fingerprint)
 
 
+def inherited_seen(client: MlflowClient, base: Trunk) -> SeenImages:
+    """What a trunk trained from ``base`` has seen before its own training: ``base``'s record.
+
+    Fine-tuning keeps what the base learned, so a validation image the base trained on is
+    as seen by the new trunk as by the base. A base the registry has no record for (a
+    random-init or hub-pretrained trunk) adds nothing: pretraining data outside the
+    platform is not known to it.
+    """
+    version = find_trunk_version(client, base.trunk_id)
+    record = trunk_trained_on(client, version) if version is not None else None
+    return record if record is not None else SeenImages()
+
+
 def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
                     epochs: int, batch_size: int, lr: float, weight_decay: float, augment_ops: list | None,
                     seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True,
@@ -195,7 +210,8 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
     :func:`trunk.seen.content_sha`) in some head's validation split or golden set is kept
     out of every task (metric ``excluded_eval_images``). Each task's own validation split
     is scored every epoch (``val_accuracy_<task>``, per epoch in MLflow). The content
-    hashes of exactly the images trained on are stored with the version
+    hashes of exactly the images trained on, plus what ``base`` had seen
+    (:func:`inherited_seen`), are stored with the version
     (:func:`registry.store.trunks.trunk_trained_on`), and so is the full recipe
     (``recipe.json``, :func:`registry.store.trunks.trunk_recipe`).
 
@@ -235,6 +251,7 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
                           augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
                           progress=progress)
     seen = SeenImages(data.shas[os.path.normpath(os.path.abspath(p))] for p in trained.paths)
+    seen = inherited_seen(client, base).union(seen)
     metrics = {**trained.metrics, "excluded_eval_images": float(data.excluded_images),
                "eval_images": float(data.eval_images)}
     for name, n in data.excluded.items():

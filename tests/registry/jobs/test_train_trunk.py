@@ -166,3 +166,15 @@ def test_command_line_overrides_name_the_fields_they_set():
         {"augment", "lr"}
     assert overridden_fields(["augment.ops=[]"], "multitask") == {"augment"}
     assert overridden_fields(["progress=false"], "multitask") == set()
+
+
+def test_a_trunk_trained_from_a_registered_base_inherits_what_the_base_saw(client, data):
+    from registry.jobs.train_trunk import inherited_seen
+    from registry.store.trunks import register_trunk
+    from trunk.seen import SeenImages
+
+    base = Trunk("test_resnet", data_config=SMALL)
+    assert len(inherited_seen(client, base)) == 0  # not registered: nothing known
+    record = SeenImages(data["sha"][n] for n in sorted(data["hue_val"]))
+    register_trunk(client, base, trained_on=record)
+    assert inherited_seen(client, base).digest == record.digest
