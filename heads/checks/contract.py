@@ -8,7 +8,10 @@ version must pass its own gate (:mod:`heads.checks.gate`) and, against the produ
 - every slice that has at least ``min_slice_size`` validation examples in production at
   least production's slice accuracy minus ``slice_tolerance``; a slice that production
   had and the candidate lacks fails (the validation data changed under the head);
-- every image of the head's golden set (:mod:`heads.checks.golden`) still gets its required label.
+- every image of the head's golden set (:mod:`heads.checks.golden`) still gets its required label;
+- when the head config names a held-out set (``data.heldout``, :mod:`heads.checks.heldout`):
+  the candidate's accuracy on it at least production's (the production head on the
+  production trunk, same images) minus ``tolerance``.
 
 Which accuracy is held. A validation image either trunk trained on flatters that trunk's
 head, so the cascade scores the production head (on the production trunk) and the
@@ -99,6 +102,23 @@ class CommonUnseen:
 
 
 @dataclass
+class HeldoutPair:
+    """Production and candidate scored on the held-out set the head config names (``data.heldout``).
+
+    Attributes:
+        source: the held-out file.
+        images: labelled images scored (decoded) on the candidate.
+        production_accuracy: the production head on the production trunk (None: nothing scored).
+        candidate_accuracy: the retrained head on the candidate trunk.
+    """
+
+    source: str
+    images: int
+    production_accuracy: float | None
+    candidate_accuracy: float | None
+
+
+@dataclass
 class GoldenResult:
     """A head's golden set run through the candidate.
 
@@ -141,7 +161,7 @@ def worst_slice(metrics: Mapping[str, float], min_size: int = 0) -> tuple[str, f
 def check_contract(production: Mapping[str, float], candidate: Mapping[str, float] | None, *,
                    tolerances: Tolerances, own_gate_passed: bool | None = True,
                    golden: GoldenResult | None = None, missing_reason: str = "",
-                   unseen: CommonUnseen | None = None) -> GateReport:
+                   unseen: CommonUnseen | None = None, heldout: HeldoutPair | None = None) -> GateReport:
     """Check a retrained head against its production version.
 
     Args:
@@ -154,6 +174,9 @@ def check_contract(production: Mapping[str, float], candidate: Mapping[str, floa
         missing_reason: why there is no candidate (shown when ``candidate`` is None).
         unseen: both heads scored on the common unseen subset; None: not formed (the
             full split is held, as when it is unknown). See the module docstring's rule.
+        heldout: both heads on the head's own held-out set (``data.heldout``); None when
+            it names none. The candidate's ``heldout_accuracy`` may fall at most
+            ``tolerance`` below production's on the same images.
 
     Returns:
         A :class:`GateReport`; ``passed`` only when every check passed.
@@ -209,6 +232,16 @@ def check_contract(production: Mapping[str, float], candidate: Mapping[str, floa
         checks.append(Check(key, got, limit, got >= limit,
                             note=f"production {acc:.4g} - slice tolerance {tolerances.slice_tolerance:g}, "
                                  f"n={got_n if got_n is not None else n}"))
+    if heldout is not None:
+        if heldout.candidate_accuracy is None or heldout.production_accuracy is None:
+            checks.append(Check("heldout_accuracy", None, 0.0, False,
+                                note=f"{heldout.source}: no held-out image could be scored"))
+        else:
+            limit = heldout.production_accuracy - tolerances.tolerance
+            checks.append(Check("heldout_accuracy", heldout.candidate_accuracy, limit,
+                                heldout.candidate_accuracy >= limit,
+                                note=f"production {heldout.production_accuracy:.4g} - tolerance "
+                                     f"{tolerances.tolerance:g}, on {heldout.images} images of {heldout.source}"))
     if golden is not None:
         shown = "; ".join(f"{p}: want {want}, got {got}" for p, want, got in golden.wrong[:3])
         more = f" (+{len(golden.wrong) - 3} more)" if len(golden.wrong) > 3 else ""

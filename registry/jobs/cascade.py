@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from mlflow import MlflowClient
 
-from heads.checks.contract import CommonUnseen, GoldenResult, Tolerances, check_contract
+from heads.checks.contract import CommonUnseen, GoldenResult, HeldoutPair, Tolerances, check_contract
+from heads.checks.heldout import heldout_metrics
 from heads.checks.gate import GateReport
 from heads.checks.golden import check_golden, read_golden
 from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
@@ -276,15 +277,28 @@ class CommonUnseenScorer:
         shas = [sha for _, sha in kept]
         truth = [data.classes[s.label] for s, _ in kept]
         production_head = load_head_version(self.client, spec.name, self.production.heads[spec.name])
-        if self._production_trunk is None:
-            self._production_trunk = load_trunk(self.client, self.production.trunk_version)
-        prod_trunk = self._production_trunk
+        prod_trunk = self._production()
         prod = self._extract(prod_trunk, [s.path for s, _ in kept], production_head.tap)
         return CommonUnseen(
             len(kept),
             production_accuracy=self._accuracy(production_head, prod_trunk, prod.caches[production_head.tap].load(shas),
                                                truth),
             candidate_accuracy=self._accuracy(head, candidate, cand.caches[head.tap].load(shas), truth))
+
+    def heldout(self, spec: HeadSpec, candidate: Trunk, head: LoadedHead) -> HeldoutPair | None:
+        """Both versions of ``spec``'s head on the held-out set its config names; None when it names none."""
+        cand = heldout_metrics(candidate, head, spec, device=self.device, batch_size=self.batch_size)
+        if cand is None:
+            return None
+        production_head = load_head_version(self.client, spec.name, self.production.heads[spec.name])
+        prod = heldout_metrics(self._production(), production_head, spec, device=self.device,
+                               batch_size=self.batch_size)
+        return HeldoutPair(str(spec.data["heldout"]), cand.images, prod.accuracy, cand.accuracy)
+
+    def _production(self) -> Trunk:
+        if self._production_trunk is None:
+            self._production_trunk = load_trunk(self.client, self.production.trunk_version)
+        return self._production_trunk
 
     def _extract(self, trunk: Trunk, paths: list[str], tap: str):
         return extract_job(trunk, paths, workspace=self.workspace, taps=(tap,), batch_size=self.batch_size,
@@ -328,18 +342,22 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
         golden = _golden(spec, trunk, head, device, batch_size)
         unseen = scorer.score(spec, data, trunk, head)
         contract = check_contract(production_metrics, head_metrics(client, spec.name, done), tolerances=tolerances,
-                                  own_gate_passed=tags.get("gate") == "passed", golden=golden, unseen=unseen)
+                                  own_gate_passed=tags.get("gate") == "passed", golden=golden, unseen=unseen,
+                                  heldout=scorer.heldout(spec, trunk, head))
         return done, "reused", golden, contract, unseen
     result, gate, _ = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
                                     num_workers=num_workers, device=device, progress=progress, data=data)
     head = LoadedHead(result.module, result.meta())
     golden = _golden(spec, trunk, head, device, batch_size)
     unseen = scorer.score(spec, data, trunk, head)
+    heldout = scorer.heldout(spec, trunk, head)
     # The same flattening MLflow gets, so the contract reads what a resumed cascade will read.
     contract = check_contract(production_metrics, head_run_metrics(result), tolerances=tolerances,
-                              own_gate_passed=gate.passed, golden=golden, unseen=unseen)
+                              own_gate_passed=gate.passed, golden=golden, unseen=unseen, heldout=heldout)
     extra = {} if golden is None else {"golden_total": golden.total, "golden_wrong": len(golden.wrong)}
     extra.update(_unseen_metrics(unseen))
+    if heldout is not None and heldout.candidate_accuracy is not None:
+        extra.update(heldout_accuracy=heldout.candidate_accuracy, heldout_images=float(heldout.images))
     version = register_head(client, result, trunk_version=tv, gate_report=gate,
                             tags={CASCADE_TAG: cid, "contract": "passed" if contract.passed else "failed"},
                             metrics=extra,

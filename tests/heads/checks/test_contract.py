@@ -116,3 +116,19 @@ def test_a_small_or_unknown_unseen_subset_falls_back_to_the_full_split_and_says_
     assert report.passed and "unseen subset unknown (trunk v1 has no record" in report.checks[1].note
     assert unknown.describe().startswith("unseen subset unknown") and "full split" in unknown.describe()
     assert CommonUnseen(7, 0.5, 0.5).describe() == "compared on 7 val images neither trunk trained on"
+
+
+def test_a_named_heldout_set_is_held_against_production_on_the_same_images():
+    from heads.checks.contract import HeldoutPair
+
+    def verdict(prod, got):
+        report = check_contract(PROD, cand(), tolerances=TOL, heldout=HeldoutPair("h.csv", 40, prod, got))
+        return next(c for c in report.checks if c.name == "heldout_accuracy"), report.passed
+
+    check, passed = verdict(0.90, 0.895)
+    assert passed and check.limit == pytest.approx(0.89) and "on 40 images of h.csv" in check.note
+    check, passed = verdict(0.90, 0.88)
+    assert not passed and not check.passed
+    check, passed = verdict(None, None)
+    assert not passed and "no held-out image could be scored" in check.note
+    assert "heldout_accuracy" not in [c.name for c in check_contract(PROD, cand(), tolerances=TOL).checks]

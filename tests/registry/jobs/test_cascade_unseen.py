@@ -123,3 +123,33 @@ def test_the_cascade_compares_on_the_images_neither_trunk_trained_on(tmp_path, m
                             unseen=got)
     assert [c.name for c in report.checks if c.name.startswith("val_accuracy")] == ["val_accuracy"]
     assert f"unseen subset unknown ({note}): held on the full split" in report.checks[1].note
+
+    # The head's own held-out set (data.heldout): production on its trunk, the candidate on its own,
+    # the very same images, scored from pixels (independently here, through trunk + head).
+    import csv
+
+    import torch
+
+    from trunk.loader import iter_decoded
+    from trunk.preprocess import eval_transform
+
+    held = data["colour"].val[9:]
+    heldout_csv = shapes.root / "manifests" / "heldout.csv"
+    with heldout_csv.open("w", newline="") as f:
+        csv.writer(f).writerows([["path", "label"], *([s.path, data["colour"].classes[s.label]] for s in held)])
+    config = head_config("colour", shapes.root / "manifests", LENIENT)
+    config["data"]["heldout"] = str(heldout_csv)
+    spec = validate(config, "conf/heads/colour.yaml", expected_name="colour")
+
+    def direct(trunk, version):
+        h = load_head_version(client, "colour", version)
+        batch = next(iter_decoded([s.path for s in held], eval_transform(trunk.data_config), batch_size=len(held)))
+        with torch.inference_mode():
+            preds = h.module.eval()(trunk.eval()(batch.pixels, [h.tap])[h.tap]).argmax(1).tolist()
+        return sum(h.classes[p] == data["colour"].classes[s.label] for p, s in zip(preds, held)) / len(held)
+
+    pair = scorer.heldout(spec, candidate, head)
+    assert pair.images == 7 and pair.source == str(heldout_csv)
+    assert pair.production_accuracy == pytest.approx(direct(production, prod_versions["colour"]), abs=1e-12)
+    assert pair.candidate_accuracy == pytest.approx(direct(candidate, o.candidate_version), abs=1e-12)
+    assert scorer.heldout(specs["colour"], candidate, head) is None  # no data.heldout: nothing to check
