@@ -6,8 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from heads.monitor.reference import HeadReference
 from heads.spec import HeadSpec
 
 
@@ -37,6 +38,12 @@ class HeadResult:
             subset (e.g. the images the trunk never trained on) without retraining.
         val_labels: their true class indices, in the same order.
         val_predictions: the head's predicted class indices, in the same order.
+        val_logits: float32 ``(N_val, K)`` CPU tensor of the head's validation logits, rows in
+            the same order (``val_predictions`` is their argmax); the baseline of its
+            monitoring reference. None for a result not built by the training functions.
+        reference: the head's monitoring reference (its validation predictions and its
+            training features' statistics at its tap), built by the training job and stored
+            with the version at registration; None: registered without one.
         tags: extra version tags for the registry (e.g. ``trunk_trained_on``).
     """
 
@@ -56,6 +63,8 @@ class HeadResult:
     val_paths: list[str] = field(default_factory=list)
     val_labels: list[int] = field(default_factory=list)
     val_predictions: list[int] = field(default_factory=list)
+    val_logits: Tensor | None = None
+    reference: HeadReference | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
     @property

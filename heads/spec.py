@@ -33,7 +33,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -54,6 +54,10 @@ MAX_CONFIG_BYTES = 64 * 1024
 _PLAIN_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)\}")
 # `data` fields added after heads were registered; left out of config_sha while unset.
 _NEWER_DATA_FIELDS = ("allow_roots", "heldout")
+if TYPE_CHECKING:
+    from heads.monitor.drift import DriftThresholds
+# Top-level fields added after heads were registered; left out of config_sha while unset.
+_NEWER_FIELDS = ("monitor",)
 # Arguments the platform fills in itself when it builds a head module.
 PLATFORM_ARGS = ("in_features", "num_classes")
 
@@ -134,6 +138,9 @@ class HeadConfig:
     # Heads on `pooled` train on cached features and ignore it.
     augment: Optional[list] = None
     description: str = ""
+    # Drift thresholds for this head's monitoring verdict (heads.monitor.drift.DriftThresholds
+    # fields, e.g. {label_psi_drift: 0.3, alpha_drift: 0.0001}); unset: the platform defaults.
+    monitor: Optional[dict[str, Any]] = None
 
 
 def item_property(attribute: str, *keys: str) -> property:
@@ -177,11 +184,22 @@ class HeadSpec:
         unset = [k for k in _NEWER_DATA_FIELDS if k in data and not data[k]]
         if unset:
             config = {**config, "data": {k: v for k, v in data.items() if k not in unset}}
+        if any(k in config and not config[k] for k in _NEWER_FIELDS):
+            config = {k: v for k, v in config.items() if not (k in _NEWER_FIELDS and not v)}
         blob = json.dumps(config, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def error(self, field_name: str, message: str) -> HeadConfigError:
         return HeadConfigError(self.source, field_name, message)
+
+    def drift_thresholds(self) -> DriftThresholds:
+        """The head's drift thresholds: its ``monitor:`` block over the platform defaults.
+
+        Raises:
+            HeadConfigError: the block is invalid (checked at load already; a spec built by
+                hand, e.g. from a registered config, is checked here), naming file and field.
+        """
+        return _drift_thresholds(self.config.get("monitor"), self.source)
 
     def check_tap(self, valid_taps: Iterable[str]) -> None:
         """Raise unless the head's tap is one of the trunk's."""
@@ -512,6 +530,7 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
     for i, root_dir in enumerate(data["allow_roots"]):
         if not Path(root_dir).is_absolute():
             raise HeadConfigError(source, f"data.allow_roots[{i}]", f"'{root_dir}' must be an absolute folder")
+    _drift_thresholds(merged["monitor"], source)
     train = merged["train"]
     for key in ("epochs", "batch_size"):
         if train[key] < 1:
@@ -523,6 +542,20 @@ def validate(raw: Any, source: str, context: Mapping[str, Any] | None = None,
         if value is not None and not 0.0 <= value <= 1.0:
             raise HeadConfigError(source, f"gate.{key}", f"{value} is not between 0 and 1")
     return HeadSpec(config=merged, source=source)
+
+
+def _drift_thresholds(monitor: Any, source: str) -> DriftThresholds:
+    """``DriftThresholds.from_config`` with its errors as :class:`HeadConfigError` (file and field)."""
+    # Imported here: drift pulls in torch, which validating a config does not otherwise need.
+    from heads.monitor.drift import DriftConfigError, DriftThresholds
+
+    try:
+        return DriftThresholds.from_config(monitor, source=source)
+    except DriftConfigError as e:
+        # Its message is "<source>: monitor.<field> <why>"; split out the field for the usual form.
+        found = re.match(rf"{re.escape(source)}: (monitor(?:\.\w+)?) (?:= )?(.*)$", str(e))
+        field_name, why = (found.group(1), found.group(2)) if found else ("monitor", str(e))
+        raise HeadConfigError(source, field_name, why) from None
 
 
 def _check_interpolations(source: str, node: Any, where: str, known: Sequence[str]) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, RandomSampler
 
 from heads.branch import BranchHead, branch_input, branch_input_shape, branch_kwargs, branch_taps
+from heads.monitor.stats import FeatureStats, row_keys
 from heads.training.cost import measure_cost
 from heads.training.data import LabelledData, Sample
 from heads.training.fit import finish_head
@@ -38,6 +39,7 @@ from trunk.augment import build_train_transform
 from trunk.dataset import ImageDataset, ImageItem, readable
 from trunk.loop import EpochStats, TensorBatches, autocast, fit, predict, seeded_rng, shuffled_loader, to_device
 from trunk.preprocess import eval_transform
+from trunk.seen import content_sha
 
 # Validation batches through the prefix and the branch; feature maps are larger than
 # pooled vectors, so chunks are smaller than heads.training.train.EVAL_CHUNK.
@@ -149,6 +151,45 @@ def _frozen_trunk(trunk: nn.Module, device: torch.device) -> Iterator[None]:
         yield
     finally:
         trunk.to(home).train(was_training)
+
+
+def train_tap_stats(trunk: Any, data: LabelledData, tap: str, *, device: str | torch.device = "cpu",
+                    batch_size: int = EVAL_BATCH, num_workers: int = 0, seed: int = 0) -> FeatureStats:
+    """The training images' features at a branch head's tap, as monitoring statistics.
+
+    For an augmented branch head, which trains from images and so has no cached tap rows:
+    one pass of the frozen prefix (up to the tap, not the whole trunk) over ``data.train``
+    under the *eval* transform, what a bulk run sees. Streamed into a
+    :class:`~heads.monitor.stats.FeatureStats` (4-D maps reduced to per-channel spatial
+    means as they pass), so memory stays at one batch. Cost: about one training epoch's
+    prefix forward without the branch or a backward pass. Sampling keys come from the
+    images' content hashes (:func:`~heads.monitor.stats.row_keys`), so the reservoir is the
+    one cached rows of the same images would give.
+
+    Args:
+        trunk: the live trunk; left in its mode and on its device.
+        data: the head's labelled data (its ``train`` images are read).
+        tap: the head's branch tap.
+        device: where to run the prefix.
+        batch_size: images per prefix pass.
+        num_workers: data-loader worker processes for decoding.
+        seed: the sampling seed.
+
+    Returns:
+        Stats over the readable training images (unreadable ones are left out, as in training).
+    """
+    dev = torch.device(device)
+    loader = DataLoader(_images(data.train, eval_transform(trunk.data_config)), batch_size=batch_size,
+                        shuffle=False, num_workers=num_workers, collate_fn=_as_list)
+    stats = FeatureStats(seed=seed)
+    with _frozen_trunk(trunk, dev):
+        for batch in loader:
+            kept = readable(batch)
+            if kept:
+                x = torch.stack([it.pixels for it in kept])
+                keys = row_keys([content_sha(it.path) for it in kept], seed)
+                stats.update(_prefix(trunk, x, tap, dev), keys=keys)
+    return stats
 
 
 def fit_branch_head(

@@ -111,6 +111,7 @@ def finish_head(
             the config's (a branch's trunk arguments).
         val_paths: the image of each row of ``logits`` (kept on the result, so the same
             predictions can be scored on a subset later: :attr:`HeadResult.val_paths`).
+            The logits themselves are kept as :attr:`HeadResult.val_logits`.
     """
     ev = evaluate(logits, val_y, data.classes, slices=val_slices if data.has_slices else None,
                   min_slice_size=spec.gate["min_slice_size"])
@@ -141,6 +142,8 @@ def finish_head(
         val_paths=list(val_paths or []),
         val_labels=val_y.tolist(),
         val_predictions=torch.as_tensor(logits).argmax(1).tolist(),
+        # Kept whole (not just the argmax): the monitoring reference needs the scores too.
+        val_logits=torch.as_tensor(logits).detach().float().cpu(),
     )
     save_head(out_dir / HEAD_DIR, module, result.meta())
     return result

@@ -20,7 +20,9 @@ from heads.checks.gate import GateReport, check_gate
 from heads.result import HeadResult
 from heads.spec import HeadSpec
 from heads.store import LoadedHead
-from heads.training.branch_train import fit_branch_head
+from heads.monitor.reference import HeadReference
+from heads.monitor.stats import FeatureStats, row_keys
+from heads.training.branch_train import fit_branch_head, train_tap_stats
 from heads.training.cost import bank_cost
 from heads.training.data import LabelledData, check_trainable, load_labelled_data
 from heads.training.evaluate import seen_split_metrics
@@ -48,6 +50,12 @@ from trunk.seen import SeenImages, content_sha
 # validation split was checked against, or "unknown" when the trunk has none.
 TRUNK_TRAINED_ON_TAG = "trunk_trained_on"
 UNKNOWN = "unknown"
+# The sampling seed of every head reference's feature reservoir (keys from content hashes,
+# so the same training images give the same sample whatever order they came in).
+REFERENCE_SEED = 0
+# Cached rows are fed to the reference's statistics in float32 chunks of this many rows,
+# so a branch tap's fp16 maps are never copied whole.
+REFERENCE_CHUNK = 1024
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +192,18 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
         sha_of = dict(zip(listed, extracted.shas))
+    if spec.tap == POOLED or not spec.config.get("augment"):
+        # The rows the head just trained on, already in memory: no extra pass over images.
+        train_shas = [sha_of[s.path] for s in data.train]
+        tap_shape = None if spec.tap == POOLED else tuple(trunk.tap(spec.tap).shape)
+        stats = cached_rows_stats(train_x, train_shas, tap_shape)
+        source = "feature cache rows the head trained on"
+    else:
+        # Trained from augmented images: no cached rows, so one frozen-prefix pass (eval transform).
+        stats = train_tap_stats(trunk, data, spec.tap, device=device, batch_size=batch_size,
+                                num_workers=num_workers, seed=REFERENCE_SEED)
+        source = "frozen trunk prefix over the training images (eval transform)"
+    result.reference = head_reference_for(result, stats, source)
     if data.kept_out_of_val:
         result.metrics["val_kept_out_seen"] = float(data.kept_out_of_val)
     # Augmented branch heads read image files, not the cache: hash their val files here.
@@ -194,6 +214,42 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
     return result, gate, summary
+
+
+def cached_rows_stats(train_x: torch.Tensor, train_shas: Sequence[str],
+                      tap_shape: tuple[int, ...] | None = None) -> FeatureStats:
+    """Monitoring statistics of a head's cached training rows at its tap.
+
+    Args:
+        train_x: ``(N, D)`` rows as the feature cache gives them (flattened for a branch tap).
+        train_shas: the content hash of each row's image (sampling keys, so the reservoir
+            is reproducible and the same one any other pass over these images keeps).
+        tap_shape: a branch tap's shape (``(C, H, W)`` or ``(T, C)``); its rows are viewed
+            so, and reduced as :func:`heads.monitor.stats.summarise_tap` does (per-channel
+            spatial mean, token mean). None for ``pooled``.
+    """
+    stats = FeatureStats(seed=REFERENCE_SEED)
+    keys = row_keys(list(train_shas), REFERENCE_SEED)
+    for start in range(0, len(train_x), REFERENCE_CHUNK):
+        rows = train_x[start:start + REFERENCE_CHUNK].float()  # fp16 means lose digits
+        stats.update(rows if tap_shape is None else rows.view(-1, *tap_shape),
+                     keys=keys[start:start + REFERENCE_CHUNK])
+    return stats
+
+
+def head_reference_for(result: HeadResult, train_stats: FeatureStats | None, source: str) -> HeadReference:
+    """A trained head's monitoring reference: its validation logits and its training features' stats.
+
+    Args:
+        result: the trained head (its ``val_logits`` are its validation predictions).
+        train_stats: its training features' statistics at its tap; None records predictions only.
+        source: where the features came from, kept in the reference's ``meta["features"]``.
+    """
+    meta = {"head": result.name, "trunk_id": result.trunk_id, "config_sha": result.spec.config_sha,
+            "data_sha": result.data_sha, "features": source if train_stats is not None else "none"}
+    ref = HeadReference.build(result.val_logits, result.classes, None, tap=result.tap, meta=meta)
+    ref.features = train_stats
+    return ref
 
 
 def check_val_overlap(result: HeadResult, trained_on: SeenImages | None, trunk_version: int,

@@ -13,6 +13,12 @@ files, ``weights_sha256`` and ``spec_sha256`` (hex sha256 of ``head.safetensors`
 ``head.json``). Artifacts: ``head/`` (safetensors plus JSON, loaded without unpickling),
 ``confusion.png``, ``config/<name>.yaml`` and ``gate.txt``.
 
+The monitoring reference (issue 15, :mod:`heads.monitor.reference`): a version trained by the
+platform's jobs also stores ``monitor/reference.safetensors`` (its validation predictions and
+the statistics of its training features at its tap), tagged ``monitor_reference_digest`` and
+summarised as ``reference.*`` metrics; :func:`head_reference` returns it verified, or None
+for a version registered before references were recorded.
+
 Loading a version checks both files against its hash tags before parsing either, so a
 file swapped in the artifact store after registration is refused. A version registered
 before the hashes were recorded has no such tags: it is refused too, unless the caller
@@ -35,10 +41,18 @@ from omegaconf import OmegaConf
 
 from heads.training.evaluate import plot_confusion
 from heads.checks.gate import GateReport, check_gate
+from heads.monitor.reference import HeadReference
 from heads.result import HeadResult
 from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
 from registry.store.runs import tracked_run
-from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, is_not_found, run_metrics
+from registry.store.tracking import (
+    RegistryError,
+    all_pages,
+    ensure_registered_model,
+    is_not_found,
+    run_metrics,
+    tagged_artifact,
+)
 from registry.store.trunks import get_trunk_version
 
 ARTIFACT_PATH = "head"
@@ -48,6 +62,9 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")
 # Version tags holding the hex sha256 of head.safetensors and head.json, recorded at registration.
 WEIGHTS_SHA_TAG, SPEC_SHA_TAG = DIGEST_KEYS
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The monitoring reference (heads.monitor.reference) of a version: artifact path and the tag holding its digest.
+REFERENCE_ARTIFACT = "monitor/reference.safetensors"
+REFERENCE_DIGEST_TAG = "monitor_reference_digest"
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +133,22 @@ def _write_artifacts(result: HeadResult, gate: GateReport, title: str, root: Pat
         plot_confusion(result.confusion, result.classes, root / "confusion.png", title=f"{result.name} (validation)")
 
 
+def reference_metrics(reference: HeadReference) -> dict[str, float]:
+    """The scalar figures of a head's monitoring reference, as run metrics named ``reference.<figure>``.
+
+    ``reference.n_val``, ``reference.low_confidence_share`` (top score below 0.5),
+    ``reference.n_train_features``, ``reference.feature_dim``, ``reference.feature_sample_rows``
+    (figures that are None, e.g. no features, are left out) and ``reference.label_share.<class>``.
+    """
+    out: dict[str, float] = {}
+    for key, value in reference.summary().items():
+        if isinstance(value, Mapping):
+            out.update({safe_key(f"reference.label_share.{c}"): float(v) for c, v in value.items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[safe_key(f"reference.{key}")] = float(value)
+    return out
+
+
 def gate_for(result: HeadResult) -> GateReport:
     """The head's own gate, checked on its own figures."""
     return check_gate(result.spec.gate, result.metrics, result.slice_accuracy)
@@ -137,6 +170,11 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
         metrics: extra run metrics (e.g. the golden set's result).
         artifacts: extra text files for the run, ``{file name: contents}``.
 
+    The result's monitoring reference (:attr:`heads.result.HeadResult.reference`), when it
+    has one, is stored as ``monitor/reference.safetensors``, its digest as the version tag
+    ``monitor_reference_digest`` and its scalar figures as ``reference.*`` run metrics
+    (:func:`reference_metrics`); :func:`head_reference` reads it back, verified.
+
     Returns:
         The new version number. A head that failed its gate is registered too (its
         figures are worth seeing) with tag ``gate=failed``; releases refuse it.
@@ -151,6 +189,9 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
         raise RegistryError(f"head '{result.name}' was trained on trunk_id {result.trunk_id} but trunk "
                             f"v{trunk_version} is trunk_id {trunk_id}; pass the trunk version it was trained on")
     metrics = {**head_run_metrics(result), **{safe_key(k): float(v) for k, v in (metrics or {}).items()}}
+    reference = result.reference
+    if reference is not None:
+        metrics.update(reference_metrics(reference))
     gate = gate_report if gate_report is not None else gate_for(result)
     name = model_name(result.name)
     tags = {"trunk_id": result.trunk_id, "tap": result.tap, "config_sha": result.spec.config_sha,
@@ -168,6 +209,10 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
                 (Path(tmp) / file_name).write_text(text)
             # Hashed from the very files uploaded next; loading compares the store's copy to them.
             digests = artifact_digests(Path(tmp) / ARTIFACT_PATH)
+            if reference is not None:
+                (Path(tmp) / REFERENCE_ARTIFACT).parent.mkdir(parents=True, exist_ok=True)
+                reference.save(Path(tmp) / REFERENCE_ARTIFACT)
+                digests[REFERENCE_DIGEST_TAG] = reference.digest
             run.log_folder(tmp)
         mv = client.create_model_version(name, source=f"{run.artifact_uri}/{ARTIFACT_PATH}",
                                          run_id=run.run_id, tags={**tags, **digests},
@@ -244,6 +289,34 @@ def load_head_version(client: MlflowClient, name: str, version: int, *, allow_un
         raise RegistryError(f"{model_name(name)} v{version}: tag 'trunk_id' says {tagged} but its head.json "
                             f"says {head.meta.get('trunk_id')}")
     return head
+
+
+def head_reference(client: MlflowClient, name: str, version: int) -> HeadReference | None:
+    """The monitoring reference ``head.<name>`` v<version> recorded at registration, verified.
+
+    The reference (:class:`heads.monitor.reference.HeadReference`: the head's predicted-label
+    counts and top-score histogram on its validation split, and the moments and a bounded
+    sample of its training features at its tap) is the artifact
+    ``monitor/reference.safetensors`` of the version's run; the version's tag
+    ``monitor_reference_digest`` holds its digest, and the downloaded file must hash to it.
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        name: the head's name (without ``head.``).
+        version: its version number.
+
+    Returns:
+        The reference, or None when the version has none (registered before references
+        were recorded: no ``monitor_reference_digest`` tag). Its ``features`` is None when
+        the head was trained without cached tap features (see its ``meta["features"]``).
+
+    Raises:
+        RegistryError: no such version; or, naming the head and version, the tag is set but
+            the file is missing, unreadable, or does not match the recorded digest.
+    """
+    return tagged_artifact(client, get_head_version(client, name, version), REFERENCE_DIGEST_TAG, REFERENCE_ARTIFACT,
+                           lambda path, digest: HeadReference.load(path, expected_digest=digest),
+                           _label(name, version), "monitoring reference")
 
 
 def record_head_hashes(client: MlflowClient, name: str, version: int) -> dict[str, str]:

@@ -294,7 +294,8 @@ def test_heldout_is_an_optional_data_field_that_leaves_config_sha_unchanged_when
     spec = load_head_spec(write(tmp_path, GOOD), context={"workspace": "/ws"})
     assert spec.data["heldout"] is None
     # What config_sha hashed before the field existed: the config without it (and without unset allow_roots).
-    before = {**spec.config, "data": {k: v for k, v in spec.data.items() if k not in ("heldout", "allow_roots")}}
+    before = {**{k: v for k, v in spec.config.items() if k != "monitor"},  # nor the unset monitor block
+              "data": {k: v for k, v in spec.data.items() if k not in ("heldout", "allow_roots")}}
     assert spec.config_sha == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
     named = load_head_spec(write(tmp_path, patch({"data.heldout": "${workspace}/data/colour_heldout.csv"})),
                            context={"workspace": "/ws"})
@@ -310,3 +311,47 @@ def test_heldout_is_an_optional_data_field_that_leaves_config_sha_unchanged_when
 def test_a_bad_heldout_field_is_one_line_naming_it(tmp_path, value, words):
     msg = _refusal(write(tmp_path, patch({"data.heldout": value})), context={"workspace": "/ws"})
     assert words in msg and "\n" not in msg, msg
+
+
+# -- the monitor block (issue 15): drift thresholds a team sets for its head ------------------
+def test_monitor_block_reaches_the_drift_thresholds(tmp_path):
+    from heads.monitor.drift import DriftThresholds
+
+    spec = load_head_spec(write(tmp_path, patch({"monitor": {"label_psi_drift": 0.4, "alpha_drift": 0.0005,
+                                                             "min_predictions": 50}})), context={"workspace": "/ws"})
+    got = spec.drift_thresholds()
+    assert isinstance(got, DriftThresholds)
+    assert (got.label_psi_drift, got.alpha_drift, got.min_predictions) == (0.4, 0.0005, 50)
+    assert got.label_psi_watch == DriftThresholds().label_psi_watch  # the rest: platform defaults
+
+
+def test_an_absent_monitor_block_gives_the_platform_defaults_and_keeps_config_sha(tmp_path):
+    import hashlib
+    import json
+
+    from heads.monitor.drift import DriftThresholds
+
+    spec = load_head_spec(write(tmp_path, GOOD), context={"workspace": "/ws"})
+    assert spec.config["monitor"] is None
+    assert spec.drift_thresholds() == DriftThresholds()
+    # What config_sha hashed before the block existed: the config without it (nor unset data fields).
+    before = {k: v for k, v in spec.config.items() if k != "monitor"}
+    before["data"] = {k: v for k, v in spec.data.items() if k not in ("heldout", "allow_roots")}
+    assert spec.config_sha == hashlib.sha256(json.dumps(before, sort_keys=True).encode()).hexdigest()[:16]
+    set_ = load_head_spec(write(tmp_path, patch({"monitor": {"alpha_watch": 0.02}})), context={"workspace": "/ws"})
+    assert set_.config_sha != spec.config_sha
+
+
+@pytest.mark.parametrize("monitor, words", [
+    ({"psi_drift": 0.3}, "field 'monitor.psi_drift': is not a monitor setting (known: alpha_drift"),
+    ({"alpha_drift": "low"}, "field 'monitor.alpha_drift': 'low' must be a number"),
+    ({"min_predictions": 2.5}, "field 'monitor.min_predictions': 2.5 must be an integer"),
+    ({"alpha_drift": 0.5, "alpha_watch": 0.01}, "field 'monitor.alpha_drift': 0.5 must be > 0 and <= alpha_watch"),
+    ({"low_confidence_below": 1.5}, "field 'monitor.low_confidence_below': 1.5 must be in (0, 1]"),
+    ({"min_feature_rows": 0}, "field 'monitor.min_feature_rows': 0 must be >= 1"),
+    (3, "field 'monitor': Cannot assign int"),
+])
+def test_a_bad_monitor_block_is_one_line_naming_file_and_field(tmp_path, monitor, words):
+    path = write(tmp_path, patch({"monitor": monitor}))
+    msg = _refusal(path)
+    assert words in msg and msg.startswith(str(path)) and "\n" not in msg, msg

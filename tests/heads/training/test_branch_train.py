@@ -163,3 +163,38 @@ def test_cached_tap_features_train_like_images_without_augmentation(shapes, tmp_
     with pytest.raises(ValueError, match="cached features .* do not match the data"):
         fit_branch_head(spec, data, trunk, out_dir=tmp_path / "d", augment_ops=None,
                         cached=(cached[0][:3], cached[1]))
+
+
+def test_a_branch_result_keeps_its_validation_logits_and_the_prefix_gives_training_stats(shapes, tmp_path):
+    from heads.monitor.stats import row_keys
+    from heads.training.branch_train import train_tap_stats
+    from trunk.seen import content_sha
+
+    trunk = make_trunk()
+    spec, data = head_spec(tmp_path, shapes.manifests["texture"])
+    bad = tmp_path / "missing.png"
+    data.val[0] = dataclasses.replace(data.val[0], path=str(bad))  # left out: rows follow val_paths
+    result = fit_branch_head(spec, data, trunk, out_dir=tmp_path / "out", augment_ops=FLIP)
+    from trunk.decode import load_image
+    from trunk.preprocess import eval_transform
+
+    transform = eval_transform(trunk.data_config)
+
+    def tap_of(paths):
+        x = torch.stack([transform(load_image(p)[0]) for p in paths])
+        with torch.no_grad():
+            return branch_input(trunk, x, spec.tap)
+
+    assert result.val_paths == [s.path for s in data.val[1:]]
+    assert result.val_logits.shape == (len(data.val) - 1, len(data.classes))
+    with torch.no_grad():
+        assert torch.allclose(result.val_logits, result.module(tap_of(result.val_paths)), atol=1e-4)
+    assert result.val_logits.argmax(1).tolist() == result.val_predictions
+
+    # The training images' tap features, as an augmented head's reference records them.
+    stats = train_tap_stats(trunk, data, spec.tap, batch_size=16, seed=3)
+    x = tap_of([s.path for s in data.train]).double().mean(dim=(2, 3))
+    assert stats.count == len(data.train) and torch.allclose(stats.mean, x.mean(0), atol=1e-6)
+    assert torch.allclose(stats.var, x.var(0), rtol=1e-5, atol=1e-7)
+    keys = row_keys([content_sha(s.path) for s in data.train], 3)
+    assert torch.equal(stats.sample_keys, torch.sort(keys).values[:256])

@@ -106,3 +106,15 @@ def test_features_must_line_up_with_the_data(labelled, tmp_path):
     with pytest.raises(ValueError, match="colour.yaml: features do not match"):
         fit_head(spec, data, features(data.train, 0)[:-1], features(data.val, 1), trunk_id="t",
                  out_dir=tmp_path / "out")
+
+
+def test_the_result_keeps_its_validation_logits_in_row_order(labelled, tmp_path):
+    spec, data = labelled
+    train_x, val_x = features(data.train, 0), features(data.val, 1)
+    result = fit_head(spec, data, train_x, val_x, trunk_id="t", out_dir=tmp_path / "out")
+    assert result.val_logits.dtype == torch.float32 and result.val_logits.device.type == "cpu"
+    assert result.val_logits.shape == (len(data.val), 3)
+    with torch.no_grad():
+        assert torch.allclose(result.val_logits, result.module(val_x.float()), atol=1e-5)
+    assert result.val_logits.argmax(1).tolist() == result.val_predictions
+    assert result.val_paths == [s.path for s in data.val]

@@ -241,3 +241,58 @@ def test_a_one_class_head_is_refused_before_training(client, workspace, shapes, 
     assert e.value.field == "data.manifest" and "\n" not in str(e.value)
     assert f"{one}: column 'label' has a single class ('{label}'" in str(e.value)
     assert head_model_versions(client) == {}  # nothing registered, nothing shipped
+
+
+def _train_tap_moments(trunk, spec, tap):
+    """The head's training images' features at its tap, computed here from the images (not the cache)."""
+    import torch
+
+    from heads.branch import branch_input
+    from heads.training.data import load_labelled_data
+    from trunk.loader import iter_decoded
+    from trunk.preprocess import eval_transform
+
+    paths = [s.path for s in load_labelled_data(spec).train]
+    batch = next(iter_decoded(paths, eval_transform(trunk.data_config), batch_size=len(paths)))
+    with torch.no_grad():
+        x = trunk(batch.pixels, [tap])[tap] if tap == "pooled" else branch_input(trunk, batch.pixels, tap)
+    x = x.double() if x.dim() == 2 else x.double().mean(dim=(2, 3))
+    return len(paths), x.mean(0), x.var(0)
+
+
+def test_a_registered_head_remembers_its_val_predictions_and_training_features(client, workspace, shapes, tmp_path):
+    """Pooled, cached branch and augmented branch: the stored reference is the head's own val and training data."""
+    import torch
+
+    from registry.store.heads import head_reference
+
+    ws = Workspace.at(workspace)
+    trunk = Trunk("test_resnet", data_config=SMALL)
+    adopt_trunk(client, register_trunk(client, trunk))
+    specs = [spec_for(tmp_path, shapes, "colour")]
+    for name, augment in (("count", None), ("shape", [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}])):
+        path = tmp_path / "heads" / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "owner": "tests", "data": {"manifest": str(shapes.manifests[name])},
+            "attach": {"tap": "layer2"}, "module": {"_target_": "heads.branch.BranchHead"},
+            "augment": augment, "train": {"epochs": 1},
+        }))
+        specs.append(load_head_spec(path))
+    for spec, source in zip(specs, ("feature cache", "feature cache", "frozen trunk prefix")):
+        job = train_head_job(client, spec, workspace=ws, promote=False, **JOB)
+        r = job.result
+        assert r.val_logits.shape == (len(r.val_predictions), len(r.classes))
+        assert r.val_logits.argmax(1).tolist() == r.val_predictions
+        ref = head_reference(client, spec.name, job.version)
+        assert ref is not None and ref.digest == r.reference.digest and ref.tap == spec.tap
+        assert ref.meta["features"].startswith(source) and ref.meta["head"] == spec.name
+        # label counts are the histogram of the head's own validation predictions
+        hist = torch.bincount(torch.tensor(r.val_predictions), minlength=len(r.classes))
+        assert torch.equal(ref.predictions.label_counts, hist)
+        n, mean, var = _train_tap_moments(trunk, spec, spec.tap)
+        assert ref.features.count == n == r.metrics["train_size"]
+        # the cache stores fp16 (one part in ~2000); the prefix pass is float32
+        tol = 2e-3 if source == "feature cache" else 1e-5
+        assert torch.allclose(ref.features.mean, mean, rtol=tol, atol=tol), spec.name
+        assert torch.allclose(ref.features.var, var, rtol=4 * tol, atol=tol), spec.name
+        assert ref.features.sample.shape == (min(n, 256), mean.numel())

@@ -238,3 +238,67 @@ def test_one_hash_tag_missing_is_refused_even_when_unverified_is_allowed(client,
     client.delete_model_version_tag("head.colour", str(version), "spec_sha256")
     with pytest.raises(HeadArtifactError, match=r"^head.colour v1: tag 'spec_sha256' is None, not a sha256"):
         load_head_version(client, "colour", version, allow_unverified=True)
+
+
+# -- the monitoring reference a head version remembers (issue 15) ----------------------------
+def _reference(classes, seed=0):
+    from heads.monitor.reference import HeadReference
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(40, len(classes), generator=g) * 3
+    return HeadReference.build(logits, classes, torch.randn(60, 8, generator=g), tap="pooled",
+                               meta={"head": "colour"}), logits
+
+
+def test_a_head_reference_is_stored_tagged_summarised_and_read_back_verified(client, trunk_a, make_result):
+    from registry.store.heads import REFERENCE_ARTIFACT, head_reference
+
+    tv = register_trunk(client, trunk_a)
+    result = make_result(trunk_a, "colour")
+    result.reference, logits = _reference(result.classes)
+    version = register_head(client, result, trunk_version=tv)
+    mv = client.get_model_version("head.colour", str(version))
+    assert mv.tags["monitor_reference_digest"] == result.reference.digest
+    assert (stored_head_dir(client, "colour", version).parent / REFERENCE_ARTIFACT).is_file()
+    metrics = client.get_run(mv.run_id).data.metrics
+    shares = torch.bincount(logits.argmax(1), minlength=3).double() / 40
+    assert [metrics[f"reference.label_share.{c}"] for c in result.classes] == pytest.approx(shares.tolist())
+    assert (metrics["reference.n_val"], metrics["reference.n_train_features"], metrics["reference.feature_dim"]) == \
+        (40, 60, 8)
+    got = head_reference(client, "colour", version)
+    assert got.digest == result.reference.digest and got.meta == {"head": "colour"}
+    assert torch.equal(got.predictions.label_counts, result.reference.predictions.label_counts)
+    assert torch.equal(got.features.mean, result.reference.features.mean)
+    assert torch.equal(got.features.sample, result.reference.features.sample)
+
+
+def test_an_altered_reference_file_is_refused_naming_the_head_and_version(client, trunk_a, make_result):
+    from registry.store.heads import REFERENCE_ARTIFACT, head_reference
+
+    tv = register_trunk(client, trunk_a)
+    result = make_result(trunk_a, "colour")
+    result.reference, _ = _reference(result.classes)
+    version = register_head(client, result, trunk_version=tv)
+    stored = stored_head_dir(client, "colour", version).parent / REFERENCE_ARTIFACT
+    # A well-formed reference of other data: consistent with its own digest, not with the tag.
+    _reference(result.classes, seed=1)[0].save(stored)
+    with pytest.raises(RegistryError) as e:
+        head_reference(client, "colour", version)
+    msg = str(e.value)
+    assert msg.startswith("head.colour v1: monitoring reference refused") and "was recorded" in msg
+    assert "\n" not in msg
+    stored.unlink()
+    with pytest.raises(RegistryError, match=r"^head.colour v1: monitoring reference monitor/reference.safetensors "
+                                            r"cannot be downloaded"):
+        head_reference(client, "colour", version)
+
+
+def test_a_version_without_a_reference_gives_none(client, trunk_a, make_result):
+    from registry.store.heads import head_reference
+
+    tv = register_trunk(client, trunk_a)
+    version = register_head(client, make_result(trunk_a, "colour"), trunk_version=tv)
+    assert "monitor_reference_digest" not in client.get_model_version("head.colour", str(version)).tags
+    assert head_reference(client, "colour", version) is None
+    with pytest.raises(RegistryError, match="head.colour v9 does not exist"):
+        head_reference(client, "colour", 9)
