@@ -16,23 +16,20 @@ contents do not hash to that digest, or to the digest the registry tagged.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from trunk.decode import read_bytes, sha256_bytes
-from trunk.files import atomic_write
+from trunk.record import RecordError, read_record, tensor_digest, write_record
 
 PREFIX_BYTES = 8
 FORMAT = "seen-images/1"
 _TENSOR = "sha256_prefix"
 
 
-class SeenError(ValueError):
+class SeenError(RecordError):
     """A seen-images file that cannot be read or does not match its digest."""
 
 
@@ -98,17 +95,12 @@ class SeenImages:
 
     @property
     def digest(self) -> str:
-        """16 hex digits over the sorted prefixes: equal sets have equal digests."""
-        return hashlib.sha256(self._prefixes.numpy().tobytes()).hexdigest()[:16]
+        """16 hex digits over the sorted prefixes (the record's digest): equal sets have equal digests."""
+        return tensor_digest({_TENSOR: self._prefixes})
 
     def save(self, path: str | Path) -> Path:
-        """Write the set atomically as a safetensors file; returns ``path``."""
-        path = Path(path)
-        data = {_TENSOR: self._prefixes.clone()}
-        meta = {"format": FORMAT, "count": str(len(self)), "digest": self.digest}
-
-        atomic_write(path, lambda f: f.write(save(data, metadata=meta)))
-        return path
+        """Write the set atomically as a record (:mod:`trunk.record`); returns ``path``."""
+        return write_record(path, FORMAT, {_TENSOR: self._prefixes})
 
     @classmethod
     def load(cls, path: str | Path, expected_digest: str | None = None) -> SeenImages:
@@ -118,20 +110,9 @@ class SeenImages:
             SeenError: the file is unreadable, of another format, or its contents do not
                 hash to the digest it (or the caller) names.
         """
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as e:
-            raise SeenError(f"{path}: cannot be read as a seen-images file: {e}") from None
-        if meta.get("format") != FORMAT or set(tensors) != {_TENSOR}:
-            raise SeenError(f"{path}: not a seen-images file (format {meta.get('format')!r})")
+        tensors, _, _ = read_record(path, FORMAT, "a seen-images file", expected_digest, error=SeenError)
+        if set(tensors) != {_TENSOR} or tensors[_TENSOR].dtype != torch.int64:
+            raise SeenError(f"{path}: not a seen-images file (tensors {sorted(tensors)})")
         seen = cls._from_prefixes(tensors[_TENSOR])
-        if len(seen) != int(meta.get("count", -1)) or seen.digest != meta.get("digest"):
-            raise SeenError(f"{path}: contents do not match the digest in its metadata; the file was altered")
-        if expected_digest is not None and seen.digest != expected_digest:
-            raise SeenError(f"{path}: holds images with digest {seen.digest}, but {expected_digest} was recorded; "
-                            f"the file was altered or replaced")
         return seen
 

@@ -33,16 +33,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
-from heads.monitor.stats import SAMPLE_SIZE, SCORE_BINS, FeatureStats, MonitorStatsError, PredictionStats, tensor_digest
-from trunk.files import atomic_write
+from heads.monitor.stats import SAMPLE_SIZE, SCORE_BINS, FeatureStats, MonitorStatsError, PredictionStats
+from trunk.record import RecordError, read_record, tensor_digest, write_record
 
 FORMAT = "head-reference/1"
 
 
-class HeadReferenceError(ValueError):
+class HeadReferenceError(RecordError):
     """A reference file that cannot be read, or does not match its digest."""
 
 
@@ -126,12 +124,9 @@ class HeadReference:
         return tensor_digest(tensors, body)
 
     def save(self, path: str | Path) -> Path:
-        """Write the reference atomically as a safetensors file; returns ``path``."""
-        path = Path(path)
+        """Write the reference atomically as a record (:mod:`trunk.record`); returns ``path``."""
         tensors, body = self._payload()
-        header = {"format": FORMAT, "body": body, "digest": tensor_digest(tensors, body)}
-        atomic_write(path, lambda f: f.write(save(tensors, metadata=header)))
-        return path
+        return write_record(path, FORMAT, tensors, body)
 
     @classmethod
     def load(cls, path: str | Path, expected_digest: str | None = None) -> HeadReference:
@@ -142,21 +137,7 @@ class HeadReference:
                 hash to the digest it, or the caller, names).
         """
         path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError) as e:
-            raise HeadReferenceError(f"{path}: cannot be read as a head reference: {e}") from None
-        if header.get("format") != FORMAT:
-            raise HeadReferenceError(f"{path}: not a head reference (format {header.get('format')!r})")
-        body = header.get("body", "")
-        digest = tensor_digest(tensors, body)
-        if digest != header.get("digest"):
-            raise HeadReferenceError(f"{path}: contents do not match the digest in its metadata; the file was altered")
-        if expected_digest is not None and digest != expected_digest:
-            raise HeadReferenceError(f"{path}: has digest {digest}, but {expected_digest} was recorded; "
-                                 f"the file was altered or replaced")
+        tensors, body, _ = read_record(path, FORMAT, "a head reference", expected_digest, error=HeadReferenceError)
         try:
             doc = json.loads(body)
             predictions = PredictionStats.from_dict(

@@ -61,10 +61,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save
 
 from trunk.files import atomic_write
+from trunk.record import RecordError, read_record, record_bytes
 
 SCORE_BINS = 20
 SAMPLE_SIZE = 256
@@ -72,7 +71,7 @@ RUN_FORMAT = "monitor-run/1"
 _KEY_RANGE = 1 << 62
 
 
-class MonitorStatsError(ValueError):
+class MonitorStatsError(RecordError):
     """Stats that cannot be combined, fed or read; the message names the object or file."""
 
 
@@ -106,16 +105,6 @@ def row_keys(shas: Sequence[str], seed: int = 0) -> torch.Tensor:
         int64 ``(N,)`` keys in ``[0, 2**62)``.
     """
     return torch.tensor([_hash_int(f"{seed}:{s}") for s in shas], dtype=torch.int64)
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor], text: str = "") -> str:
-    """16 hex digits over named tensors (name, dtype, shape, bytes) and a text: what monitoring files are checked by."""
-    h = hashlib.sha256(text.encode())
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 class PredictionStats:
@@ -354,7 +343,7 @@ class FeatureStats:
         """Tensors (``mean``, ``m2``, ``sample``, ``sample_keys``, names prefixed) and a JSON-able meta dict."""
         dim = self.dim or 0
         tensors = {f"{prefix}mean": self.mean.clone(), f"{prefix}m2": self.m2.clone(),
-                   f"{prefix}sample": self.sample.reshape(-1, dim).clone(), f"{prefix}sample_keys": self.sample_keys.clone()}
+                   f"{prefix}sample": self.sample.reshape(int(self.sample_keys.numel()), dim).clone(), f"{prefix}sample_keys": self.sample_keys.clone()}
         meta = {"count": self.count, "dim": self.dim, "sample_size": self.sample_size, "seed": self.seed,
                 "stream": self.stream}
         return tensors, meta
@@ -397,6 +386,14 @@ def save_run_stats(path: str | Path, predictions: Mapping[str, PredictionStats],
         meta: extra string metadata (release, job id, ...), returned by :func:`load_run_stats`.
     """
     path = Path(path)
+    blob = run_stats_bytes(predictions, features, meta)
+    atomic_write(path, lambda f: f.write(blob))
+    return path
+
+
+def run_stats_bytes(predictions: Mapping[str, PredictionStats], features: Mapping[str, FeatureStats],
+                    meta: Mapping[str, str] | None = None) -> bytes:
+    """The bytes :func:`save_run_stats` writes, for a caller that commits them itself (e.g. commit-once)."""
     tensors: dict[str, torch.Tensor] = {}
     head_meta: dict[str, Any] = {}
     for name, stats in predictions.items():
@@ -409,9 +406,7 @@ def save_run_stats(path: str | Path, predictions: Mapping[str, PredictionStats],
         tensors.update(t)
         tap_meta[tap] = m
     body = json.dumps({"heads": head_meta, "taps": tap_meta, "meta": dict(meta or {})}, sort_keys=True)
-    header = {"format": RUN_FORMAT, "body": body, "digest": tensor_digest(tensors, body)}
-    atomic_write(path, lambda f: f.write(save(tensors, metadata=header)))
-    return path
+    return record_bytes(RUN_FORMAT, tensors, body)
 
 
 def load_run_stats(path: str | Path) -> tuple[dict[str, PredictionStats], dict[str, FeatureStats], dict[str, str]]:
@@ -421,17 +416,7 @@ def load_run_stats(path: str | Path) -> tuple[dict[str, PredictionStats], dict[s
         MonitorStatsError: unreadable, of another format, or altered since it was written.
     """
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as e:
-        raise MonitorStatsError(f"{path}: cannot be read as monitoring stats: {e}") from None
-    if header.get("format") != RUN_FORMAT:
-        raise MonitorStatsError(f"{path}: not a monitoring stats file (format {header.get('format')!r})")
-    body = header.get("body", "")
-    if tensor_digest(tensors, body) != header.get("digest"):
-        raise MonitorStatsError(f"{path}: contents do not match the digest in its metadata; the file was altered")
+    tensors, body, _ = read_record(path, RUN_FORMAT, "a monitoring stats file", error=MonitorStatsError)
     doc = json.loads(body)
     predictions: dict[str, PredictionStats] = {}
     for name, m in doc["heads"].items():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import tempfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -29,7 +30,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades", "heldout")
+EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades", "heldout", "monitoring")
 
 # The columns of MLflow's SQLite schema that hold absolute artifact URIs (MLflow 2 and 3;
 # those a given schema lacks are skipped). Everything else there is relative or not ours.
@@ -313,3 +314,43 @@ def all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
         token = page.token
         if not token:
             return found
+
+
+def tagged_artifact(client: MlflowClient, version: Any, tag: str, artifact: str, read: Callable[[Path, str], Any],
+                    label: str, what: str) -> Any:
+    """``read(local file, tag value)`` of one artifact of a model version that a version tag vouches for.
+
+    One way for every record a version carries beside its model (a trunk's recipe and
+    training images, a head's monitoring reference): the tag names the digest, the
+    artifact is downloaded, and ``read`` refuses it (ValueError or OSError) when it does
+    not match.
+
+    Args:
+        client: the registry.
+        version: the MLflow ``ModelVersion``.
+        tag: the version tag holding the digest.
+        artifact: the artifact's path in the version's run.
+        read: reads and checks the downloaded file against the tag's value.
+        label: the version, for messages (``trunk v3``, ``head.colour v2``).
+        what: the record, for messages (``recipe``, ``monitoring reference``).
+
+    Returns:
+        What ``read`` returns, or None when the version has no such tag (no such record).
+
+    Raises:
+        RegistryError: one line naming ``label`` and ``what``: the artifact is missing or
+            unreadable, or does not match its tag.
+    """
+    value = version.tags.get(tag)
+    if not value:
+        return None
+    with tempfile.TemporaryDirectory(prefix="record-") as tmp:
+        try:
+            local = download_artifact(client, version.run_id, artifact, tmp)
+        except ArtifactError as e:
+            raise RegistryError(f"{label}: {what} {artifact} cannot be downloaded (tag {tag}={value}): {e}") from None
+        try:
+            return read(local, value)
+        except (OSError, ValueError) as e:
+            raise RegistryError(f"{label}: {what} refused: {e}") from None
+

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,12 @@ from mlflow.exceptions import MlflowException
 
 from registry.store.runs import tracked_run
 from registry.store.tracking import (
-    ArtifactError,
     RegistryError,
     all_pages,
-    download_artifact,
     ensure_registered_model,
     is_not_found,
     run_metrics,
+    tagged_artifact,
 )
 from trunk.model import Trunk
 from trunk.seen import SeenImages
@@ -202,28 +201,6 @@ def load_trunk(client: MlflowClient, version: int) -> Trunk:
     return trunk
 
 
-def _tagged_artifact(client: MlflowClient, version: int, tag: str, artifact: str, read: Callable[[Path, str], Any],
-                     what: str) -> Any:
-    """``read(local file, tag value)`` of one artifact of ``trunk`` v<version> that a version tag vouches for.
-
-    None when the version has no such tag (the trunk has no such record). ``read`` checks
-    the file against the tag's value and raises ValueError (or OSError) when it does not match.
-
-    Raises:
-        RegistryError: no such version, or the artifact is missing, unreadable or does not
-            match its tag; the message names the version and ``what``.
-    """
-    mv = get_trunk_version(client, version)
-    value = mv.tags.get(tag)
-    if not value:
-        return None
-    with tempfile.TemporaryDirectory(prefix="trunk-record-") as tmp:
-        try:
-            return read(download_artifact(client, mv.run_id, artifact, tmp), value)
-        except (ArtifactError, OSError, ValueError) as e:
-            raise RegistryError(f"trunk v{version}: its {what} cannot be used: {e}") from None
-
-
 def _read_recipe(path: Path, sha: str) -> dict[str, Any]:
     text = path.read_text()
     if hashlib.sha256(text.encode()).hexdigest()[:16] != sha:
@@ -242,7 +219,8 @@ def trunk_recipe(client: MlflowClient, version: int) -> dict[str, Any] | None:
         RegistryError: no such version, or the stored recipe is missing, unreadable, not
             JSON, or does not hash to the version's ``recipe_sha`` tag.
     """
-    return _tagged_artifact(client, version, RECIPE_SHA_TAG, RECIPE_ARTIFACT, _read_recipe, "recipe")
+    return tagged_artifact(client, get_trunk_version(client, version), RECIPE_SHA_TAG, RECIPE_ARTIFACT, _read_recipe,
+                           f"trunk v{version}", "recipe")
 
 
 def trunk_trained_on(client: MlflowClient, version: int) -> SeenImages | None:
@@ -254,6 +232,6 @@ def trunk_trained_on(client: MlflowClient, version: int) -> SeenImages | None:
         RegistryError: no such version, or the stored set is missing, unreadable or does
             not hash to the version's ``trained_on_digest`` tag.
     """
-    return _tagged_artifact(client, version, TRAINED_ON_TAG, TRAINED_ON_ARTIFACT,
-                            lambda path, digest: SeenImages.load(path, expected_digest=digest),
-                            "record of training images")
+    return tagged_artifact(client, get_trunk_version(client, version), TRAINED_ON_TAG, TRAINED_ON_ARTIFACT,
+                           lambda path, digest: SeenImages.load(path, expected_digest=digest), f"trunk v{version}",
+                           "record of training images")
