@@ -113,6 +113,7 @@ def run_pipeline_benchmark(
     width = trunk.tap(POOLED).channels
     bank = HeadBank(make_heads(n_heads, width, num_classes=10, mlp_every=4, seed=seed))
     predictor = BatchPredictor(trunk, bank, device)
+    monitored = BatchPredictor(trunk, bank, device, monitor=True)
     transform = eval_transform(trunk.data_config)
     side = decode_side(trunk.data_config)
 
@@ -125,10 +126,12 @@ def run_pipeline_benchmark(
         runs = iter(range(10**9))
         release = {"name": "bench", "version": "0", "trunk_id": trunk.trunk_id}
 
-        def end_to_end() -> None:
+        shas = [[f"{b}:{i}" for i in range(len(x))] for b, x in enumerate(held)]
+
+        def end_to_end(monitor: bool = True) -> None:
             out = scratch / f"out{next(runs)}"
             classify(trunk, bank, paths, out, release=release, batch_size=batch_size, num_workers=num_workers,
-                     device=device, rows_per_shard=max(1, n_images // 4), progress=False)
+                     device=device, rows_per_shard=max(1, n_images // 4), progress=False, monitor=monitor)
             shutil.rmtree(out)
 
         contenders = {
@@ -136,6 +139,10 @@ def run_pipeline_benchmark(
             "decode_full": lambda: _decoded(paths, transform, None, batch_size, num_workers),
             "trunk": lambda: [predictor(x) for x in held],
             "end_to_end": end_to_end,
+            # Monitoring's cost, side by side: the same job without streamed stats, and the
+            # trunk + heads in memory with the per-batch stats folded in.
+            "end_to_end_no_monitor": lambda: end_to_end(monitor=False),
+            "trunk_monitor": lambda: [monitored.run(x, s) for x, s in zip(held, shas)],
         }
         times = interleaved(contenders, warmup=warmup, repeats=repeats, device=device)
     finally:
@@ -148,6 +155,9 @@ def run_pipeline_benchmark(
     draft_speedup = statistics.median(f / d for f, d in zip(times["decode_full"], times["decode"]))
     median = {name: float(statistics.median(v)) for name, v in ips.items()}
     ratio = float(statistics.median(per_round))
+    # Time with stats / time without, per round (same round: same machine state).
+    monitor_cost = float(statistics.median(m / b for m, b in zip(times["end_to_end"], times["end_to_end_no_monitor"])))
+    monitor_cost_trunk = float(statistics.median(m / b for m, b in zip(times["trunk_monitor"], times["trunk"])))
     return {
         **setup.describe(),
         "n_images": n_images,
@@ -165,6 +175,8 @@ def run_pipeline_benchmark(
         "shared_cores_bound": 1 / (1 / median["decode"] + 1 / median["trunk"]),
         "end_to_end_vs_shared_cores_bound": float(statistics.median(shared)),
         "draft_decode_speedup": float(draft_speedup),
+        "monitor_time_ratio": monitor_cost,
+        "monitor_time_ratio_in_memory": monitor_cost_trunk,
         "goal": {"what": "end-to-end / min(decode-only, trunk-only)", "op": ">=", "bound": GOAL,
                  "value": ratio, "passed": ratio >= GOAL},
     }
@@ -184,11 +196,15 @@ def format_pipeline_table(result: Mapping[str, Any]) -> str:
         f"{'decode only (full size)':<34}{ips['decode_full']:>10.1f}",
         f"{'trunk + heads only (in memory)':<34}{ips['trunk']:>10.1f}",
         f"{'end to end (files -> Parquet)':<34}{ips['end_to_end']:>10.1f}",
+        f"{'end to end, monitor=false':<34}{ips['end_to_end_no_monitor']:>10.1f}",
+        f"{'trunk + heads + monitor stats':<34}{ips['trunk_monitor']:>10.1f}",
         "",
         f"{'if both stages share the cores':<34}{result['shared_cores_bound']:>10.1f}"
         f"  (end to end = {result['end_to_end_vs_shared_cores_bound']:.2f}x this)",
         "",
         f"bottleneck: {result['bottleneck']}; draft mode decodes {times_faster(result['draft_decode_speedup'])}",
+        (f"monitoring costs {result['monitor_time_ratio']:.3f}x the time of classify with monitor=false end to end, "
+         f"{result['monitor_time_ratio_in_memory']:.3f}x on the trunk + heads in memory"),
     ]
     goal = result["goal"]
     verdict = "PASS" if goal["passed"] else "FAIL"

@@ -15,6 +15,7 @@ from tools.common import client, device, num_workers, tool, workspace
 @tool("classify")
 def main(cfg) -> None:
     from registry.jobs.classify import classify_job, heldout_lines
+    from registry.jobs.monitor import monitor_lines
     from registry.reports.summary import classify_lines
 
     ws = workspace(cfg)
@@ -23,8 +24,11 @@ def main(cfg) -> None:
                            num_workers=num_workers(cfg), device=device(cfg), progress=cfg.progress,
                            rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
                            draft=cfg.draft, ray_options=ray_options,
-                           allow_foreign_files=cfg.allow_foreign_files, labels=cfg.labels)
+                           allow_foreign_files=cfg.allow_foreign_files, labels=cfg.labels, monitor=cfg.monitor,
+                           workspace=ws)
     lines = classify_lines(success, str(cfg.output))
+    if cfg.monitor:
+        lines += monitor_lines(success.get("drift"))
     if "heldout" in success:
         lines += heldout_lines(success["heldout"])
     print("\n".join(lines))

@@ -161,6 +161,8 @@ class ClassifyConfig(TrackedConfig):
     ray: RayConfig = field(default_factory=RayConfig)
     # A labels file to score every head on (registry.jobs.classify); null: none.
     labels: Optional[str] = None
+    # Stream monitoring stats and assess drift (registry.jobs.monitor); false: the bare job.
+    monitor: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -295,11 +297,32 @@ class BenchConfig(BaseConfig):
         one_of("suite", self.suite, ("heads", "pipeline"))
 
 
+@dataclass
+class MonitorConfig(TrackedConfig):
+    # One of: head=<name> (the `head` group: conf/heads/<name>.yaml, as tools.train_head), or a
+    # release (`production` or a version number). Any: the head group's node, or None.
+    head: Any = None
+    release: Optional[str] = None
+    # Retraining is recommended when a head's verdict was `drift` in each of its last `last` jobs.
+    last: int = 3
+    # Start train_head for every head recommended (on its configured, fresh labelled data).
+    retrain: bool = False
+    # Where the table's PNGs go; null: <workspace>/monitor.
+    output: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.head is None) == (self.release is None):
+            raise ValueError("field 'head' / 'release': give exactly one (head=<name> or release=production|N)")
+        if self.last < 1:
+            raise ValueError(f"field 'last': must be at least 1, got {self.last}")
+
+
 SCHEMAS = {
     "train_head": TrainHeadConfig, "extract": ExtractConfig, "tradeoff": TradeoffConfig,
     "train_trunk": TrainTrunkConfig, "register_trunk": RegisterTrunkConfig, "classify": ClassifyConfig,
     "report": ReportConfig, "rollback": RollbackConfig, "demo": DemoConfig, "refresh": RefreshConfig,
-    "bench": BenchConfig,
+    "bench": BenchConfig, "monitor": MonitorConfig,
 }
 
 

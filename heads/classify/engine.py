@@ -18,6 +18,17 @@ on a GPU; finished shards are encoded and fsynced by a writer thread while the n
 batches run. ``backend="ray"`` runs the same per-batch code on Ray Data instead
 (:mod:`heads.classify.ray_backend`).
 
+Monitoring (``monitor=True``, the default). The same forward folds every batch into its
+:class:`heads.predict.MonitorStats` (per head label counts and score histogram, per tap
+feature moments and a sample keyed by the rows' sha256): no second pass over images. A
+shard's stats are the merge of its batches' in batch order, committed as
+``_part-NNNNN.monitor.safetensors`` *before* the shard, so a committed shard always has its
+stats beside it; a reused shard's stats are read back from there (a shard on disk without
+them, e.g. from a run with ``monitor=False``, is recomputed, and its committed rows kept).
+When every shard is in, ``_MONITOR.safetensors`` (the merge of all shards' stats in shard
+order: what a clean run gives, whatever the restarts or the backend) is committed before
+``_SUCCESS.json``, whose ``monitor`` field summarises it.
+
 No MLflow here: the registry resolves the release once and passes it in as a plain dict.
 """
 
@@ -38,10 +49,12 @@ import torch
 from tqdm.auto import tqdm
 
 from heads.bank import HeadBank
-from heads.predict import BatchPredictor, batch_rows, empty_columns
+from heads.monitor.stats import MonitorStatsError
+from heads.predict import MONITOR_SEED, BatchPredictor, MonitorStats, batch_rows, empty_columns
 from heads.classify.output import (
-    JOB_FILE, SHARD_GLOB, SUCCESS_FILE, commit_json, commit_table, error_reason, foreign_files, job_fingerprint,
-    job_id, job_temps, output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_name,
+    JOB_FILE, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, commit_bytes, commit_json, commit_table, error_reason,
+    foreign_files, job_fingerprint, job_id, job_temps, output_schema, read_json, remove_stale_temps, set_aside,
+    shard_errors, shard_monitor_name, shard_name,
 )
 from trunk.device import resolve_device
 from trunk.images import path_text
@@ -83,38 +96,81 @@ def plan_batches(n_inputs: int, rows_per_shard: int, batch_size: int, shards: Se
 
 
 class _Assembler:
-    """Collects per-batch columns, in any arrival order, into whole shards."""
+    """Collects per-batch columns (and monitoring stats), in any arrival order, into whole shards."""
 
     def __init__(self, jobs: Sequence[BatchJob], head_names: Sequence[str]) -> None:
         self.expected = Counter(job.shard for job in jobs)
         self.parts: dict[int, dict[int, dict[str, list]]] = {}
+        self.stats: dict[int, dict[int, MonitorStats | None]] = {}
         self.head_names = head_names
 
-    def add(self, shard: int, batch: int, columns: dict[str, list]) -> dict[str, list] | None:
-        """Store one batch; return the shard's columns when it is complete."""
+    def add(self, shard: int, batch: int, columns: dict[str, list],
+            stats: MonitorStats | None = None) -> tuple[dict[str, list], MonitorStats | None] | None:
+        """Store one batch; return the shard's columns and stats when it is complete."""
         parts = self.parts.setdefault(shard, {})
         if batch in parts:
             raise RuntimeError(f"shard {shard} batch {batch} arrived twice")
         parts[batch] = columns
+        self.stats.setdefault(shard, {})[batch] = stats
         if len(parts) < self.expected[shard]:
             return None
         whole = empty_columns(self.head_names)
         for j in sorted(parts):
             for key, values in parts[j].items():
                 whole[key] += values
+        batch_stats = self.stats.pop(shard)
+        # Batch order, whatever the arrival order: the shard's floats are the same on every backend.
+        ordered = [batch_stats[j] for j in sorted(batch_stats)]
+        merged = MonitorStats.merge_all(ordered) if all(st is not None for st in ordered) else None
         del self.parts[shard]
-        return whole
+        return whole, merged
 
 
 def _local_batches(trunk, bank: HeadBank, names: list[str], jobs: list[BatchJob], transform, draft_side,
-                   device: torch.device, num_workers: int, amp: bool | None) -> Iterator[tuple[int, int, dict]]:
-    predictor = BatchPredictor(trunk, bank, device, amp=amp)
+                   device: torch.device, num_workers: int, amp: bool | None,
+                   monitor: bool = False) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
+    predictor = BatchPredictor(trunk, bank, device, amp=amp, monitor=monitor)
     decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
                            draft_side=draft_side, pin_memory=device.type == "cuda")
     for job, batch in zip(jobs, decoded, strict=True):
         columns = empty_columns(bank.names)
-        batch_rows(batch, predictor(batch.pixels), columns)
-        yield job.shard, job.batch, columns
+        predictions, stats = predictor.run(batch.pixels, [batch.shas[p] for p in batch.ok])
+        batch_rows(batch, predictions, columns)
+        yield job.shard, job.batch, columns, stats
+
+
+def _shard_stats(out: Path, k: int) -> MonitorStats | None:
+    """Shard ``k``'s committed monitoring stats; None when absent or unreadable."""
+    path = out / shard_monitor_name(k)
+    if not path.is_file():
+        return None
+    try:
+        return MonitorStats.load(path)
+    except MonitorStatsError:
+        return None
+
+
+def _commit_shard(out: Path, k: int, table: pa.Table, stats_blob: bytes | None, job: str) -> bool:
+    # Stats first: a committed shard always has its stats beside it (a kill in between
+    # leaves stats without a shard, which the rerun recomputes and recommits as is).
+    if stats_blob is not None:
+        commit_bytes(out, shard_monitor_name(k), stats_blob, job=job)
+    return commit_table(out, shard_name(k), table, job=job)
+
+
+def monitor_summary(stats: MonitorStats, low_confidence_below: float = 0.5) -> dict[str, Any]:
+    """The small JSON form of a job's stats for ``_SUCCESS.json`` (the full stats are in ``_MONITOR.safetensors``)."""
+    return {
+        "file": MONITOR_FILE,
+        "sample_seed": MONITOR_SEED,
+        "low_confidence_below": low_confidence_below,
+        "heads": {name: {"predictions": p.count,
+                         "label_counts": dict(zip(p.classes, p.label_counts.tolist())),
+                         "low_confidence_share": p.low_confidence_share(low_confidence_below)}
+                  for name, p in sorted(stats.predictions.items())},
+        "taps": {tap: {"rows": f.count, "dim": f.dim, "sample_rows": int(f.sample_keys.numel())}
+                 for tap, f in sorted(stats.features.items())},
+    }
 
 
 def _refusal(path: Path, on_disk: Mapping[str, Any], ours: Mapping[str, Any]) -> ValueError:
@@ -144,6 +200,7 @@ def classify(
     backend: str = "local",
     ray_options: Mapping[str, Any] | None = None,
     allow_foreign_files: bool = False,
+    monitor: bool = True,
 ) -> dict[str, Any]:
     """Classify images with every head of a release into a resumable Parquet folder.
 
@@ -171,13 +228,16 @@ def classify(
         ray_options: for ``backend="ray"``, see :func:`heads.classify.ray_backend.ray_batches`.
         allow_foreign_files: run in a folder that also holds files the platform did not
             write; they are left untouched either way (the job removes only its own temps).
+        monitor: stream monitoring stats (see the module docstring); False for the bare job
+            (the cost is measured against it by ``tools.bench``'s ``monitor`` contender).
 
     Returns:
         The ``_SUCCESS.json`` content: ``release``, ``fingerprint``, ``counts``
         (``images``, ``ok``, ``errors``, ``shards``), ``errors_by_reason``,
         ``images_per_s``, ``seconds`` (both for the work the committing call did),
         ``heads``, ``schema`` (column names), ``settings``, ``backend``,
-        ``shards_reused`` and ``shards_written``.
+        ``shards_reused``, ``shards_written`` and ``monitor`` (:func:`monitor_summary` of
+        ``_MONITOR.safetensors``; None with ``monitor=False``).
 
     Raises:
         ValueError: one line, for bad arguments, a release for another trunk, or a
@@ -245,9 +305,13 @@ def classify(
     errors_of: dict[int, list[str | None]] = {}
     for k in range(n_shards):
         rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+        if monitor and (out / shard_monitor_name(k)).exists() and _shard_stats(out, k) is None:
+            set_aside(out, shard_monitor_name(k), job=job_key)  # damaged: recomputed with its shard
         existing = shard_errors(out / shard_name(k), schema, rows)
         if existing is not None:
-            errors_of[k] = existing
+            if not monitor or (out / shard_monitor_name(k)).is_file():
+                errors_of[k] = existing
+            # else: rows without stats (a run with monitor off): recompute them; the shard on disk is kept
         elif (out / shard_name(k)).exists():
             set_aside(out, shard_name(k), job=job_key)  # damaged (not by us: commits are whole): recompute it
     reused = len(errors_of)
@@ -259,9 +323,10 @@ def classify(
         from heads.classify.ray_backend import ray_batches
 
         batches = ray_batches(trunk, bank, names, jobs, transform, draft_side, device=device, amp=amp,
-                              options=ray_options or {})
+                              options=ray_options or {}, monitor=monitor)
     else:
-        batches = _local_batches(trunk, bank, names, jobs, transform, draft_side, device, num_workers, amp)
+        batches = _local_batches(trunk, bank, names, jobs, transform, draft_side, device, num_workers, amp,
+                                 monitor=monitor)
 
     written = processed = 0
     assembler = _Assembler(jobs, heads)
@@ -270,18 +335,20 @@ def classify(
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
             tqdm(total=len(names), initial=done_rows, unit="img", desc="classify", disable=not progress,
                  dynamic_ncols=True) as bar:
-        for k, j, columns in batches:
+        for k, j, columns, batch_stats in batches:
             n = len(columns["path"])
             processed += n
             bar.update(n)
-            whole = assembler.add(k, j, columns)
-            if whole is None:
+            assembled = assembler.add(k, j, columns, batch_stats)
+            if assembled is None:
                 continue
+            whole, shard_stats = assembled
             errors_of[k] = whole["error"]
             # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
             whole["path"] = [path_text(p) for p in whole["path"]]
             table = pa.Table.from_pydict(whole, schema=schema)
-            commits.append((k, writer.submit(commit_table, out, shard_name(k), table, job=job_key)))
+            blob = shard_stats.to_bytes({"shard": str(k), "fingerprint": fingerprint}) if monitor else None
+            commits.append((k, writer.submit(_commit_shard, out, k, table, blob, job_key)))
             # Surface a failed write now rather than after the whole input.
             for _, future in commits:
                 if future.done():
@@ -295,6 +362,19 @@ def classify(
     missing = [k for k in range(n_shards) if k not in errors_of]
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")
+
+    monitored = None
+    if monitor:
+        stats = MonitorStats.empty(bank)
+        for k in range(n_shards):  # shard order: the same floats as a clean run
+            part = _shard_stats(out, k)
+            if part is None:
+                raise RuntimeError(f"{out}: {shard_monitor_name(k)} is missing or damaged; rerun the same job")
+            stats = stats.merge(part)
+        commit_bytes(out, MONITOR_FILE, stats.to_bytes({"fingerprint": fingerprint,
+                                                        "release": json.dumps(release, sort_keys=True)}),
+                     job=job_key)
+        monitored = monitor_summary(stats)
 
     seconds = time.perf_counter() - start
     errors = [e for k in range(n_shards) for e in errors_of[k]]
@@ -313,6 +393,7 @@ def classify(
         "backend": backend,
         "shards_reused": reused,
         "shards_written": written,
+        "monitor": monitored,
     }
     if not commit_json(out, SUCCESS_FILE, summary, job=job_key):
         return read_json(success_path)  # a concurrent run of this job finished first

@@ -5,7 +5,16 @@ The folder is a contract (DESIGN.md, "Bulk classification output")::
     _JOB.json            written first: the job's fingerprint, release, heads, shard size
     part-00000.parquet   rows 0 .. rows_per_shard-1 of the input list, in input order
     part-00001.parquet   ...
+    _part-00000.monitor.safetensors  that shard's monitoring stats, committed just before it
+    _MONITOR.safetensors the job's monitoring stats: the exact merge of every shard's, before _SUCCESS.json
     _SUCCESS.json        written last: release, counts, errors by reason, throughput
+
+The monitoring files start with ``_`` so that Parquet readers of the folder (Arrow's dataset
+discovery skips ``_`` and ``.`` names) see only the shards. They (:class:`heads.predict.MonitorStats`: per head label counts and score
+histogram, per tap feature moments and a sample) are kept per shard for the same reason
+the rows are: a shard's stats depend only on its rows, so a resumed job reads the stats of
+the shards it skips from their sidecars instead of recomputing them, and the job's stats
+are those of a clean run.
 
 Every file is committed once (:func:`trunk.files.atomic_write` with ``exclusive=True``):
 written to a temp file named with the job's id (see :func:`temp_prefix`), flushed and
@@ -41,18 +50,26 @@ from trunk.files import atomic_write, fsync_dir, json_bytes
 JOB_FILE = "_JOB.json"
 SUCCESS_FILE = "_SUCCESS.json"
 SHARD_GLOB = "part-*.parquet"
+MONITOR_FILE = "_MONITOR.safetensors"
+SHARD_MONITOR_SUFFIX = ".monitor.safetensors"
 # Every temp file the platform writes, whichever job wrote it; a job removes only its own.
 TEMP_GLOB = ".vtp-*.tmp"
 PLATFORM_PREFIX = ".vtp-"
 JOB_ID_LENGTH = 16
 # Names a classification folder may hold: the job's files, and dot files named with a job id.
-_PLATFORM_NAME = re.compile(rf"(_JOB\.json|_SUCCESS\.json|part-[0-9]{{5,}}\.parquet|"
+_PLATFORM_NAME = re.compile(rf"(_JOB\.json|_SUCCESS\.json|_MONITOR\.safetensors|part-[0-9]{{5,}}\.parquet|"
+                            rf"_part-[0-9]{{5,}}\.monitor\.safetensors|"
                             rf"{re.escape(PLATFORM_PREFIX)}[0-9a-f]{{{JOB_ID_LENGTH}}}\..+)", re.DOTALL)
 
 
 def shard_name(k: int) -> str:
     """File name of shard ``k``."""
     return f"part-{k:05d}.parquet"
+
+
+def shard_monitor_name(k: int) -> str:
+    """File name of shard ``k``'s monitoring stats (committed before the shard)."""
+    return f"_part-{k:05d}{SHARD_MONITOR_SUFFIX}"
 
 
 def output_schema(head_names: Sequence[str]) -> pa.Schema:
@@ -116,7 +133,8 @@ def temp_prefix(job: str) -> str:
 def foreign_files(directory: Path) -> list[str]:
     """Names in ``directory`` that no classification job writes, sorted (empty when none or no folder).
 
-    The platform writes ``_JOB.json``, ``_SUCCESS.json``, ``part-NNNNN.parquet`` and dot
+    The platform writes ``_JOB.json``, ``_SUCCESS.json``, ``part-NNNNN.parquet``, the monitoring
+    files ``_part-NNNNN.monitor.safetensors`` and ``_MONITOR.safetensors``, and dot
     files named ``.vtp-<job id>.*`` (temps, set-aside damaged shards); anything else is
     someone else's. Names are as ``os.listdir`` gives them (undecodable bytes as surrogates).
     """
@@ -167,6 +185,11 @@ def commit_json(directory: Path, name: str, content: Mapping[str, Any], *, job: 
 def commit_table(directory: Path, name: str, table: pa.Table, *, job: str) -> bool:
     """:func:`commit_once` of a Parquet file."""
     return commit_once(directory, name, lambda f: pq.write_table(table, f), job=job)
+
+
+def commit_bytes(directory: Path, name: str, blob: bytes, *, job: str) -> bool:
+    """:func:`commit_once` of bytes already made (monitoring stats)."""
+    return commit_once(directory, name, lambda f: f.write(blob), job=job)
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ bit for bit on the same hardware. Two stages:
 
 Only paths go out and only predictions come back to the driver. Between the stages a
 batch travels as JSON (paths, hashes, errors) plus the raw bytes of its pixel tensor, and
-predictions as JSON: nothing a worker sends is unpickled by this code. Paths cross as
+predictions (and, when monitoring, the batch's :class:`heads.predict.MonitorStats`, exact
+in JSON) as JSON: nothing a worker sends is unpickled by this code. Paths cross as
 :func:`trunk.images.path_text` (valid UTF-8 for Arrow and JSON, even for a file name that
 is not) and are turned back with :func:`trunk.images.path_from_text` on the other side. The driver
 assembles whole shards and commits them exactly as the local backend does, so output
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from heads.bank import HeadBank
-from heads.predict import BatchPredictor, batch_rows, empty_columns
+from heads.predict import BatchPredictor, MonitorStats, batch_rows, empty_columns
 from trunk.images import path_from_text, path_text
 from trunk.loader import DecodedBatch, decode_batch
 
@@ -80,18 +81,20 @@ def _decode(row: dict[str, Any], transform, draft_side: int | None) -> dict[str,
 class _Predict:
     """Ray Data actor: one trunk + bank copy; a packed batch -> output columns as JSON."""
 
-    def __init__(self, trunk, bank: HeadBank, device: str, amp: bool, threads: int) -> None:
+    def __init__(self, trunk, bank: HeadBank, device: str, amp: bool, threads: int, monitor: bool = False) -> None:
         torch.set_num_threads(max(1, int(threads)))
-        self.predictor = BatchPredictor(trunk, bank, torch.device(device), amp=amp)
+        self.predictor = BatchPredictor(trunk, bank, torch.device(device), amp=amp, monitor=monitor)
         self.names = list(bank.names)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         batch = unpack_batch(row["meta"], row["pixels"])
         columns = empty_columns(self.names)
-        batch_rows(batch, self.predictor(batch.pixels), columns)
+        predictions, stats = self.predictor.run(batch.pixels, [batch.shas[p] for p in batch.ok])
+        batch_rows(batch, predictions, columns)
         columns["path"] = [path_text(p) for p in columns["path"]]
         # JSON keeps every float32 score exactly (repr of its float64 widening round-trips).
-        return {"shard": row["shard"], "batch": row["batch"], "columns": json.dumps(columns)}
+        return {"shard": row["shard"], "batch": row["batch"], "columns": json.dumps(columns),
+                "stats": stats.to_json() if stats is not None else ""}
 
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,10 +133,11 @@ def _connect(address: str | None) -> bool:
 
 
 def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
-                  gpus: float, amp: bool, options: Mapping[str, Any]):
+                  gpus: float, amp: bool, options: Mapping[str, Any], monitor: bool = False):
     """The two-stage Ray Dataset over the planned batches (lazy: nothing runs until iterated).
 
-    Each output row: ``shard``, ``batch`` and ``columns`` (the output columns as JSON).
+    Each output row: ``shard``, ``batch``, ``columns`` (the output columns as JSON) and
+    ``stats`` (the batch's monitoring stats as JSON; empty without ``monitor``).
     Arguments as for :func:`ray_batches`; ``gpus`` per actor; ``options`` already merged
     with :data:`DEFAULTS`.
     """
@@ -155,14 +159,16 @@ def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, t
     resources = {"num_gpus": float(gpus)} if gpus else {"num_cpus": float(opts["actor_cpus"])}
     ds = ds.map(_Predict, fn_constructor_kwargs={"trunk": trunk.cpu(), "bank": bank.cpu(),
                                                  "device": "cuda" if gpus else "cpu", "amp": amp,
-                                                 "threads": max(1, int(opts["actor_cpus"]))},
+                                                 "threads": max(1, int(opts["actor_cpus"])),
+                                                 "monitor": bool(monitor)},
                 compute=ray.data.ActorPoolStrategy(size=int(opts["actors"])), **resources)
     return ds
 
 
 def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
-                device: torch.device, amp: bool, options: Mapping[str, Any]) -> Iterator[tuple[int, int, dict]]:
-    """Decode and classify the planned batches on Ray; yield ``(shard, batch, columns)`` as they finish.
+                device: torch.device, amp: bool, options: Mapping[str, Any],
+                monitor: bool = False) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
+    """Decode and classify the planned batches on Ray; yield ``(shard, batch, columns, stats)`` as they finish.
 
     Args:
         trunk: the release's trunk (copied once into each actor).
@@ -180,6 +186,7 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
             ``decode_memory_mb`` (reserved per decoding task), ``batches_per_block``,
             ``actor_start_timeout_s``. A Ray already initialised in this process is used
             as is.
+        monitor: also compute each batch's monitoring stats in the actors (None otherwise).
 
     Raises:
         ValueError: one line, for a bad option or an unreachable cluster.
@@ -203,11 +210,13 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         ctx.raise_original_map_exception = True  # a failing stage raises its own exception type
         # Fail rather than wait forever for actors the cluster cannot place (e.g. GPUs it lacks).
         ctx.wait_for_min_actors_s = int(opts["actor_start_timeout_s"])
-        ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts)
+        ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts,
+                           monitor=monitor)
         for row in ds.iter_rows():
             columns = json.loads(row["columns"])
             columns["path"] = [path_from_text(p) for p in columns["path"]]  # as the local backend gives them
-            yield int(row["shard"]), int(row["batch"]), columns
+            stats = MonitorStats.from_json(row["stats"]) if row["stats"] else None
+            yield int(row["shard"]), int(row["batch"]), columns, stats
     finally:
         if started:
             ray.shutdown()

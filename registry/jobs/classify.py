@@ -5,11 +5,16 @@ head the file labels on its own output: the labels are checked against the relea
 before any image is classified, then joined with the Parquet rows by path; each head's
 held-out figures are logged as a run of the experiment ``heldout``
 (:mod:`registry.store.heldout`) and returned under ``heldout``.
+
+Every job also streams monitoring stats (unless ``monitor=False``) and is then assessed for
+drift against each head's reference (:func:`registry.jobs.monitor.monitor_output`): report
+beside the output, one run in the experiment ``monitoring``, returned under ``drift``.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,9 @@ from heads.bank import HeadBank
 from heads.checks.heldout import LabelsFile, read_labels_file, score_classified
 from heads.classify.engine import classify as classify_paths
 from heads.classify.output import JOB_FILE, read_json
+from heads.monitor.drift import DriftThresholds
+from heads.monitor.reference import HeadReference
+from registry.jobs.monitor import monitor_output
 from registry.jobs.train import JobError
 from registry.store.heldout import EXPERIMENT as HELDOUT_EXPERIMENT
 from registry.store.heldout import KEY_TAG, find_heldout_run, heldout_key, log_heldout
@@ -31,6 +39,7 @@ from registry.store.releases import (
     read_release,
 )
 from registry.store.trunks import trunk_trained_on
+from registry.store.workspace import Workspace
 from trunk.images import resolve_inputs
 from trunk.seen import content_sha
 
@@ -77,7 +86,10 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
                  device: str, progress: bool, rows_per_shard: int = 10000, release: str | int | None = None,
                  backend: str = "local", draft: bool = True,
                  ray_options: dict[str, Any] | None = None, allow_foreign_files: bool = False,
-                 labels: str | Path | None = None) -> dict[str, Any]:
+                 labels: str | Path | None = None, monitor: bool = True,
+                 references: Mapping[str, HeadReference | None] | None = None,
+                 thresholds: Mapping[str, DriftThresholds] | None = None,
+                 workspace: Workspace | None = None) -> dict[str, Any]:
     """Classify a folder, manifest or fsspec URI with every head of one release.
 
     The release is resolved once, here (see :func:`release_for_output`), and its trunk and
@@ -86,10 +98,14 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     Args:
         labels: a labels file (``path``, one column per head name, optional ``slice``) to
             score the release's heads on; None: no scoring.
+        monitor: stream monitoring stats and assess drift (False: the bare job).
+        references: ``{head: reference}`` to assess against; None: the registered ones.
+        thresholds: ``{head: drift thresholds}``; None: the registered configs'.
+        workspace: the drift report goes into its ``runs/monitor/`` (None: beside the output).
 
     Returns:
-        The ``_SUCCESS.json`` content; with ``labels``, plus ``heldout`` (see
-        :func:`score_output`).
+        The ``_SUCCESS.json`` content plus ``drift`` (:func:`registry.jobs.monitor.monitor_output`;
+        None without stats); with ``labels``, plus ``heldout`` (see :func:`score_output`).
 
     Raises:
         heads.checks.heldout.LabelsError: a bad labels file (one line naming the file, row
@@ -104,7 +120,10 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     success = classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
                              num_workers=num_workers, device=device, rows_per_shard=rows_per_shard,
                              progress=progress, draft=draft, backend=backend, ray_options=ray_options,
-                             allow_foreign_files=allow_foreign_files)
+                             allow_foreign_files=allow_foreign_files, monitor=monitor)
+    drift = monitor_output(client, chosen, output, success, references=references, thresholds=thresholds,
+                           workspace=workspace) if monitor else None
+    success = {**success, "drift": drift}
     if labelled is None:
         return success
     return {**success, "heldout": score_output(client, chosen, heads, labelled, output, success["fingerprint"])}

@@ -116,7 +116,7 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
     out = ws.predictions / f"demo-holdout-release-{release.version}"
     echo(f"[5/6] classifying {dataset.holdout_dir} with release@production")
     success = classify_job(client, dataset.holdout_dir, out, batch_size=batch_size, num_workers=num_workers,
-                           device=device, progress=progress)
+                           device=device, progress=progress, workspace=ws)
     for line in classify_lines(success, str(out)):
         echo("      " + line.strip())
     step("classify", t)

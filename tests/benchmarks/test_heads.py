@@ -192,7 +192,9 @@ def test_pipeline_benchmark_measures_every_stage_on_the_same_files(tmp_path):
     result = run_pipeline_benchmark(BenchTrunk("test_resnet", image_size=32), n_images=8, photo_size=(96, 64), batch_size=4,
                                     num_workers=0, n_heads=3, warmup=0, repeats=2, images_dir=tmp_path / "img")
     ips = result["images_per_s"]
-    assert set(ips) == {"decode", "decode_full", "trunk", "end_to_end"} and all(v > 0 for v in ips.values())
+    assert set(ips) == {"decode", "decode_full", "trunk", "end_to_end", "end_to_end_no_monitor",
+                        "trunk_monitor"} and all(v > 0 for v in ips.values())
+    assert result["monitor_time_ratio"] > 0 and "monitor=false end to end" in format_pipeline_table(result)
     assert result["goal"]["value"] == result["end_to_end_vs_slowest_stage"] > 0
     assert 0 < result["shared_cores_bound"] < min(ips["decode"], ips["trunk"])
     assert result["bottleneck"] in ("decode", "trunk") and result["n_heads"] == 3

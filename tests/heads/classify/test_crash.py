@@ -21,8 +21,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from heads.classify.output import JOB_FILE, SUCCESS_FILE, TEMP_GLOB
+from heads.classify.output import JOB_FILE, MONITOR_FILE, SUCCESS_FILE, TEMP_GLOB
+from heads.predict import MonitorStats
 from tests.conftest import write_image
+from tests.heads.classify.test_monitoring import same_stats
 
 ROOT = Path(__file__).resolve().parents[3]
 N_IMAGES = 120
@@ -87,7 +89,8 @@ def test_clean_run_output(clean, manifest):
     assert summary["counts"] == {"images": len(paths), "ok": len(paths) - 2, "errors": 2,
                                  "shards": -(-len(paths) // ROWS_PER_SHARD)}
     assert summary["errors_by_reason"] == {"file not found": 1, "not an image": 1}
-    assert sorted(result["committed"]) == sorted([JOB_FILE, SUCCESS_FILE] + [p.name for p in out.glob("part-*")])
+    assert sorted(result["committed"]) == sorted([JOB_FILE, SUCCESS_FILE, MONITOR_FILE]
+                                                 + [p.name for p in out.glob("*part-*")])
 
 
 def _assert_same_as_clean(out: Path, clean_out: Path) -> None:
@@ -95,8 +98,10 @@ def _assert_same_as_clean(out: Path, clean_out: Path) -> None:
     assert sorted(p.name for p in out.glob("part-*")) == sorted(p.name for p in clean_out.glob("part-*"))
     assert not list(out.glob(TEMP_GLOB)), "temp files left after the job finished"
     a, b = json.loads((out / SUCCESS_FILE).read_text()), json.loads((clean_out / SUCCESS_FILE).read_text())
-    for key in ("fingerprint", "counts", "errors_by_reason", "release", "schema"):
+    for key in ("fingerprint", "counts", "errors_by_reason", "release", "schema", "monitor"):
         assert a[key] == b[key], key
+    # The monitoring stats too, bit for bit, however often the job was killed.
+    assert same_stats(MonitorStats.load(out / MONITOR_FILE), MonitorStats.load(clean_out / MONITOR_FILE))
 
 
 def test_sigkill_anywhere_then_restart_gives_the_clean_rows(manifest, clean, tmp_path):
@@ -147,6 +152,7 @@ def test_two_jobs_on_one_folder_commit_each_shard_once(manifest, clean, tmp_path
     ra, rb = _finish(a), _finish(b)
     commits = ra["committed"] + rb["committed"]
     assert sorted(commits) == sorted(set(commits)), "a file was committed twice"
-    assert sorted(commits) == sorted([JOB_FILE, SUCCESS_FILE] + [p.name for p in clean_out.glob("part-*")])
+    assert sorted(commits) == sorted([JOB_FILE, SUCCESS_FILE, MONITOR_FILE]
+                                     + [p.name for p in clean_out.glob("*part-*")])
     _assert_same_as_clean(out, clean_out)
     assert ra["summary"]["fingerprint"] == rb["summary"]["fingerprint"]

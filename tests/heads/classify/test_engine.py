@@ -75,8 +75,10 @@ def test_one_row_per_input_with_contract_schema(tmp_path, tiny_trunk, bank, inpu
     out = tmp_path / "out"
     summary = run(tiny_trunk, bank, inputs, out, release)
 
-    assert sorted(p.name for p in out.iterdir()) == [
-        JOB_FILE, SUCCESS_FILE, "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([
+        JOB_FILE, SUCCESS_FILE, "_MONITOR.safetensors", "part-00000.parquet", "part-00001.parquet",
+        "part-00002.parquet", "_part-00000.monitor.safetensors", "_part-00001.monitor.safetensors",
+        "_part-00002.monitor.safetensors"])
     want = expected_columns(["colour", "count", "shape"])
     for k in range(3):
         schema = pq.read_schema(out / f"part-{k:05d}.parquet")

@@ -69,6 +69,15 @@ def test_ray_backend_writes_the_local_rows(local_ray, tmp_path, tiny_trunk, inpu
     for key in ("fingerprint", "counts", "errors_by_reason", "schema", "release"):
         assert remote[key] == local[key]
     assert remote["backend"] == "ray" and remote["shards_written"] == remote["counts"]["shards"]
+    # The same monitoring stats: counts and sampled rows exact, floats up to the actors' thread rounding (above).
+    from heads.classify.output import MONITOR_FILE
+    from heads.predict import MonitorStats
+    from tests.heads.classify.test_monitoring import same_stats
+
+    assert remote["monitor"]["heads"] == local["monitor"]["heads"]
+    # Ray's workers run other thread counts: moments agree up to float rounding.
+    assert same_stats(MonitorStats.load(tmp_path / "ray" / MONITOR_FILE),
+                      MonitorStats.load(tmp_path / "local" / MONITOR_FILE), atol=1e-5)
 
 
 def test_ray_resumes_what_another_run_left(local_ray, tmp_path, tiny_trunk, inputs):
