@@ -293,3 +293,29 @@ def generate_shapes(
     _write_csv(dataset.holdout_labels, ["path", *ATTRIBUTES], holdout_rows)
     write_json_atomic(out_dir / DONE_FILE, params, indent=2, sort_keys=True)  # the marker: whole or absent
     return dataset
+
+
+def shifted_copy(src_dir: str | Path, dst_dir: str | Path, *, progress: bool = False) -> Path:
+    """A copy of a folder of images with one attribute's distribution shifted: colours.
+
+    Each image's colour channels are rotated (R, G, B) -> (B, R, G): red shapes turn
+    blue, blue ones green, and the backgrounds change hue alike; shape, count, texture and
+    layout stay exactly as they were. What a production drift looks like when a camera's
+    white balance changes. An existing copy is reused.
+
+    Returns:
+        ``dst_dir``.
+    """
+    src, dst = Path(src_dir), Path(dst_dir)
+    done = dst / "_DONE.json"
+    if done.exists():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    files = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    for path in tqdm(files, desc="shifting colours", unit="img", disable=not progress, leave=False):
+        with Image.open(path) as img:
+            r, g, b = img.convert("RGB").split()
+            Image.merge("RGB", (b, r, g)).save(dst / path.name)
+    write_json_atomic(done, {"source": str(src), "shift": "colour channels (R, G, B) -> (B, R, G)",
+                             "images": len(files)})
+    return dst

@@ -3,7 +3,8 @@
 Runs offline on a CPU in a few minutes: generate shapes -> train a small trunk multi-task
 on some attributes -> train heads for every attribute from ``conf/heads/`` (including ones
 the trunk never saw) -> one release with every head that passes its gate -> classify the
-held-out folder -> leaderboard and held-out accuracy against chance.
+held-out folder -> classify a colour-shifted copy of it, to show drift monitoring flag the
+heads whose inputs moved -> leaderboard and held-out accuracy against chance.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from typing import Any
 import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
-from demo.shapes import generate_shapes
+from demo.shapes import generate_shapes, shifted_copy
 from heads.spec import resolve_head
 from registry.jobs.classify import classify_job
+from registry.jobs.monitor import monitor_lines
 from registry.jobs.train import train_head_job
 from registry.jobs.train_trunk import train_trunk_job
 from registry.reports.report import log_report
@@ -42,6 +44,7 @@ class DemoResult:
     predictions: Path
     report: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
+    drift: dict[str, str] = field(default_factory=dict)  # head -> verdict on the colour-shifted copy
 
 
 def holdout_accuracy(predictions: Path, labels_csv: Path, attributes: Mapping[str, str]) -> dict[str, float]:
@@ -75,13 +78,13 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
         echo(f"  ({seconds[name]:.1f} s)")
 
     t = time.perf_counter()
-    echo(f"[1/6] generating the synthetic shapes data set in {ws.data / 'shapes'}")
+    echo(f"[1/7] generating the synthetic shapes data set in {ws.data / 'shapes'}")
     dataset = generate_shapes(ws.data / "shapes", progress=progress, **dict(data))
     echo(f"      {dataset.n_images} labelled images, {dataset.n_holdout} held out")
     step("generate", t)
 
     t = time.perf_counter()
-    echo(f"[2/6] training trunk {base.model_name} multi-task on {', '.join(trunk_tasks)}")
+    echo(f"[2/7] training trunk {base.model_name} multi-task on {', '.join(trunk_tasks)}")
     trunk_specs = [resolve_head(n, head_dirs, context) for n in trunk_tasks]
     trunk_job = train_trunk_job(client, base, trunk_specs, workspace=ws, epochs=train["epochs"],
                                 batch_size=train["batch_size"], lr=train["lr"], weight_decay=train["weight_decay"],
@@ -93,7 +96,7 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
     step("train_trunk", t)
 
     t = time.perf_counter()
-    echo(f"[3/6] training heads {', '.join(head_names)} on trunk v{tv}'s cached features")
+    echo(f"[3/7] training heads {', '.join(head_names)} on trunk v{tv}'s cached features")
     versions: dict[str, int] = {}
     for name in head_names:
         job = train_head_job(client, resolve_head(name, head_dirs, context), workspace=ws, trunk_version=tv,
@@ -109,20 +112,33 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
     current = get_release(client, PRODUCTION)
     release = create_release(client, tv, versions, expected_production=current.version if current else None,
                              note="tools.demo")
-    echo(f"[4/6] release v{release.version} (trunk v{tv}, {len(versions)} heads) is production")
+    echo(f"[4/7] release v{release.version} (trunk v{tv}, {len(versions)} heads) is production")
     step("release", t)
 
     t = time.perf_counter()
     out = ws.predictions / f"demo-holdout-release-{release.version}"
-    echo(f"[5/6] classifying {dataset.holdout_dir} with release@production")
+    echo(f"[5/7] classifying {dataset.holdout_dir} with release@production")
     success = classify_job(client, dataset.holdout_dir, out, batch_size=batch_size, num_workers=num_workers,
                            device=device, progress=progress, workspace=ws)
-    for line in classify_lines(success, str(out)):
+    for line in classify_lines(success, str(out)) + monitor_lines(success.get("drift")):
         echo("      " + line.strip())
     step("classify", t)
 
     t = time.perf_counter()
-    echo("[6/6] leaderboard")
+    shifted = shifted_copy(dataset.holdout_dir, ws.data / "shapes-colour-shifted", progress=progress)
+    shifted_out = ws.predictions / f"demo-colour-shifted-release-{release.version}"
+    echo(f"[6/7] classifying {shifted} (the held-out images with colour channels rotated) with release@production")
+    moved = classify_job(client, shifted, shifted_out, batch_size=batch_size, num_workers=num_workers,
+                         device=device, progress=progress, workspace=ws)
+    for line in monitor_lines(moved.get("drift")):
+        echo("      " + line.strip())
+    drift = {name: h["verdict"] for name, h in (moved.get("drift") or {}).get("heads", {}).items()}
+    flagged = sorted(n for n, v in drift.items() if v != "ok")
+    echo(f"      drifted on the shifted set: {', '.join(f'{n} ({drift[n]})' for n in flagged) or 'none'}")
+    step("classify_shifted", t)
+
+    t = time.perf_counter()
+    echo("[7/7] leaderboard")
     report = log_report(client, ws.root)
     step("report", t)
 
@@ -139,7 +155,7 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
                          "tap": specs[name].tap, "trunk_trained": attributes[name] in trained_attrs,
                          "val_accuracy": rows.get(name, {}).get("val_accuracy"),
                          "added_gflops": rows.get(name, {}).get("added_gflops")}
-    return DemoResult(tv, release.version, versions, holdout, out, report, seconds)
+    return DemoResult(tv, release.version, versions, holdout, out, report, seconds, drift)
 
 
 def _labels(manifest: str | None) -> set[str]:
@@ -161,6 +177,10 @@ def format_demo(result: DemoResult, ws: Workspace, tracking_uri: str) -> list[st
             lines.append(f"branch vs pooled on {h['attribute']}: {name} at {h['tap']} {h['accuracy']:.3f} held-out, "
                          f"+{h['added_gflops']:.2g} GFLOPs/image; {base_name} at pooled {base['accuracy']:.3f}, "
                          f"+{base['added_gflops']:.2g} GFLOPs/image")
+    if result.drift:
+        flagged = [f"{n} ({v})" for n, v in sorted(result.drift.items()) if v != "ok"]
+        lines.append(f"drift on the colour-shifted held-out copy: {', '.join(flagged) or 'no head flagged'}; "
+                     f"ok: {', '.join(n for n, v in sorted(result.drift.items()) if v == 'ok') or 'none'}")
     total = sum(result.seconds.values())
     lines += [
         "",

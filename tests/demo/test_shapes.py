@@ -102,3 +102,20 @@ def test_bad_parameters(tmp_path):
         generate_shapes(tmp_path, n_images=10, size=16)
     with pytest.raises(ValueError, match="n_images"):
         generate_shapes(tmp_path, n_images=0)
+
+
+def test_a_shifted_copy_rotates_colours_and_keeps_everything_else(small_set, tmp_path):
+    import numpy as np
+
+    from demo.shapes import shifted_copy
+
+    out = shifted_copy(small_set.holdout_dir, tmp_path / "shifted")
+    originals = sorted(p for p in small_set.holdout_dir.iterdir() if p.suffix == ".png")
+    assert sorted(p.name for p in out.glob("*.png")) == [p.name for p in originals]
+    for path in originals:
+        a = np.asarray(Image.open(path).convert("RGB"))
+        b = np.asarray(Image.open(out / path.name))
+        assert (b == a[..., [2, 0, 1]]).all()  # (R, G, B) -> (B, R, G), pixel for pixel
+    before = (out / originals[0].name).stat().st_mtime_ns
+    assert shifted_copy(small_set.holdout_dir, out) == out  # reused, not rewritten
+    assert (out / originals[0].name).stat().st_mtime_ns == before

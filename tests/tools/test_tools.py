@@ -89,6 +89,9 @@ def test_demo_prints_what_users_need(demo):
     assert "predictions:" in out and "mlflow ui --backend-store-uri" in out
     for head in ("shape", "colour", "count", "texture"):
         assert head in out
+    # a colour-shifted copy of the held-out set is classified and its drift verdicts printed
+    assert "[6/7] classifying" in out and "drifted on the shifted set:" in out
+    assert "drift on the colour-shifted held-out copy:" in out
 
 
 def test_demo_mlflow_contents_match_design(demo):
