@@ -125,9 +125,11 @@ def run_demo(client: MlflowClient, ws: Workspace, *, base: Trunk, head_dirs: Seq
     step("classify", t)
 
     t = time.perf_counter()
-    shifted = shifted_copy(dataset.holdout_dir, ws.data / "shapes-colour-shifted", progress=progress)
+    shifted_dir = ws.data / "shapes-colour-shifted"
+    echo(f"[6/7] classifying {shifted_dir} (the held-out images with colour channels rotated) with "
+         f"release@production")
+    shifted = shifted_copy(dataset.holdout_dir, shifted_dir, progress=progress)
     shifted_out = ws.predictions / f"demo-colour-shifted-release-{release.version}"
-    echo(f"[6/7] classifying {shifted} (the held-out images with colour channels rotated) with release@production")
     moved = classify_job(client, shifted, shifted_out, batch_size=batch_size, num_workers=num_workers,
                          device=device, progress=progress, workspace=ws)
     for line in monitor_lines(moved.get("drift")):
