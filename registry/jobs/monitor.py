@@ -192,6 +192,49 @@ def retrain(heads: Sequence[str], train: Callable[[str], Any]) -> dict[str, Any]
     return {h: train(h) for h in heads}
 
 
+def _num(x: float | None, fmt: str = "{:.3f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def history_lines(runs: Sequence[Mapping[str, Any]], what: str, folder: str | Path, *, last: int,
+                  retrain_offered: bool = True) -> tuple[list[str], dict[str, list[str]]]:
+    """``tools.monitor``'s table, one time-series PNG per head in ``folder``, and the recommendations.
+
+    Args:
+        runs: from :func:`history`, oldest first (not empty).
+        what: ``head colour`` or ``release v3``, for the title.
+        folder: where the PNGs go (created).
+        last: a head is recommended for retraining when it drifted in each of its last ``last`` jobs.
+        retrain_offered: say that ``retrain=true`` would start it.
+
+    Returns:
+        ``(lines, {head: run ids})`` (:func:`recommendations`).
+    """
+    from datetime import UTC, datetime
+
+    from registry.reports.drift import plot_history
+
+    lines = [f"drift of {what} across {len(runs)} jobs (MLflow experiment 'monitoring'):",
+             f"  {'time (UTC)':<17} {'head':<12} {'ver':>4} {'verdict':<7} {'label PSI':>9} {'feature p':>9} "
+             f"{'low conf':>8}  output"]
+    for r in runs:
+        when = datetime.fromtimestamp(r["time"], tz=UTC).strftime("%Y-%m-%d %H:%M")
+        for h, f in sorted(r["heads"].items()):
+            lines.append(f"  {when:<17} {h:<12} {f.get('version') or '-'!s:>4} {f['verdict']:<7} "
+                         f"{_num(f.get('label_psi')):>9} {_num(f.get('feature_p'), '{:.2g}'):>9} "
+                         f"{_num(f.get('low_confidence_share'), '{:.1%}'):>8}  {r['tags'].get('output', '')}")
+    for h in sorted({h for r in runs for h in r["heads"]}):
+        lines.append(f"  plot: {plot_history(head_points(runs, h), h, Path(folder) / f'history-{h}.png')}")
+    flagged = recommendations(runs, last=last)
+    if not flagged:
+        lines.append(f"no head drifted in each of its last {last} jobs: no retraining recommended")
+    for h in sorted(flagged):
+        lines.append(f"RETRAIN {h}: drift in each of its last {last} jobs (runs {', '.join(flagged[h])}); "
+                     f"refresh its labelled data and run python -m tools.train_head head={h}"
+                     + (", or rerun this with retrain=true" if retrain_offered else ""))
+    return lines, flagged
+
+
 def latest_drift(client: MlflowClient, run_id: str, dest: str | Path) -> list[HeadDrift]:
     """The full assessments of one monitoring run."""
     return [HeadDrift.from_dict(d) for d in download_drift(client, run_id, dest)]

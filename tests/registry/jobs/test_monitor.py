@@ -116,3 +116,12 @@ def test_tools_monitor_recommends_retraining_where_drift_persists(client, worksp
     printed = tool("release=production", "last=4", f"output={tmp_path / 'plots'}")
     assert f"drift of release v{release.version} across 3 jobs" in printed
     assert "no head drifted in each of its last 4 jobs: no retraining recommended" in printed
+
+    # retrain=true: the flagged head's own job on the data its config names (conf/heads/colour.yaml reads
+    # <workspace>/data/shapes), registered as a new version.
+    from demo.shapes import generate_shapes
+
+    generate_shapes(workspace / "data" / "shapes", n_images=40, n_holdout=0, size=32, seed=0)
+    printed = tool("release=production", "retrain=true", f"output={tmp_path / 'plots'}", "progress=false")
+    assert "retraining colour: tools.train_head's job" in printed and "or rerun this with retrain=true" not in printed
+    assert client.get_model_version(model_name("colour"), "2").tags["trunk_version"] == str(release.trunk_version)
