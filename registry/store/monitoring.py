@@ -35,6 +35,7 @@ from heads.monitor.drift import VERDICTS, DriftThresholds, HeadDrift
 from registry.store.heads import model_name, safe_key
 from registry.store.runs import tracked_run
 from registry.store.tracking import all_pages, download_artifact, experiment_id
+from trunk.files import write_json_atomic
 
 EXPERIMENT = "monitoring"
 KEY_TAG = "monitor_key"
@@ -94,7 +95,7 @@ def log_monitoring(client: MlflowClient, drifts: Sequence[HeadDrift], *, tags: M
         run.log(metrics=metrics)
         run.log_file(stats_file)
         with tempfile.TemporaryDirectory(prefix="monitoring-") as tmp:
-            (Path(tmp) / "drift.json").write_text(json.dumps([d.to_dict() for d in drifts], indent=1) + "\n")
+            write_json_atomic(Path(tmp) / "drift.json", [d.to_dict() for d in drifts], indent=1)
             run.log_file(Path(tmp) / "drift.json")
         if report_folder is not None:
             run.log_folder(report_folder, artifact_path="report")
