@@ -182,11 +182,6 @@ class DriftThresholds:
 # ----------------------------------------------------------------------------- statistics
 
 
-def _smoothed(counts: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    c = counts.double()[keep] + SMOOTHING
-    return c / c.sum()
-
-
 def _multinomial(total: int, probs: torch.Tensor, draws: int, g: torch.Generator) -> torch.Tensor:
     # (draws, K) multinomial counts by sequential binomials: O(draws * K), whatever ``total`` is
     # (a run may hold millions of predictions).

@@ -180,10 +180,6 @@ class PredictionStats:
         """float64 ``(K,)`` share of predictions per class (zeros when empty)."""
         return self.label_counts.double() / max(self.count, 1)
 
-    def score_edges(self) -> torch.Tensor:
-        """``(bins + 1,)`` bin edges."""
-        return torch.linspace(0.0, 1.0, self.bins + 1, dtype=torch.float64)
-
     def low_confidence_count(self, threshold: float) -> int:
         """Predictions whose top score is below ``threshold`` (which must lie on a bin edge)."""
         edge = threshold * self.bins

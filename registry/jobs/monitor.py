@@ -32,7 +32,6 @@ from registry.reports.drift import write_drift_report
 from registry.store.monitoring import (
     EXPERIMENT,
     KEY_TAG,
-    download_drift,
     find_monitoring_run,
     head_thresholds,
     log_monitoring,
@@ -233,8 +232,3 @@ def history_lines(runs: Sequence[Mapping[str, Any]], what: str, folder: str | Pa
                      f"refresh its labelled data and run python -m tools.train_head head={h}"
                      + (", or rerun this with retrain=true" if retrain_offered else ""))
     return lines, flagged
-
-
-def latest_drift(client: MlflowClient, run_id: str, dest: str | Path) -> list[HeadDrift]:
-    """The full assessments of one monitoring run."""
-    return [HeadDrift.from_dict(d) for d in download_drift(client, run_id, dest)]

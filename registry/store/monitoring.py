@@ -34,7 +34,7 @@ from mlflow import MlflowClient
 from heads.monitor.drift import VERDICTS, DriftThresholds, HeadDrift
 from registry.store.heads import model_name, safe_key
 from registry.store.runs import tracked_run
-from registry.store.tracking import all_pages, download_artifact, experiment_id
+from registry.store.tracking import all_pages, experiment_id
 from trunk.files import write_json_atomic
 
 EXPERIMENT = "monitoring"
@@ -173,8 +173,3 @@ def monitoring_history(client: MlflowClient, *, head: str | None = None,
             heads[h] = figures
         out.append({"run_id": r.info.run_id, "time": r.info.start_time / 1000.0, "tags": dict(tags), "heads": heads})
     return sorted(out, key=lambda p: (p["time"], p["run_id"]))
-
-
-def download_drift(client: MlflowClient, run_id: str, dest: str | Path) -> list[dict[str, Any]]:
-    """The ``drift.json`` of a monitoring run (every head's full assessment)."""
-    return json.loads(download_artifact(client, run_id, "drift.json", dest).read_text())
