@@ -7,9 +7,10 @@ trunk's ``trunk_id`` is not production's (the head was retrained for another tru
 production moved to a trunk the head has no version for); plus, per trunk version, the
 head versions trained on it.
 
-``log_report`` writes the table (Markdown), a PNG of accuracy against added cost and the
-dependencies (``dependencies.md``) into ``<workspace>/reports/<time>/`` and logs all
-three to the MLflow experiment ``reports``. It first marks what killed promoters left
+``log_report`` writes the table (Markdown), a PNG of accuracy against added cost (log cost
+axes, the trunk's own cost drawn as a line) and the dependencies (``dependencies.md``) into
+``<workspace>/reports/<time>/`` and logs all three to the MLflow experiment ``reports``,
+with the table also as an MLflow table (``leaderboard.json``, sortable in the UI). It first marks what killed promoters left
 behind (:func:`registry.store.releases.reap_leftovers`: release runs stuck RUNNING set KILLED,
 never-served release versions tagged ``orphan=true``), so nothing dead looks live.
 """
@@ -29,12 +30,14 @@ from registry.store.heads import get_head_version, head_model_versions
 from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
 from registry.store.runs import tracked_run
 from registry.store.tracking import run_metrics
-from registry.store.trunks import trunk_alias_versions, trunk_versions
+from registry.store.trunks import trunk_alias_versions, trunk_metrics, trunk_versions
 
 log = logging.getLogger(__name__)
 # A report does not queue long behind a promotion; the next report or promotion marks leftovers.
 LEFTOVERS_WAIT_S = 10.0
 
+# The leaderboard as an MLflow table artifact (``MlflowClient.log_table``) of each report run.
+LEADERBOARD_TABLE = "leaderboard.json"
 COLUMNS = ("head", "version", "owner", "tap", "val_accuracy", "added_gflops", "added_ms_per_image", "params")
 _FORMATS = {"val_accuracy": "{:.4f}", "added_gflops": "{:.4g}", "added_ms_per_image": "{:.4f}", "params": "{:,.0f}"}
 
@@ -96,13 +99,20 @@ def format_markdown(rows: Sequence[dict[str, Any]], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
+# Each cost panel in base units, so an engineering formatter reads "2.1 kFLOP", "350 ns", "1.8 GFLOP".
+_PANELS = (("added_gflops", "added compute per image", "FLOP", 1e9, "gflops_per_image"),
+           ("added_ms_per_image", "added time per image", "s", 1e-3, "ms_per_image"))
+# Beyond this many heads the points are not labelled (300 labels are a smudge); the table names them.
+MAX_LABELLED_POINTS = 30
+
+
 def plot_panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[tuple[float, float, str]]]]:
     """The scatter panels that have points: ``(cost metric, axis label, [(cost, accuracy, head)])``.
 
     A cost no head has logged gets no panel (an empty one reads as a finding).
     """
     out = []
-    for cost, label in (("added_gflops", "added GFLOPs per image"), ("added_ms_per_image", "added ms per image")):
+    for cost, label, *_ in _PANELS:
         points = [(r[cost], r["val_accuracy"], r["head"]) for r in rows
                   if r.get(cost) is not None and r.get("val_accuracy") is not None]
         if points:
@@ -110,35 +120,75 @@ def plot_panels(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str, list[tup
     return out
 
 
-def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
-    """Scatter val_accuracy against added GFLOPs and added ms per image, one point per head.
+def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path,
+                          trunk_cost: Mapping[str, float] | None = None) -> Path:
+    """Scatter val_accuracy against added compute and added time per image, one point per head.
 
-    Only panels with points are drawn; with none, the figure holds its title alone.
+    The cost axes are logarithmic with engineering tick labels (``2 kFLOP``, ``350 ns``):
+    heads cost thousands of times less than the trunk, and a linear axis puts them all
+    on top of each other. ``trunk_cost`` (the trunk version's ``gflops_per_image`` and
+    ``ms_per_image``, when it recorded them) is drawn as a dashed line on each panel, so
+    a head's added cost reads against the cost every head shares. A head whose added time
+    is not above zero (below timing noise) cannot sit on a log axis: it is counted in the
+    panel's title instead. Only panels with points are drawn; with none, the figure holds
+    its title alone.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     shown = plot_panels(rows)
+    panels = {p[0]: p[1:] for p in _PANELS}
+    trunk_cost = dict(trunk_cost or {})
     if shown:
-        fig, axes = plt.subplots(1, len(shown), figsize=(5 * len(shown), 4), sharey=True, squeeze=False)
-        for ax, (_, label, points) in zip(axes[0], shown):
-            ax.scatter([p[0] for p in points], [p[1] for p in points])
-            for x, y, name in points:
-                ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-            ax.set_xlabel(label)
+        fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.2), sharey=True, squeeze=False)
+        for ax, (cost, label, points) in zip(axes[0], shown):
+            _, unit, scale, trunk_key = panels[cost]
+            drawn = [(x * scale, y, name) for x, y, name in points if x > 0]
+            hidden = len(points) - len(drawn)
+            ax.scatter([p[0] for p in drawn], [p[1] for p in drawn], s=18)
+            if len(drawn) <= MAX_LABELLED_POINTS:
+                for x, y, name in drawn:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            if trunk_cost.get(trunk_key):
+                shared = trunk_cost[trunk_key] * scale
+                ax.axvline(shared, color="tab:red", linestyle="--", linewidth=1)
+                ax.annotate(f"trunk: {EngFormatter(unit=unit, places=1)(shared)}", (shared, 0.02),
+                            xycoords=("data", "axes fraction"), xytext=(-4, 0), textcoords="offset points",
+                            ha="right", fontsize=8, color="tab:red")
+            if drawn or trunk_cost.get(trunk_key):
+                ax.set_xscale("log")
+                ax.xaxis.set_major_formatter(EngFormatter(unit=unit, places=0))
+            ax.set_xlabel(f"{label} (log scale)")
+            if hidden:
+                ax.set_title(f"{hidden} head(s) below timing noise, not drawn", fontsize=8)
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("val accuracy")
     else:
         fig = plt.figure(figsize=(5, 2))
     fig.suptitle("production heads: accuracy vs added cost" if rows else "no heads in production")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def trunk_cost(client: MlflowClient, version: int) -> dict[str, float]:
+    """The cost ``trunk`` v<version> recorded for itself (``gflops_per_image``, ``ms_per_image``); {} when none."""
+    metrics = trunk_metrics(client, version)
+    return {k: metrics[k] for k in ("gflops_per_image", "ms_per_image") if metrics.get(k) is not None}
+
+
+def leaderboard_frame(rows: Sequence[dict[str, Any]]):
+    """The leaderboard as a pandas DataFrame (columns ``COLUMNS`` plus the time's spread), for ``log_table``."""
+    import pandas as pd
+
+    return pd.DataFrame([{c: row.get(c) for c in (*COLUMNS, "added_ms_per_image_spread")} for row in rows],
+                        columns=[*COLUMNS, "added_ms_per_image_spread"])
 
 
 DEPENDENCY_COLUMNS = ("head", "production", "latest", "latest on trunk", "stale")
@@ -308,7 +358,8 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     title = f"release v{release.version} ({alias}), trunk v{release.trunk_version}" if release else f"no {alias} release"
     markdown = out / "production_table.md"
     markdown.write_text(format_markdown(rows, title))
-    png = plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png")
+    shared = trunk_cost(client, release.trunk_version) if release else {}
+    png = plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png", shared)
     against = f"release v{served.version} (production), trunk v{served.trunk_version}" if served else "no production"
     dependencies_md = out / "dependencies.md"
     dependencies_md.write_text(f"# head dependencies, against {against}\n\n```\n{dependencies_text}\n```\n")
@@ -317,9 +368,12 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
     with tracked_run(client, "reports", run_name=f"report-{alias}", tags=tags) as run:
         run.log(metrics={"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
-                         "orphan_releases_marked": len(leftovers["orphan_versions"])})
+                         "orphan_releases_marked": len(leftovers["orphan_versions"]),
+                         **{f"trunk_{k}": v for k, v in shared.items()}})
         for path in (markdown, png, dependencies_md):
             run.log_file(path)
+        # The same rows as an MLflow table: sortable and filterable in the run's artifact view.
+        client.log_table(run.run_id, data=leaderboard_frame(rows), artifact_file=LEADERBOARD_TABLE)
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
             "run_id": run.run_id, "release": release, "dependencies": dependencies,
             "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,

@@ -68,7 +68,13 @@ def test_log_report_logs_table_and_png(client, production, workspace, tmp_path):
     assert run.data.tags["release_version"] == "3"
     assert run.data.metrics["heads"] == 2
     files = {f.path for f in client.list_artifacts(out["run_id"])}
-    assert files == {"production_table.md", "accuracy_vs_cost.png", "dependencies.md"}
+    assert files == {"production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json"}
+    # The MLflow table: the same rows, one per head, with the table's columns.
+    table = client.load_table(client.get_experiment_by_name("reports").experiment_id, "leaderboard.json",
+                              run_ids=[out["run_id"]])
+    assert list(table["head"]) == ["colour", "shape"]
+    assert list(table["val_accuracy"]) == pytest.approx([0.93, 0.81])
+    assert set(COLUMNS) <= set(table.columns)
     md = open(client.download_artifacts(out["run_id"], "production_table.md", str(tmp_path))).read()
     assert "| colour | 1 | team-vision | pooled | 0.9300 |" in md
     second = log_report(client, workspace)  # a second report in the same second keeps the first
@@ -128,7 +134,7 @@ def test_log_report_logs_dependencies(client, refreshed, workspace, tmp_path):
     assert out["dependencies"] == head_dependencies(client)
     assert out["dependencies_text"] == format_dependencies(out["dependencies"], ta, {tb: ["candidate"]})
     assert {f.path for f in client.list_artifacts(out["run_id"])} == {
-        "production_table.md", "accuracy_vs_cost.png", "dependencies.md"}
+        "production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json"}
     md = open(client.download_artifacts(out["run_id"], "dependencies.md", str(tmp_path))).read()
     assert f"STALE: latest on trunk v{tb}, production trunk v{ta}" in md
     assert f"trunk v{tb} (candidate): colour v2" in md
@@ -149,3 +155,24 @@ def test_leaderboard_marks_costs_below_timing_noise_and_leaves_empty_panels_out(
     unmeasured = [{**r, "added_ms_per_image": None} for r in rows]
     assert [p[0] for p in plot_panels(unmeasured)] == ["added_gflops"]
     assert plot_panels([]) == []
+
+
+def test_cost_axes_are_logarithmic_with_the_trunk_drawn_and_unmeasurable_heads_counted(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from registry.reports.report import plot_accuracy_vs_cost
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    rows = [{"head": "colour", "val_accuracy": 0.9, "added_gflops": 2e-6, "added_ms_per_image": 0.004},
+            {"head": "shape", "val_accuracy": 0.8, "added_gflops": 3e-3, "added_ms_per_image": 0.0}]
+    plot_accuracy_vs_cost(rows, tmp_path / "acc.png", {"gflops_per_image": 1.8, "ms_per_image": 12.0})
+    flops, ms = saved[0].axes
+    assert flops.get_xscale() == ms.get_xscale() == "log"
+    # The trunk's own cost is a vertical line, in the axis' base unit (FLOPs, seconds).
+    assert [line.get_xdata()[0] for line in flops.get_lines()] == [pytest.approx(1.8e9)]
+    assert [line.get_xdata()[0] for line in ms.get_lines()] == [pytest.approx(12e-3)]
+    assert flops.xaxis.get_major_formatter()(2e3) == "2 kFLOP"
+    # A head at zero added time cannot sit on a log axis: it is counted, not dropped silently.
+    assert "1 head(s) below timing noise" in ms.get_title()
+    assert len(ms.collections[0].get_offsets()) == 1 and len(flops.collections[0].get_offsets()) == 2
