@@ -171,14 +171,7 @@ def test_team_head_classify_report_and_bad_config(demo, tmp_path):
     run_tool("classify", f"workspace={ws}", f"input={inputs}", f"output={out_dir}", "progress=false")
     assert {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()} == before
 
-    # the same job on Ray (a private local cluster the tool starts and stops): the same rows
-    ray_dir = tmp_path / "predictions-ray"
-    out = run_tool("classify", f"workspace={ws}", f"input={inputs}", f"output={ray_dir}", "progress=false",
-                   "backend=ray", "ray.actors=1", "ray.decode_cpus=0.5", "ray.actor_cpus=0.5").stdout
-    assert "(ray)" in out and "error not an image: 1" in out
-    local_rows, ray_rows = pq.read_table(out_dir).to_pylist(), pq.read_table(ray_dir).to_pylist()
-    assert [r["path"] for r in ray_rows] == [r["path"] for r in local_rows]
-    assert [[r[f"{h}_label"] for h in heads] for r in ray_rows] == [[r[f"{h}_label"] for h in heads] for r in local_rows]
+    # backend=ray reaches the job's own checks (its rows equal local's: tests/heads/classify/test_ray_backend.py)
     bad = run_tool("classify", f"workspace={ws}", f"input={inputs}", f"output={tmp_path / 'x'}", "backend=ray",
                    "ray.actors=0", check=False)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: field 'ray.actors': must be positive, got 0"
