@@ -5,6 +5,10 @@ input: ``path``, ``sha256`` (null when unreadable), ``error`` (null when decoded
 per head in sorted name order ``<head>_label`` (string) and ``<head>_score`` (float32,
 the softmax probability of the label), both null on error.
 
+Provenance. Every shard carries the release, trunk and head versions, class lists and the
+job in its Parquet key-value metadata (:func:`heads.classify.output.shard_provenance` reads
+it); the driver writes it, so both backends write the same bytes.
+
 Exactly once. Shard k always holds the same inputs (the input list is cut by position)
 and is cut into the same batches, so its rows depend only on the job; it appears whole or
 not at all and is committed at most once (:func:`heads.classify.output.commit_once`). A job
@@ -53,8 +57,8 @@ from heads.monitor.stats import MonitorStatsError
 from heads.predict import MONITOR_SEED, BatchPredictor, MonitorStats, batch_rows, empty_columns
 from heads.classify.output import (
     JOB_FILE, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, commit_bytes, commit_json, commit_table, error_reason,
-    foreign_files, job_fingerprint, job_id, job_temps, output_schema, read_json, remove_stale_temps, set_aside,
-    shard_errors, shard_monitor_name, shard_name,
+    foreign_files, job_fingerprint, job_id, job_provenance, job_temps, output_schema, read_json, remove_stale_temps,
+    set_aside, shard_errors, shard_monitor_name, shard_name, shard_provenance, shard_schema,
 )
 from trunk.device import resolve_device
 from trunk.images import path_text
@@ -66,7 +70,7 @@ BACKENDS = ("local", "ray")
 JOB_FIELDS = ("release", "heads", "rows_per_shard", "images", "settings")
 
 __all__ = ["classify", "plan_batches", "BatchJob", "BACKENDS", "JOB_FILE", "SUCCESS_FILE", "shard_name",
-           "output_schema", "job_fingerprint", "error_reason"]
+           "output_schema", "job_fingerprint", "error_reason", "shard_provenance"]
 
 
 @dataclass(frozen=True)
@@ -215,8 +219,9 @@ def classify(
             be empty or hold this same job: a folder holding another job's output is
             refused, and so is one holding files the platform does not write.
         release: what is being run, as the registry resolved it (name, version, trunk
-            version, trunk_id, heads ``{name: version}``); copied into ``_JOB.json`` and
-            ``_SUCCESS.json``. When it has a ``trunk_id``, it must be the trunk's.
+            version, trunk_id, heads ``{name: version}``); copied into ``_JOB.json``,
+            ``_SUCCESS.json`` and every shard's provenance. When it has a ``trunk_id``, it
+            must be the trunk's.
         batch_size: images per trunk forward.
         num_workers: decoding processes (0: decode in this process). Ray ignores it.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` or a ``torch.device``.
@@ -273,6 +278,9 @@ def classify(
     # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
     settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
     fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
+    # Every shard's Parquet metadata: where its rows came from, the same on every backend and run.
+    provenance = job_provenance(release, trunk_id=trunk.trunk_id, classes=bank.classes, fingerprint=fingerprint,
+                                rows_per_shard=rows_per_shard, images=len(names), settings=settings)
     job = {"fingerprint": fingerprint, "release": release, "heads": heads, "rows_per_shard": rows_per_shard,
            "images": len(names), "settings": settings, "schema": schema.names}
     out = Path(output)
@@ -307,13 +315,14 @@ def classify(
         rows = min(rows_per_shard, len(names) - k * rows_per_shard)
         if monitor and (out / shard_monitor_name(k)).exists() and _shard_stats(out, k) is None:
             set_aside(out, shard_monitor_name(k), job=job_key)  # damaged: recomputed with its shard
-        existing = shard_errors(out / shard_name(k), schema, rows)
+        existing = shard_errors(out / shard_name(k), schema, rows, fingerprint)
         if existing is not None:
             if not monitor or (out / shard_monitor_name(k)).is_file():
                 errors_of[k] = existing
             # else: rows without stats (a run with monitor off): recompute them; the shard on disk is kept
         elif (out / shard_name(k)).exists():
-            set_aside(out, shard_name(k), job=job_key)  # damaged (not by us: commits are whole): recompute it
+            # Damaged (not by us: commits are whole) or another job's: recompute it.
+            set_aside(out, shard_name(k), job=job_key)
     reused = len(errors_of)
     pending = [k for k in range(n_shards) if k not in errors_of]
     jobs = plan_batches(len(names), rows_per_shard, batch_size, pending)
@@ -346,7 +355,7 @@ def classify(
             errors_of[k] = whole["error"]
             # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
             whole["path"] = [path_text(p) for p in whole["path"]]
-            table = pa.Table.from_pydict(whole, schema=schema)
+            table = pa.Table.from_pydict(whole, schema=shard_schema(schema, provenance, k))
             blob = shard_stats.to_bytes({"shard": str(k), "fingerprint": fingerprint}) if monitor else None
             commits.append((k, writer.submit(_commit_shard, out, k, table, blob, job_key)))
             # Surface a failed write now rather than after the whole input.
@@ -358,7 +367,7 @@ def classify(
                 written += 1
             else:  # another job committed it first; its rows are the same by construction
                 rows = min(rows_per_shard, len(names) - k * rows_per_shard)
-                errors_of[k] = shard_errors(out / shard_name(k), schema, rows) or errors_of[k]
+                errors_of[k] = shard_errors(out / shard_name(k), schema, rows, fingerprint) or errors_of[k]
     missing = [k for k in range(n_shards) if k not in errors_of]
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")

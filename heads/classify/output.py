@@ -9,6 +9,14 @@ The folder is a contract (DESIGN.md, "Bulk classification output")::
     _MONITOR.safetensors the job's monitoring stats: the exact merge of every shard's, before _SUCCESS.json
     _SUCCESS.json        written last: release, counts, errors by reason, throughput
 
+Each shard carries its provenance in its Parquet key-value metadata, one JSON document
+under :data:`PROVENANCE_KEY` (``vtp.provenance``): the release, the trunk's version and
+trunk_id, each head's version and class list, the job (fingerprint, id, shard size,
+settings) and which rows of the input list the shard holds (:func:`job_provenance`,
+:func:`shard_schema`). A shard copied out of its folder still says where it came from:
+:func:`shard_provenance` reads it back. It depends only on the job, never on the
+backend, the host or the time, so a resumed job's shards are byte for byte a clean run's.
+
 The monitoring files start with ``_`` so that Parquet readers of the folder (Arrow's dataset
 discovery skips ``_`` and ``.`` names) see only the shards. They (:class:`heads.predict.MonitorStats`: per head label counts and score
 histogram, per tap feature moments and a sample) are kept per shard for the same reason
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -56,6 +65,9 @@ SHARD_MONITOR_SUFFIX = ".monitor.safetensors"
 TEMP_GLOB = ".vtp-*.tmp"
 PLATFORM_PREFIX = ".vtp-"
 JOB_ID_LENGTH = 16
+# The Parquet key-value metadata key of a shard's provenance (JSON), and that document's format.
+PROVENANCE_KEY = "vtp.provenance"
+PROVENANCE_FORMAT = 1
 # Names a classification folder may hold: the job's files, and dot files named with a job id.
 _PLATFORM_NAME = re.compile(rf"(_JOB\.json|_SUCCESS\.json|_MONITOR\.safetensors|part-[0-9]{{5,}}\.parquet|"
                             rf"_part-[0-9]{{5,}}\.monitor\.safetensors|"
@@ -84,6 +96,89 @@ def output_schema(head_names: Sequence[str]) -> pa.Schema:
     for name in sorted(head_names):
         fields += [pa.field(f"{name}_label", pa.string()), pa.field(f"{name}_score", pa.float32())]
     return pa.schema(fields)
+
+
+def job_provenance(release: Mapping[str, Any], *, trunk_id: str, classes: Mapping[str, Sequence[str]],
+                   fingerprint: str, rows_per_shard: int, images: int,
+                   settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The provenance every shard of one job carries (:func:`shard_schema` adds which rows).
+
+    Only what decides the rows goes in, so it is the same on every backend and every run.
+
+    Args:
+        release: the release dict (name, version, trunk_version, trunk_id, heads
+            ``{name: version}``, ...), as in ``_JOB.json``.
+        trunk_id: the id of the trunk the job runs.
+        classes: ``{head name: class names}`` of the bank.
+        fingerprint: the job's :func:`job_fingerprint`.
+        rows_per_shard: rows per Parquet shard.
+        images: length of the job's input list.
+        settings: the job's row-changing settings (batch size, decoding, precision).
+
+    Returns:
+        ``format``, ``release`` (as given), ``trunk`` (``version``, ``trunk_id``),
+        ``heads`` (``{name: {"version", "classes"}}``, sorted by name) and ``job``
+        (``fingerprint``, ``id``, ``images``, ``rows_per_shard``, ``shards``, ``settings``).
+    """
+    versions = release.get("heads") or {}
+    return {
+        "format": PROVENANCE_FORMAT,
+        "release": dict(release),
+        "trunk": {"version": release.get("trunk_version"), "trunk_id": trunk_id},
+        "heads": {name: {"version": versions.get(name), "classes": list(classes[name])} for name in sorted(classes)},
+        "job": {"fingerprint": fingerprint, "id": job_id(fingerprint), "images": int(images),
+                "rows_per_shard": int(rows_per_shard), "shards": math.ceil(images / rows_per_shard),
+                "settings": dict(settings or {})},
+    }
+
+
+def shard_schema(schema: pa.Schema, provenance: Mapping[str, Any], k: int) -> pa.Schema:
+    """``schema`` with shard ``k``'s provenance under :data:`PROVENANCE_KEY`; other metadata keys kept.
+
+    Args:
+        schema: :func:`output_schema` of the job's heads.
+        provenance: :func:`job_provenance` of the job.
+        k: the shard; its ``shard`` entry says which rows of the input list it holds
+            (``index``, ``first_row``, ``rows``).
+    """
+    job = provenance["job"]
+    first = k * int(job["rows_per_shard"])
+    rows = min(int(job["rows_per_shard"]), int(job["images"]) - first)
+    document = {**provenance, "shard": {"index": k, "first_row": first, "rows": rows}}
+    # Sorted keys, no spaces: the same bytes for the same job, whichever process writes them.
+    blob = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+    return schema.with_metadata({**(schema.metadata or {}), PROVENANCE_KEY.encode(): blob.encode()})
+
+
+def shard_provenance(path: str | Path) -> dict[str, Any]:
+    """The provenance a classification shard carries (see :func:`job_provenance`), wherever the file now is.
+
+    Args:
+        path: a ``part-NNNNN.parquet`` file, in its output folder or copied elsewhere.
+
+    Returns:
+        The JSON document: ``release``, ``trunk``, ``heads`` (version and classes per head),
+        ``job`` (fingerprint, id, ...) and ``shard`` (``index``, ``first_row``, ``rows``).
+
+    Raises:
+        ValueError: one line naming the file: not a readable Parquet file, no provenance
+            (written before shards carried it, or not a classification shard), or damaged.
+    """
+    try:
+        metadata = pq.read_metadata(path).metadata or {}
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0] if str(e) else e})") from None
+    blob = metadata.get(PROVENANCE_KEY.encode())
+    if blob is None:
+        raise ValueError(f"{path}: has no '{PROVENANCE_KEY}' metadata; not a classification shard, "
+                         "or written before shards carried their provenance")
+    try:
+        document = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: metadata '{PROVENANCE_KEY}' is not valid JSON ({e})") from None
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: metadata '{PROVENANCE_KEY}' is not a JSON object")
+    return document
 
 
 def job_fingerprint(paths: Sequence[str], release: Mapping[str, Any], rows_per_shard: int,
@@ -226,13 +321,16 @@ def remove_stale_temps(directory: Path, job: str, older_than_s: float = 3600.0) 
     return removed
 
 
-def shard_errors(path: Path, schema: pa.Schema, rows: int) -> list[str | None] | None:
-    """The ``error`` column of a complete, well-formed shard; None when absent or damaged.
+def shard_errors(path: Path, schema: pa.Schema, rows: int, fingerprint: str | None = None) -> list[str | None] | None:
+    """The ``error`` column of a complete, well-formed shard of this job; None when absent, damaged or another job's.
 
     Args:
         path: the shard file.
-        schema: the schema it must have.
+        schema: the schema it must have (columns and types; metadata is not compared).
         rows: the number of rows it must have.
+        fingerprint: the job's fingerprint; a shard whose provenance names another job
+            is not this job's. A shard without provenance (written before shards carried
+            it) is judged by its schema and rows alone.
     """
     if not path.is_file():
         return None
@@ -240,6 +338,19 @@ def shard_errors(path: Path, schema: pa.Schema, rows: int) -> list[str | None] |
         meta = pq.read_metadata(path)
         if meta.num_rows != rows or not meta.schema.to_arrow_schema().equals(schema):
             return None
+        if fingerprint is not None:
+            blob = (meta.metadata or {}).get(PROVENANCE_KEY.encode())
+            if blob is not None and _fingerprint_of(blob) != fingerprint:
+                return None
         return pq.read_table(path, columns=["error"]).column("error").to_pylist()
     except (pa.ArrowException, OSError):
+        return None
+
+
+def _fingerprint_of(blob: bytes) -> str | None:
+    """The job fingerprint in a provenance document; None when it has none or is not JSON."""
+    try:
+        document = json.loads(blob)
+        return document["job"]["fingerprint"] if isinstance(document, dict) else None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         return None

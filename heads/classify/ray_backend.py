@@ -17,8 +17,8 @@ in JSON) as JSON: nothing a worker sends is unpickled by this code. Paths cross 
 :func:`trunk.images.path_text` (valid UTF-8 for Arrow and JSON, even for a file name that
 is not) and are turned back with :func:`trunk.images.path_from_text` on the other side. The driver
 assembles whole shards and commits them exactly as the local backend does, so output
-folder, schema and exactly-once guarantees are the same (a job may even be started on
-one backend and finished on the other).
+folder, schema, each shard's provenance metadata and exactly-once guarantees are the
+same (a job may even be started on one backend and finished on the other).
 
 Ray is imported here only, so the platform runs without it (``pip install
 "vision-trunk-platform[ray]"``).

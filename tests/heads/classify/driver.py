@@ -98,8 +98,8 @@ def _arm(point: str, n: int) -> None:
     elif point == "batch":
         real_add = classify_mod._Assembler.add
 
-        def add(self, shard, batch, columns):
-            out = real_add(self, shard, batch, columns)
+        def add(self, *args, **kwargs):  # whatever the assembler takes (columns, stats, ...)
+            out = real_add(self, *args, **kwargs)
             reached("batch")
             return out
 

@@ -13,7 +13,7 @@ import torch
 from heads.bank import HeadBank
 from heads.classify.engine import JOB_FILE, SUCCESS_FILE, classify
 from heads.modules import LinearHead, MLPHead
-from heads.classify.output import job_id
+from heads.classify.output import job_id, shard_provenance
 from heads.store import LoadedHead
 from trunk.decode import load_image
 from trunk.preprocess import eval_transform
@@ -183,3 +183,37 @@ def test_damaged_shard_is_rewritten(tmp_path, tiny_trunk, bank, inputs, release)
     assert not list(out.glob(".*.tmp"))
     # The damaged shard is kept, set aside under the job's own name.
     assert [p.name.startswith(f".vtp-{job}.part-00000.parquet.damaged-") for p in out.glob(".*")] == [True]
+
+
+def test_every_shard_says_where_it_came_from(tmp_path, tiny_trunk, bank, inputs, release):
+    out = tmp_path / "out"
+    summary = run(tiny_trunk, bank, inputs, out, release)
+    for k in range(3):
+        copy = tmp_path / f"copied-{k}.parquet"  # away from its folder and its _JOB.json
+        copy.write_bytes((out / f"part-{k:05d}.parquet").read_bytes())
+        got = shard_provenance(copy)
+        assert got["release"] == release
+        assert got["trunk"] == {"version": "1", "trunk_id": tiny_trunk.trunk_id}
+        assert got["heads"] == {name: {"version": release["heads"][name], "classes": bank.classes[name]}
+                                for name in ("colour", "count", "shape")}
+        assert got["job"]["fingerprint"] == summary["fingerprint"] and got["job"]["id"] == summary["fingerprint"][:16]
+        assert got["job"]["settings"] == summary["settings"] and got["job"]["shards"] == 3
+        assert got["shard"] == {"index": k, "first_row": 3 * k, "rows": [3, 3, 2][k]}
+        assert pq.read_metadata(copy).metadata[b"ARROW:schema"]  # Arrow's own key is still there
+
+
+def test_another_jobs_shard_is_set_aside_and_recomputed(tmp_path, tiny_trunk, bank, inputs, release):
+    # Same heads, same row count, same schema: only the provenance tells the shards apart.
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    run(tiny_trunk, bank, inputs, ours, release)
+    run(tiny_trunk, bank, list(reversed(inputs[:3])) + inputs[3:], theirs, release)
+    original = (ours / "part-00000.parquet").read_bytes()
+    (ours / "part-00000.parquet").unlink()
+    (ours / SUCCESS_FILE).unlink()
+    (ours / "part-00000.parquet").write_bytes((theirs / "part-00000.parquet").read_bytes())
+    resumed = run(tiny_trunk, bank, inputs, ours, release)
+    assert resumed["shards_reused"] == 2 and resumed["shards_written"] == 1
+    assert (ours / "part-00000.parquet").read_bytes() == original
+    assert [r["path"] for r in pq.read_table(ours / "part-00000.parquet").to_pylist()] == inputs[:3]
+    job = resumed["fingerprint"][:16]
+    assert [p.name.startswith(f".vtp-{job}.part-00000.parquet.damaged-") for p in ours.glob(".*")] == [True]

@@ -9,9 +9,12 @@ import time
 import pyarrow as pa
 import pytest
 
+import pyarrow.parquet as pq
+
 from heads.classify.output import (
-    TEMP_GLOB, commit_json, commit_once, commit_table, foreign_files, job_id, job_temps, output_schema, read_json,
-    remove_stale_temps, set_aside, shard_errors, temp_prefix,
+    PROVENANCE_KEY, TEMP_GLOB, commit_json, commit_once, commit_table, foreign_files, job_id, job_provenance,
+    job_temps, output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_provenance,
+    shard_schema, temp_prefix,
 )
 
 JOB = job_id("ab" * 32)
@@ -134,3 +137,66 @@ def test_foreign_files_are_everything_the_platform_does_not_write(tmp_path):
         (tmp_path / name).write_bytes(b"")
     assert foreign_files(tmp_path) == sorted(foreign)
     assert foreign_files(tmp_path / "missing") == []
+
+
+def _provenance(fingerprint: str = "ab" * 32) -> dict:
+    release = {"name": "release", "version": 4, "trunk_version": 2, "trunk_id": "t" * 12,
+               "heads": {"a": 3, "b": 1}, "note": None}
+    return job_provenance(release, trunk_id="t" * 12, classes={"b": ["x", "y"], "a": ["cat", "dog", "élan"]},
+                          fingerprint=fingerprint, rows_per_shard=2, images=3,
+                          settings={"batch_size": 8, "draft": True, "precision": "fp32"})
+
+
+def _shard(path, schema, rows: int):
+    columns = {n: [None] * rows for n in schema.names}
+    columns["path"] = [f"p{i}" for i in range(rows)]
+    columns["error"] = ["gone"] * rows
+    assert commit_table(path.parent, path.name, pa.Table.from_pydict(columns, schema=schema), job=JOB)
+
+
+def test_a_shard_carries_its_provenance_wherever_it_is_copied(tmp_path):
+    base = output_schema(["b", "a"]).with_metadata({"team": "vision"})
+    _shard(tmp_path / "part-00001.parquet", shard_schema(base, _provenance(), 1), 1)
+    copy = tmp_path / "elsewhere" / "renamed.parquet"
+    copy.parent.mkdir()
+    copy.write_bytes((tmp_path / "part-00001.parquet").read_bytes())
+
+    got = shard_provenance(copy)
+    assert got["release"]["version"] == 4 and got["trunk"] == {"version": 2, "trunk_id": "t" * 12}
+    assert got["heads"] == {"a": {"version": 3, "classes": ["cat", "dog", "élan"]},
+                            "b": {"version": 1, "classes": ["x", "y"]}}
+    assert got["job"] == {"fingerprint": "ab" * 32, "id": JOB, "images": 3, "rows_per_shard": 2, "shards": 2,
+                          "settings": {"batch_size": 8, "draft": True, "precision": "fp32"}}
+    assert got["shard"] == {"index": 1, "first_row": 2, "rows": 1}  # the last, short shard
+    metadata = pq.read_metadata(copy).metadata
+    assert metadata[b"team"] == b"vision" and b"ARROW:schema" in metadata  # other keys kept
+    assert pq.read_schema(copy).metadata[PROVENANCE_KEY.encode()] == metadata[PROVENANCE_KEY.encode()]
+    # The same job writes the same bytes: nothing of the process, host or time goes in.
+    _shard(tmp_path / "again.parquet", shard_schema(base, _provenance(), 1), 1)
+    assert (tmp_path / "again.parquet").read_bytes() == copy.read_bytes()
+
+
+def test_shard_errors_refuses_another_jobs_shard_and_keeps_older_ones(tmp_path):
+    schema = output_schema(["a", "b"])
+    ours, theirs = "ab" * 32, "cd" * 32
+    _shard(tmp_path / "ours.parquet", shard_schema(schema, _provenance(ours), 0), 2)
+    _shard(tmp_path / "theirs.parquet", shard_schema(schema, _provenance(theirs), 0), 2)
+    _shard(tmp_path / "older.parquet", schema, 2)  # written before shards carried provenance
+    assert shard_errors(tmp_path / "ours.parquet", schema, 2, ours) == ["gone", "gone"]
+    assert shard_errors(tmp_path / "theirs.parquet", schema, 2, ours) is None
+    assert shard_errors(tmp_path / "theirs.parquet", schema, 2) == ["gone", "gone"]  # no job given: schema only
+    assert shard_errors(tmp_path / "older.parquet", schema, 2, ours) == ["gone", "gone"]
+    assert shard_errors(tmp_path / "ours.parquet", output_schema(["a"]), 2, ours) is None
+
+
+def test_shard_provenance_of_a_file_without_it_is_one_line(tmp_path):
+    _shard(tmp_path / "older.parquet", output_schema(["a"]), 1)
+    with pytest.raises(ValueError, match=r"older.parquet: has no 'vtp.provenance' metadata"):
+        shard_provenance(tmp_path / "older.parquet")
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=r"junk.parquet: not a readable Parquet file"):
+        shard_provenance(tmp_path / "junk.parquet")
+    bad = output_schema(["a"]).with_metadata({PROVENANCE_KEY: "{not json"})
+    _shard(tmp_path / "bad.parquet", bad, 1)
+    with pytest.raises(ValueError, match=r"bad.parquet: metadata 'vtp.provenance' is not valid JSON"):
+        shard_provenance(tmp_path / "bad.parquet")

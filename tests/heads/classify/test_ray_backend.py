@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from heads.classify.engine import SUCCESS_FILE, classify
-from heads.classify.output import JOB_FILE
+from heads.classify.output import JOB_FILE, shard_provenance
 from tests.badcorpus import make_bad_corpus, make_good_images
 from tests.heads.classify.driver import make_bank
 
@@ -69,6 +69,13 @@ def test_ray_backend_writes_the_local_rows(local_ray, tmp_path, tiny_trunk, inpu
     for key in ("fingerprint", "counts", "errors_by_reason", "schema", "release"):
         assert remote[key] == local[key]
     assert remote["backend"] == "ray" and remote["shards_written"] == remote["counts"]["shards"]
+    # The same Parquet key-value metadata (provenance and Arrow's schema), shard by shard.
+    shards = sorted(p.name for p in (tmp_path / "local").glob("part-*.parquet"))
+    assert len(shards) == remote["counts"]["shards"]
+    for name in shards:
+        assert (pq.read_metadata(tmp_path / "ray" / name).metadata
+                == pq.read_metadata(tmp_path / "local" / name).metadata), name
+        assert shard_provenance(tmp_path / "ray" / name)["job"]["fingerprint"] == local["fingerprint"]
     # The same monitoring stats: counts and sampled rows exact, floats up to the actors' thread rounding (above).
     from heads.classify.output import MONITOR_FILE
     from heads.predict import MonitorStats

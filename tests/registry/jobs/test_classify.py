@@ -13,6 +13,7 @@ from PIL import Image
 
 import tools.classify as tools_classify
 from heads.checks.heldout import LabelsError
+from heads.classify.output import shard_provenance
 from registry.jobs.classify import classify_job, heldout_lines
 from registry.store.heads import register_head
 from registry.store.releases import bootstrap_release, promote_head
@@ -84,6 +85,12 @@ def test_labels_score_every_labelled_head_on_the_output_and_log_heldout_runs(cli
     first = classify_job(client, folder, out, **RUN)
     pred = predictions(out)
     assert len({p["colour"] for p in pred.values() if p["colour"]}) > 1  # a join by position would be caught
+    # Each shard names what the registry resolved: release, trunk, head versions and classes.
+    provenance = shard_provenance(out / "part-00000.parquet")
+    assert provenance["release"] == release.as_dict() and provenance["job"]["fingerprint"] == first["fingerprint"]
+    assert provenance["trunk"] == {"version": release.trunk_version, "trunk_id": release.trunk_id}
+    assert provenance["heads"] == {"colour": {"version": 1, "classes": list(COLOURS)},
+                                   "shape": {"version": 1, "classes": list(SHAPES)}}
 
     # colour: images 0-3 labelled as predicted, 4-5 wrongly, 6 unlabelled for colour; broken labelled (not scored).
     # Rows in another order than the output, relative to the labels file's folder; one row names no output image.
