@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +114,7 @@ def distill_trunk(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> DistillResult:
     """Train a copy of ``student`` to reproduce ``teacher``'s features on unlabelled images.
 
@@ -128,6 +129,8 @@ def distill_trunk(
         seed: seeds projector init, shuffling and augmentation; global RNGs are left as found.
         batch_size, lr, weight_decay, augment_ops, device, num_workers, progress: as for
             :func:`trunk.train.train_trunk`.
+        on_epoch: receives each epoch's history row (see :attr:`DistillResult.history`) as
+            soon as it is made, so a job can log the curves live.
 
     Returns:
         The distilled trunk, per-epoch history and final metrics. The loss of a step is the
@@ -201,7 +204,7 @@ def distill_trunk(
         # The teacher stays out of the trained modules: the loop's train() must not touch its batch norm.
         history = fit(nn.ModuleList([model, pooled_proj, tap_projs]), loader, step_loss, optimizer=optimizer,
                       epochs=epochs, device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
-                      desc="distill").history
+                      desc="distill", on_epoch=on_epoch).history
 
     new = trained_trunk(model, student)
     last = history[-1]

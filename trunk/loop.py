@@ -7,7 +7,9 @@ model, its batches (anything iterable once per epoch: a :class:`TensorBatches`, 
 epoch's figures into its history row (validation metrics, say) and a score that picks
 the best epoch. The loop owns the rest: train mode, the optimiser (and scheduler) step,
 bf16 autocast on CUDA, the seeded random stream, early stopping, restoring the best
-epoch's weights, the progress bar and the per-epoch log line.
+epoch's weights, the progress bar and the per-epoch log line. A caller that wants each
+epoch's row as it is made (to log training curves live) passes ``on_epoch``, a plain
+callable: the loop knows nothing of where the row goes.
 
 Reproducible on CPU: with ``seed`` the loop runs inside :func:`seeded_rng`, so dropout
 draws from a stream that depends only on the seed and the caller's random state is left
@@ -281,6 +283,7 @@ def fit(
     mixed_precision: bool = False,
     progress: bool = False,
     desc: str = "train",
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> FitOutcome:
     """Train ``model`` in place for up to ``epochs`` passes over ``batches``.
 
@@ -315,6 +318,8 @@ def fit(
         mixed_precision: bf16 autocast around ``loss_fn`` on CUDA.
         progress: a tqdm bar over epochs and one over each epoch's batches.
         desc: label of the bar and of the per-epoch log line.
+        on_epoch: called with each epoch's history row as soon as it is made (a job logs
+            its training curves live through it); it must not change the row.
 
     Returns:
         The best (or last) epoch, the epochs run and the history.
@@ -341,6 +346,8 @@ def fit(
             row = epoch_row(EpochStats(epoch=epoch, train_loss=total / max(seen, 1), seen=seen, steps=steps,
                                        seconds=time.perf_counter() - started))
             history.append(row)
+            if on_epoch is not None:
+                on_epoch(row)
             current = None if score is None else score(row)
             if score is None:
                 best_epoch = epoch

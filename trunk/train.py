@@ -18,7 +18,7 @@ import copy
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,6 +254,7 @@ def train_trunk(
     device: str = "cpu",
     num_workers: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrunkTrainResult:
     """Train a copy of ``trunk`` on several classification tasks at once.
 
@@ -269,6 +270,8 @@ def train_trunk(
         device: ``cpu``, ``cuda[:n]`` or ``auto`` (see :func:`trunk.device.resolve_device`).
         num_workers: data-loader worker processes (0: decode in this process).
         progress: a progress bar per epoch.
+        on_epoch: receives each epoch's history row (see :attr:`TrunkTrainResult.history`)
+            as soon as it is made, so a job can log the curves live.
 
     Each task's validation images (if any) are scored after every epoch, the model in eval
     mode, with the trunk's eval transform; they never add loss.
@@ -345,7 +348,7 @@ def train_trunk(
 
         history = fit(nn.ModuleList([model, classifiers]), loader, step_loss, optimizer=optimizer, epochs=epochs,
                       device=dev, scheduler=schedule, epoch_row=epoch_row, progress=progress,
-                      desc="trunk").history
+                      desc="trunk", on_epoch=on_epoch).history
 
     new = trained_trunk(model, trunk)
     last = history[-1]

@@ -18,7 +18,7 @@ state is untouched.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,7 @@ def fit_branch_head(
     num_workers: int = 0,
     progress: bool = False,
     cached: tuple[Tensor, Tensor] | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> HeadResult:
     """Train, evaluate and cost one branch head, and save it under ``out_dir``.
 
@@ -231,6 +232,8 @@ def fit_branch_head(
         progress: show a progress bar over epochs.
         cached: ``(train_x, val_x)``, the tap's features of ``data.train`` and ``data.val``
             in order, shaped ``(N, *tap shape)``; then ``augment_ops`` must be empty.
+        on_epoch: receives each epoch's history row (``epoch``, ``train_loss``,
+            ``val_loss``, ``val_accuracy``) as soon as it is made (live training curves).
 
     Returns:
         The trained head (on CPU, eval mode) with its metrics and artifacts;
@@ -293,7 +296,8 @@ def fit_branch_head(
 
         outcome = fit(module, loader, loss_fn, optimizer=optimiser, epochs=int(t["epochs"]), device=dev,
                       epoch_row=epoch_row, score=val_score, patience=t["patience"], seed=seed,
-                      mixed_precision=True, progress=progress, desc=f"train branch {spec.name}")
+                      mixed_precision=True, progress=progress, desc=f"train branch {spec.name}",
+                      on_epoch=on_epoch)
         train_skipped = counts["train_skipped"]
         logits = _branch_logits(module, val_x, dev)
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ def fit_head(
     out_dir: Path,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> HeadResult:
     """Train, evaluate and cost one head, and save it under ``out_dir``.
 
@@ -47,6 +50,8 @@ def fit_head(
         out_dir: folder for the artifacts (created).
         device: where to train and time the head.
         progress: show a progress bar over epochs.
+        on_epoch: receives each epoch's history row as soon as it is made
+            (:func:`heads.training.train.train_on_features`).
 
     Returns:
         The trained head (on CPU, eval mode) with its metrics and artifacts.
@@ -68,7 +73,7 @@ def fit_head(
     with seeded_rng(t["seed"], device):
         module = build_module(target, kwargs, in_features=in_features, num_classes=len(data.classes))
     outcome = train_on_features(module, train_x, train_y, val_x, val_y, TrainSettings.from_config(t),
-                                device=device, progress=progress)
+                                device=device, progress=progress, on_epoch=on_epoch)
     logits = predict_logits(module, val_x, device)
     cost = measure_cost(module, in_features, device=device)
     return finish_head(

@@ -8,7 +8,7 @@ CPU.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,7 +72,8 @@ def val_score(row: dict[str, Any]) -> tuple[float, float]:
 
 def train_on_features(module: nn.Module, train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor,
                       settings: TrainSettings, *, device: str | torch.device = "cpu",
-                      progress: bool = False) -> TrainOutcome:
+                      progress: bool = False,
+                      on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainOutcome:
     """Train ``module`` in place and leave it holding its best weights, in eval mode.
 
     The best epoch is the one with the highest validation accuracy; ties go to the lower
@@ -87,6 +88,8 @@ def train_on_features(module: nn.Module, train_x: Tensor, train_y: Tensor, val_x
         settings: epochs, batch size, optimiser, early stopping and seed.
         device: where to train.
         progress: show a tqdm bar over epochs.
+        on_epoch: receives each epoch's history row (``epoch``, ``train_loss``,
+            ``val_loss``, ``val_accuracy``) as soon as it is made (live training curves).
 
     Returns:
         The best epoch, the epochs run and the per-epoch history.
@@ -119,6 +122,6 @@ def train_on_features(module: nn.Module, train_x: Tensor, train_y: Tensor, val_x
 
     outcome = fit(module, batches, loss_fn, optimizer=optimiser, epochs=t.epochs, device=device,
                   epoch_row=epoch_row, score=val_score, patience=t.patience, seed=t.seed, progress=progress,
-                  desc="train head")
+                  desc="train head", on_epoch=on_epoch)
     module.eval()
     return outcome

@@ -45,12 +45,13 @@ from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
 from heads.store import HeadArtifactError, LoadedHead
 from heads.training.data import LabelledData, data_roots, load_labelled_data
 from registry.jobs.extract import extract_job
-from registry.jobs.train import train_head_on
+from registry.jobs.train import head_job_tags, train_head_on
 from registry.reports.cascade import log_cascade_report
 from registry.store.heads import (
     find_head_version_by_tags,
     get_head_version,
     head_metrics,
+    head_run,
     head_run_metrics,
     load_head_version,
     model_name,
@@ -66,6 +67,7 @@ from registry.store.releases import (
     get_release,
     move_alias,
 )
+from registry.store.runs import RunLog
 from registry.store.tracking import ArtifactError, RegistryError, download_artifact
 from registry.store.trunks import (
     clear_trunk_alias,
@@ -345,8 +347,19 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
                                   own_gate_passed=tags.get("gate") == "passed", golden=golden, unseen=unseen,
                                   heldout=scorer.heldout(spec, trunk, head))
         return done, "reused", golden, contract, unseen
+    # The head's run spans its training and checks; a head that fails on the way ends it FAILED, unregistered.
+    with head_run(client, spec.name, {**head_job_tags(spec, trunk, tv), CASCADE_TAG: cid}) as run:
+        return _train_and_register(client, spec, trunk, tv, cid, run, data, workspace=workspace,
+                                   production_metrics=production_metrics, tolerances=tolerances, scorer=scorer,
+                                   batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
+
+
+def _train_and_register(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: str, run: RunLog,
+                        data: LabelledData, *, workspace: Workspace, production_metrics: dict[str, float],
+                        tolerances: Tolerances, scorer: CommonUnseenScorer, batch_size: int, num_workers: int,
+                        device: str, progress: bool) -> tuple[int, str, GoldenResult | None, GateReport, CommonUnseen]:
     result, gate, _ = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
-                                    num_workers=num_workers, device=device, progress=progress, data=data)
+                                    num_workers=num_workers, device=device, progress=progress, data=data, run=run)
     head = LoadedHead(result.module, result.meta())
     golden = _golden(spec, trunk, head, device, batch_size)
     unseen = scorer.score(spec, data, trunk, head)
@@ -362,7 +375,8 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
                             tags={CASCADE_TAG: cid, "contract": "passed" if contract.passed else "failed"},
                             metrics=extra,
                             artifacts={"contract.txt": contract.format(f"{model_name(spec.name)} on trunk v{tv} "
-                                                                       f"vs production") + "\n"})
+                                                                       f"vs production") + "\n"},
+                            run=run)
     return version, "trained", golden, contract, unseen
 
 

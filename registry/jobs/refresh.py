@@ -31,6 +31,7 @@ from heads.checks.contract import Tolerances
 from heads.spec import HeadSpec
 from registry.jobs.train_trunk import (
     SETTING_FIELDS,
+    live_curves,
     recipe_diff,
     train_trunk_job,
     trunk_recipe_of,
@@ -44,7 +45,8 @@ from registry.jobs.cascade import (
     stored_spec,
 )
 from registry.store.heads import head_tags
-from registry.store.releases import PRODUCTION, get_release
+from registry.store.releases import PRODUCTION, Release, get_release
+from registry.store.runs import RunLog
 from registry.store.trunks import (
     find_trunk_version_by_tag,
     load_trunk,
@@ -52,6 +54,7 @@ from registry.store.trunks import (
     set_trunk_alias,
     trunk_metrics,
     trunk_recipe,
+    trunk_run,
     trunk_trained_on,
 )
 from registry.reports.summary import narrator
@@ -65,6 +68,8 @@ from trunk.speed import compare_trunks
 log = logging.getLogger(__name__)
 
 DISTILL_RECIPE_TAG = "distill_recipe"
+# Dataset input of a distillation run: the unlabelled images, digest the hash of their paths.
+DISTILL_SET = "distill_images"
 # MLflow's limit on a tag value is 8000 characters; a recipe difference longer than that is cut.
 MAX_TAG_CHARS = 5000
 
@@ -213,9 +218,42 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
     if done is not None:
         mark_candidate(client, done)
         return Candidate(done, load_trunk(client, done), "distill", "reused (same recipe)", trunk_metrics(client, done))
+    # The run spans the distillation: one that fails on the way ends FAILED and registers nothing.
+    with trunk_run(client, "trunk-distill", tags={DISTILL_RECIPE_TAG: recipe,
+                                                  "distilled_from": str(release.trunk_version)}) as run:
+        run.log_dataset(DISTILL_SET, paths_sha[:16], input or "production heads' training images",
+                        context="training", profile={"num_rows": len(paths)})
+        version, result, figures = _distill_and_register(
+            client, release, teacher, student, paths, run, recipe=recipe, model_name=model_name,
+            model_kwargs=model_kwargs, student_seed=student_seed, taps=taps, settings=settings, epochs=epochs,
+            batch_size=batch_size, lr=lr, weight_decay=weight_decay, augment_ops=augment_ops, seed=seed,
+            device=device, num_workers=num_workers, progress=progress)
+    mark_candidate(client, version)
+    return Candidate(version, result.trunk, "distill", "built", figures)
+
+
+def distill_curve_names(row: Mapping[str, Any]) -> dict[str, str]:
+    """``{history field: metric name}`` for a distillation epoch row, logged live per epoch.
+
+    The names are the run's final figures (the last epoch's): ``loss`` -> ``distill_loss``,
+    ``loss_<tap>`` -> ``distill_loss_<tap>``, ``seconds`` -> ``epoch_seconds``;
+    ``cosine_pooled`` and ``lr`` keep theirs.
+    """
+    names = {"loss": "distill_loss", "seconds": "epoch_seconds"}
+    names.update({k: "distill_" + k for k in row if k.startswith("loss_")})
+    return names
+
+
+def _distill_and_register(client: MlflowClient, release: Release, teacher: Trunk, student: Trunk, paths: list[str],
+                          run: RunLog,
+                          *, recipe: str, model_name: str, model_kwargs: Mapping[str, Any], student_seed: int,
+                          taps: list[str], settings: dict[str, Any], epochs: int, batch_size: int, lr: float,
+                          weight_decay: float, augment_ops: list | None, seed: int, device: str, num_workers: int,
+                          progress: bool):
     result = distill_trunk(teacher, student, paths, taps=taps, epochs=epochs, batch_size=batch_size, lr=lr,
                            weight_decay=weight_decay, augment_ops=augment_ops, seed=seed, device=device,
-                           num_workers=num_workers, progress=progress)
+                           num_workers=num_workers, progress=progress,
+                           on_epoch=live_curves(run, distill_curve_names))
     pixels = torch.randn(64, *teacher.data_config["input_size"], generator=torch.Generator().manual_seed(0))
     speed = compare_trunks(teacher, result.trunk, pixels, device=device)
     figures = {**result.metrics, "speedup_vs_teacher": speed["speedup"], "flops_ratio_vs_teacher": speed["flops_ratio"],
@@ -231,9 +269,9 @@ def distill_candidate(client: MlflowClient, workspace: Workspace, *, model_name:
                                                                  f"v{release.trunk_version}",
                              params=params, metrics=figures, recipe=recipe_json,
                              trained_on=distilled_on(client, release.trunk_version, result.paths),
-                             tags={DISTILL_RECIPE_TAG: recipe, "distilled_from": str(release.trunk_version)})
-    mark_candidate(client, version)
-    return Candidate(version, result.trunk, "distill", "built", figures)
+                             tags={DISTILL_RECIPE_TAG: recipe, "distilled_from": str(release.trunk_version)},
+                             run=run, cost_device=device)
+    return version, result, figures
 
 
 def distilled_on(client: MlflowClient, teacher_version: int, paths: Sequence[str]) -> SeenImages | None:

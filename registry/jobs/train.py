@@ -28,7 +28,14 @@ from heads.training.data import LabelledData, check_trainable, load_labelled_dat
 from heads.training.evaluate import seen_split_metrics
 from heads.training.fit import fit_head
 from registry.jobs.extract import extract_job
-from registry.store.heads import load_head_version, register_head
+from registry.store.heads import (
+    epoch_curve_logger,
+    head_run,
+    head_run_tags,
+    load_head_version,
+    log_head_datasets,
+    register_head,
+)
 from registry.store.releases import (
     PRODUCTION,
     Release,
@@ -40,6 +47,7 @@ from registry.store.trunks import (
     load_trunk,
     trunk_trained_on,
 )
+from registry.store.runs import RunLog
 from registry.store.workspace import Workspace
 from trunk.loader import iter_decoded
 from trunk.model import POOLED, Trunk
@@ -133,12 +141,18 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     Production is read before training: if other teams promote meanwhile, the promotion
     is rebuilt on top of theirs; if this head itself moved (another version of it reached
     production since), it is refused and ``refused`` says why (the tool exits non-zero).
+
+    The head's MLflow run (experiment ``heads``) is opened before extraction and training
+    and ends once the version is registered, so its duration is the job's; it gets the
+    training curves epoch by epoch and the datasets read. A job that fails on the way
+    ends its run ``FAILED`` and registers nothing.
     """
     started_from = get_release(client, PRODUCTION)
     trunk, tv = resolve_trunk(client, trunk_version)
-    result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
-                                          num_workers=num_workers, device=device, progress=progress)
-    version = register_head(client, result, trunk_version=tv, gate_report=gate)
+    with head_run(client, spec.name, head_job_tags(spec, trunk, tv)) as run:
+        result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
+                                              num_workers=num_workers, device=device, progress=progress, run=run)
+        version = register_head(client, result, trunk_version=tv, gate_report=gate, run=run)
     job = HeadJobResult(result, version, tv, gate, extract_summary=summary)
     if gate.passed and promote:
         try:
@@ -148,10 +162,21 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     return job
 
 
+def head_job_tags(spec: HeadSpec, trunk: Trunk, trunk_version: int) -> dict[str, str]:
+    """The tags a head job's run starts with (:func:`registry.store.heads.head_run_tags`)."""
+    return head_run_tags(spec.name, trunk_id=trunk.trunk_id, tap=spec.tap, config_sha=spec.config_sha,
+                         owner=spec.owner, trunk_version=trunk_version)
+
+
 def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_version: int, *, workspace: Workspace,
                   batch_size: int, num_workers: int, device: str, progress: bool,
-                  data: LabelledData | None = None) -> tuple[HeadResult, GateReport, dict[str, Any]]:
+                  data: LabelledData | None = None,
+                  run: RunLog | None = None) -> tuple[HeadResult, GateReport, dict[str, Any]]:
     """Train, evaluate and cost one head on one trunk, and check its own gate; registers nothing.
+
+    Args:
+        run: the head's open run (:func:`registry.store.heads.head_run`): it gets the
+            datasets read and the training curves, live; None logs nothing.
 
     Returns:
         ``(result, gate, extraction summary)``.
@@ -163,21 +188,24 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     data = data if data is not None else load_labelled_data(spec, avoid=trained_on)
     check_trainable(spec, data)  # data handed in (cascade, refresh) gets the same refusal as a file
     out_dir = workspace.run_dir("head", spec.name)
+    on_epoch = epoch_curve_logger(run) if run is not None else None
     # Content hashes of the images, from the extraction (the feature cache keys rows by them).
     sha_of: dict[str, str | None] = {}
     listed = [s.path for s in data.train + data.val]
     if spec.tap == POOLED:
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                        num_workers=num_workers, device=device, progress=progress)
+        log_datasets(run, spec, data)
         result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id, out_dir=out_dir, device=device,
-                          progress=progress)
+                          progress=progress, on_epoch=on_epoch)
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
         sha_of = dict(zip(listed, extracted.shas))
     elif spec.config.get("augment"):
         # Augmented images need the prefix every step: train from images.
+        log_datasets(run, spec, data)
         result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=spec.config["augment"],
-                                 device=device, num_workers=num_workers, progress=progress)
+                                 device=device, num_workers=num_workers, progress=progress, on_epoch=on_epoch)
         # What caching this tap would cost, so teams see the storage side of the knob too.
         result.metrics["cache_bytes_per_image"] = float(math.prod(trunk.tap(spec.tap).shape) * 2 + 32)
         summary = {}
@@ -186,9 +214,10 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                        num_workers=num_workers, device=device, progress=progress)
         shape = tuple(trunk.tap(spec.tap).shape)
+        log_datasets(run, spec, data)
         result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=None, device=device,
                                  num_workers=num_workers, progress=progress,
-                                 cached=(train_x.view(-1, *shape), val_x.view(-1, *shape)))
+                                 cached=(train_x.view(-1, *shape), val_x.view(-1, *shape)), on_epoch=on_epoch)
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
         sha_of = dict(zip(listed, extracted.shas))
@@ -214,6 +243,12 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
     return result, gate, summary
+
+
+def log_datasets(run: RunLog | None, spec: HeadSpec, data: LabelledData) -> None:
+    """Record the head's train and val splits (digest ``data_sha``) as its run's inputs; nothing without a run."""
+    if run is not None:
+        log_head_datasets(run, spec.name, data.data_sha, data.source, n_train=len(data.train), n_val=len(data.val))
 
 
 def cached_rows_stats(train_x: torch.Tensor, train_shas: Sequence[str],

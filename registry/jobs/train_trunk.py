@@ -14,7 +14,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +33,10 @@ from registry.store.trunks import (
     set_trunk_alias,
     trunk_metrics,
     trunk_recipe,
+    trunk_run,
     trunk_trained_on,
 )
+from registry.store.runs import RunLog
 from registry.store.workspace import Workspace
 from trunk.decode import ImageError
 from trunk.model import Trunk
@@ -44,6 +46,34 @@ from trunk.train import Task, train_trunk
 log = logging.getLogger(__name__)
 
 RECIPE_TAG = "train_recipe"
+# Dataset input of a trunk training run: the training set, named so, digest its fingerprint.
+TRAINING_SET = "trunk_training_set"
+
+
+def trunk_curve_names(row: Mapping[str, Any]) -> dict[str, str]:
+    """``{history field: metric name}`` for a trunk training epoch row, logged live per epoch.
+
+    The names are the run's final figures (the last epoch's: trunk training restores no
+    best epoch), so MLflow's latest value of each curve is that figure: ``loss`` ->
+    ``train_loss``, ``loss_<task>`` -> ``train_loss_<task>``, ``accuracy_<task>`` ->
+    ``train_accuracy_<task>``, ``seconds`` -> ``epoch_seconds``; ``val_accuracy_<task>``
+    and ``lr`` keep theirs.
+    """
+    names = {"loss": "train_loss", "seconds": "epoch_seconds"}
+    for key in row:
+        if key.startswith("loss_"):
+            names[key] = "train_" + key
+        elif key.startswith("accuracy_"):
+            names[key] = "train_" + key
+    return names
+
+
+def live_curves(run: RunLog, names: Callable[[Mapping[str, Any]], Mapping[str, str]]
+                ) -> Callable[[Mapping[str, Any]], None]:
+    """A training loop's ``on_epoch`` callback: each row logged into ``run`` under ``names(row)``."""
+    def on_epoch(row: Mapping[str, Any]) -> None:
+        run.epoch_logger(names(row))(row)
+    return on_epoch
 
 
 def adopt_trunk(client: MlflowClient, version: int) -> tuple[str, Release | None]:
@@ -131,6 +161,7 @@ class TrunkTrainingSet:
         eval_images: distinct evaluation images (every head's val split and golden set).
         fingerprint: a hash over what was trained on: (task, content hash, label) rows,
             train and val, so a change of split, golden set or file content changes it.
+        sources: per task, the folder or manifest its labelled data came from.
     """
 
     tasks: list[Task]
@@ -139,6 +170,15 @@ class TrunkTrainingSet:
     excluded_images: int
     eval_images: int
     fingerprint: str
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def log_to(self, run: RunLog) -> None:
+        """Record the training set as the run's input (context ``training``, digest its fingerprint)."""
+        sources = sorted(set(self.sources.values()))
+        source = sources[0] if len(sources) == 1 else json.dumps({"uris": sources})
+        run.log_dataset(TRAINING_SET, self.fingerprint, source, context="training",
+                        profile={"num_rows": sum(len(t.paths) for t in self.tasks),
+                                 "tasks": ",".join(t.name for t in self.tasks)})
 
 
 def _sha_or_none(path: str, cache: dict[str, str | None]) -> str | None:
@@ -184,7 +224,8 @@ def trunk_training_set(specs: Sequence[HeadSpec]) -> TrunkTrainingSet:
         rows.append([spec.name, "classes", data.classes])
     shas = {p: sha for p, sha in cache.items() if sha is not None}
     fingerprint = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
-    return TrunkTrainingSet(tasks, shas, excluded, len(kept_out), len(evaluation), fingerprint)
+    return TrunkTrainingSet(tasks, shas, excluded, len(kept_out), len(evaluation), fingerprint,
+                            {spec.name: str(data.source) for spec, data in loaded})
 
 
 def inherited_seen(client: MlflowClient, base: Trunk) -> SeenImages:
@@ -247,9 +288,25 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
             status, release = adopt_trunk(client, done) if adopt else ("registered", None)
             return TrunkJobResult(done, trunk, trunk_metrics(client, done), f"reused (same recipe), {status}",
                                   release, trunk_recipe(client, done) or recipe)
+    # The run spans the training: a job that fails on the way ends it FAILED and registers nothing.
+    with trunk_run(client, "trunk-training", tags={"base_trunk_id": base.trunk_id, RECIPE_TAG: fingerprint}) as run:
+        data.log_to(run)
+        version, trained, metrics = _train_and_register(client, base, specs, data, recipe, fingerprint, run,
+                                                        epochs=epochs, batch_size=batch_size, lr=lr,
+                                                        weight_decay=weight_decay, augment_ops=augment_ops, seed=seed,
+                                                        device=device, num_workers=num_workers, progress=progress,
+                                                        tags=tags)
+    status, release = adopt_trunk(client, version) if adopt else ("registered", None)
+    return TrunkJobResult(version, trained.trunk, metrics, status, release, recipe, trained.history)
+
+
+def _train_and_register(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], data: TrunkTrainingSet,
+                        recipe: dict[str, Any], fingerprint: str, run: RunLog, *, epochs: int, batch_size: int,
+                        lr: float, weight_decay: float, augment_ops: list | None, seed: int, device: str,
+                        num_workers: int, progress: bool, tags: Mapping[str, str] | None):
     trained = train_trunk(base, data.tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                           augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers,
-                          progress=progress)
+                          progress=progress, on_epoch=live_curves(run, trunk_curve_names))
     seen = SeenImages(data.shas[os.path.normpath(os.path.abspath(p))] for p in trained.paths)
     seen = inherited_seen(client, base).union(seen)
     metrics = {**trained.metrics, "excluded_eval_images": float(data.excluded_images),
@@ -259,10 +316,7 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
     params = {"base_trunk_id": base.trunk_id, "tasks": ",".join(s.name for s in specs), "epochs": epochs,
               "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay, "seed": seed,
               "augment": json.dumps(recipe["augment"], sort_keys=True)}
-    curves = {int(row["epoch"]): {k: float(v) for k, v in row.items() if k.startswith("val_accuracy_")}
-              for row in trained.history}
     version = register_trunk(client, trained.trunk, description=f"multi-task on {params['tasks']}",
                              params=params, metrics=metrics, tags={**(tags or {}), RECIPE_TAG: fingerprint},
-                             trained_on=seen, recipe=recipe, epoch_metrics=curves)
-    status, release = adopt_trunk(client, version) if adopt else ("registered", None)
-    return TrunkJobResult(version, trained.trunk, metrics, status, release, recipe, trained.history)
+                             trained_on=seen, recipe=recipe, run=run, cost_device=device)
+    return version, trained, metrics

@@ -13,6 +13,12 @@ files, ``weights_sha256`` and ``spec_sha256`` (hex sha256 of ``head.safetensors`
 ``head.json``). Artifacts: ``head/`` (safetensors plus JSON, loaded without unpickling),
 ``confusion.png``, ``config/<name>.yaml`` and ``gate.txt``.
 
+The run lasts as long as the head's training: the head job opens it first
+(:func:`head_run`), logs the training curves into it epoch by epoch (``train_loss``,
+``val_loss``, ``epoch_val_accuracy``, step = epoch: :data:`EPOCH_CURVES`) and the datasets
+it read (``<name>.train`` and ``<name>.val``, digest ``data_sha``, source the data folder or
+manifest: :func:`log_head_datasets`), and :func:`register_head` registers into it.
+
 The monitoring reference (issue 15, :mod:`heads.monitor.reference`): a version trained by the
 platform's jobs also stores ``monitor/reference.safetensors`` (its validation predictions and
 the statistics of its training features at its tap), tagged ``monitor_reference_digest`` and
@@ -28,10 +34,11 @@ records its hashes once with :func:`record_head_hashes`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +51,7 @@ from heads.checks.gate import GateReport, check_gate
 from heads.monitor.reference import HeadReference
 from heads.result import HeadResult
 from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
-from registry.store.runs import tracked_run
+from registry.store.runs import RunLog, tracked_run
 from registry.store.tracking import (
     RegistryError,
     all_pages,
@@ -65,6 +72,11 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # The monitoring reference (heads.monitor.reference) of a version: artifact path and the tag holding its digest.
 REFERENCE_ARTIFACT = "monitor/reference.safetensors"
 REFERENCE_DIGEST_TAG = "monitor_reference_digest"
+# The per-epoch training curves of a head's run (step = epoch), from its history rows:
+# {history field: metric name}. The epoch's validation accuracy is not logged as
+# ``val_accuracy``: that is the version's own figure (its best epoch's weights), and
+# MLflow's latest value of a key is the one at its largest step, the last epoch's.
+EPOCH_CURVES = {"train_loss": "train_loss", "val_loss": "val_loss", "val_accuracy": "epoch_val_accuracy"}
 
 logger = logging.getLogger(__name__)
 
@@ -154,9 +166,62 @@ def gate_for(result: HeadResult) -> GateReport:
     return check_gate(result.spec.gate, result.metrics, result.slice_accuracy)
 
 
+def head_run_tags(name: str, *, trunk_id: str, tap: str, config_sha: str, owner: str,
+                  trunk_version: int) -> dict[str, str]:
+    """The tags a head's run starts with, before training: what is known of it then."""
+    return {"head": name, "trunk_id": trunk_id, "tap": tap, "config_sha": config_sha, "owner": owner,
+            "trunk_version": str(int(trunk_version))}
+
+
+@contextlib.contextmanager
+def head_run(client: MlflowClient, name: str, tags: Mapping[str, str]) -> Iterator[RunLog]:
+    """The run of one head's training (experiment ``heads``, run name ``<name>``), open while it trains.
+
+    Pass it to :func:`register_head` as ``run``; it ends ``FINISHED`` with the block, or
+    ``FAILED`` when training raises (then no version is registered).
+
+    Args:
+        client: from :func:`registry.store.tracking.connect`.
+        name: the head's name.
+        tags: its starting tags (:func:`head_run_tags`); registration adds the version's.
+    """
+    with tracked_run(client, "heads", run_name=name, tags={"head": name, **tags}) as run:
+        yield run
+
+
+def epoch_curve_logger(run: RunLog):
+    """The callback a head's training loop gets: logs each epoch row's :data:`EPOCH_CURVES` live."""
+    log_row = run.epoch_logger(EPOCH_CURVES)
+
+    def on_epoch(row: Mapping[str, Any]) -> None:
+        log_row({k: v for k, v in row.items() if k in EPOCH_CURVES or k == "epoch"})
+
+    return on_epoch
+
+
+def log_head_datasets(run: RunLog, name: str, data_sha: str, source: str, *, n_train: int, n_val: int) -> None:
+    """Record the head's labelled data as the run's inputs: ``<name>.train`` (context ``training``)
+    and ``<name>.val`` (``validation``), both with digest ``data_sha`` (it covers every row and
+    its split) and source the data folder or manifest; profile ``num_rows``."""
+    run.log_dataset(f"{name}.train", data_sha, source, context="training", profile={"num_rows": n_train})
+    run.log_dataset(f"{name}.val", data_sha, source, context="validation", profile={"num_rows": n_val})
+
+
+def _history_curves(history: list[dict]) -> dict[int, dict[str, float]]:
+    rows: dict[int, dict[str, float]] = {}
+    for row in history or []:
+        if "epoch" in row:
+            values = {EPOCH_CURVES[k]: float(v) for k, v in row.items()
+                      if k in EPOCH_CURVES and isinstance(v, (int, float))}
+            if values:
+                rows[int(row["epoch"])] = values
+    return rows
+
+
 def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: int,
                   gate_report: GateReport | None = None, tags: Mapping[str, str] | None = None,
-                  metrics: Mapping[str, float] | None = None, artifacts: Mapping[str, str] | None = None) -> int:
+                  metrics: Mapping[str, float] | None = None, artifacts: Mapping[str, str] | None = None,
+                  run: RunLog | None = None) -> int:
     """Register a trained head as a new version of ``head.<name>``.
 
     Args:
@@ -169,6 +234,10 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             beside the result's own (:attr:`heads.result.HeadResult.tags`, e.g. ``trunk_trained_on``).
         metrics: extra run metrics (e.g. the golden set's result).
         artifacts: extra text files for the run, ``{file name: contents}``.
+        run: the head's run, opened before training (:func:`head_run`) and left open:
+            the version's tags are set on it and everything is logged into it. None opens
+            and ends a run here (a head trained elsewhere); its training curves are then
+            logged from ``result.history``, timestamped now.
 
     The result's monitoring reference (:attr:`heads.result.HeadResult.reference`), when it
     has one, is stored as ``monitor/reference.safetensors``, its digest as the version tag
@@ -198,7 +267,13 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             "data_sha": result.data_sha, "owner": result.spec.owner, "trunk_version": str(int(trunk_version)),
             "gate": "passed" if gate.passed else "failed", **result.tags, **dict(tags or {})}
     ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
-    with tracked_run(client, "heads", run_name=result.name, tags={"head": result.name, **tags}) as run:
+    given = run is not None
+    with contextlib.nullcontext(run) if given else head_run(client, result.name, tags) as run:
+        if given:
+            run.set_tags({"head": result.name, **tags})
+        if not run.curves:  # not logged live: from the history, as one batch
+            run.log_steps(_history_curves(result.history))
+        metrics = {k: v for k, v in metrics.items() if k not in run.curves}
         params = {safe_key(k): v for k, v in flatten(result.spec.config).items()}
         params.update({"classes": ",".join(result.classes), "num_classes": len(result.classes),
                        "in_features": result.in_features, "trunk_version": int(trunk_version)})

@@ -91,3 +91,12 @@ def test_rejects_empty_or_mismatched_inputs():
         train_on_features(LinearHead(16, 3), x, y, vx[:0], vy[:0], TrainSettings(**SETTINGS))
     with pytest.raises(ValueError, match="differ in length"):
         train_on_features(LinearHead(16, 3), x, y[:-1], vx, vy, TrainSettings(**SETTINGS))
+
+
+def test_on_epoch_gets_every_history_row_as_it_is_made():
+    x, y, vx, vy = split()
+    seen = []
+    out = train_on_features(LinearHead(16, 3), x, y, vx, vy, TrainSettings(**{**SETTINGS, "epochs": 4, "patience": 0}),
+                            on_epoch=lambda row: seen.append(dict(row)))
+    assert seen == out.history and [r["epoch"] for r in seen] == [1, 2, 3, 4]
+    assert set(seen[0]) == {"epoch", "train_loss", "val_loss", "val_accuracy"}

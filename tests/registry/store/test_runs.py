@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
 
 import pytest
 
@@ -61,6 +64,9 @@ def test_download_artifact_names_what_mlflow_says(client, tmp_path):
     assert "\n" not in str(e.value) and str(e.value)
 
 
+COST = ("params", "gflops_per_image", "ms_per_image", "ms_per_image_spread")  # every trunk version's own cost
+
+
 def test_trunk_aliases_set_read_and_clear_only_when_they_point_there(client, trunk_a, trunk_b, caplog):
     assert trunk_alias_versions(client) == {}  # no registered model trunk yet
     assert clear_trunk_alias(client, "candidate", 1) is False
@@ -74,7 +80,8 @@ def test_trunk_aliases_set_read_and_clear_only_when_they_point_there(client, tru
     assert trunk_alias_versions(client) == {"candidate": b}
     assert clear_trunk_alias(client, "candidate", b) is True
     assert trunk_alias_versions(client) == {}
-    assert trunk_metrics(client, a) == {"train_loss": 0.5}
+    figures = trunk_metrics(client, a)
+    assert figures["train_loss"] == 0.5 and set(figures) == {"train_loss", *COST}
     assert sorted(int(mv.version) for mv in trunk_versions(client)) == [a, b]
 
 
@@ -107,3 +114,57 @@ def test_alias_refusal_logs_at_warning(client, caplog):
     caplog.set_level(logging.WARNING, logger="registry.store.trunks")
     clear_trunk_alias(client, "candidate", 7)
     assert [r.levelname for r in caplog.records if r.name == "registry.store.trunks"] == ["WARNING"]
+
+
+def test_tracked_run_carries_mlflows_source_and_user_tags_under_its_own(client):
+    with tracked_run(client, "reports", run_name="x", tags={"mlflow.source.type": "JOB", "alias": "a"}) as run:
+        pass
+    tags = client.get_run(run.run_id).data.tags
+    assert tags["mlflow.user"] and tags["mlflow.source.name"]
+    assert tags["mlflow.source.type"] == "JOB" and tags["alias"] == "a"  # the caller's tags win
+
+
+def test_epoch_logger_logs_each_row_at_its_epoch_and_remembers_the_curves(client):
+    with tracked_run(client, "heads", run_name="x") as run:
+        on_epoch = run.epoch_logger({"val_accuracy": "epoch_val_accuracy"})
+        for epoch in (1, 2, 3):
+            on_epoch({"epoch": epoch, "train_loss": 1.0 / epoch, "val_accuracy": 0.5 + epoch / 10, "note": "x",
+                      "flag": True})
+        assert run.curves == {"train_loss", "epoch_val_accuracy"}
+    history = client.get_metric_history(run.run_id, "epoch_val_accuracy")
+    assert [(p.step, p.value) for p in sorted(history, key=lambda p: p.step)] == [(1, 0.6), (2, 0.7), (3, 0.8)]
+    assert set(client.get_run(run.run_id).data.metrics) == {"train_loss", "epoch_val_accuracy"}
+
+
+def test_log_dataset_records_a_run_input_with_its_digest_source_and_context(client, tmp_path):
+    with tracked_run(client, "heads", run_name="x") as run:
+        run.log_dataset("colour.train", "ab" * 8, tmp_path / "colour.csv", context="training",
+                        profile={"num_rows": 12})
+    (found,) = client.get_run(run.run_id).inputs.dataset_inputs
+    assert (found.dataset.name, found.dataset.digest) == ("colour.train", "ab" * 8)
+    assert json.loads(found.dataset.source) == {"uri": str(tmp_path / "colour.csv")}
+    assert json.loads(found.dataset.profile) == {"num_rows": 12}
+    assert [(t.key, t.value) for t in found.tags] == [("mlflow.data.context", "training")]
+
+
+def _monitor_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+
+
+def test_system_metrics_never_outlive_their_run(client):
+    before = _monitor_threads()
+    with pytest.raises(ValueError):
+        with tracked_run(client, "trunks", run_name="x", system_metrics=True) as run:
+            raise ValueError("stop")
+    assert client.get_run(run.run_id).info.status == "FAILED"
+    assert _monitor_threads() == before  # stopped (or never started: no psutil)
+
+
+def test_system_metrics_are_recorded_when_psutil_is_there(client, monkeypatch):
+    pytest.importorskip("psutil")
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with tracked_run(client, "trunks", run_name="x", system_metrics=True) as run:
+        assert len(_monitor_threads()) == 1
+        time.sleep(1.0)
+    assert _monitor_threads() == []
+    assert any(k.startswith("system/cpu") for k in client.get_run(run.run_id).data.metrics)
