@@ -3,6 +3,7 @@
     python -m tools.bench
     python -m tools.bench model=resnet50 device=cuda batch_size=64 repeats=20
     python -m tools.bench suite=pipeline
+    python -m tools.bench suite=streaming   (streamed inputs against the input list: peak RSS, images/s)
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ def run(cfg: DictConfig) -> dict:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if cfg.suite == "pipeline":  # the schema allows heads or pipeline
+    if cfg.suite == "pipeline":  # the schema allows heads, pipeline or streaming
         return run_pipeline(cfg)
+    if cfg.suite == "streaming":
+        return run_streaming(cfg)
     from benchmarks.heads import HeadMix, format_table, run_benchmark
 
     mix = HeadMix(counts=list(cfg.head_counts), linear_only=list(cfg.linear_only), mlp_every=cfg.mlp_every,
@@ -55,6 +58,16 @@ def run_pipeline(cfg: DictConfig) -> dict:
         images_dir=p.images_dir,
     )
     return _publish(cfg, result, format_pipeline_table(result), f"{result['device']}-pipeline.json")
+
+
+def run_streaming(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.streaming.run_streaming_benchmark` with the settings under ``streaming``."""
+    from benchmarks.streaming import format_streaming_table, run_streaming_benchmark
+
+    s = cfg.streaming
+    result = run_streaming_benchmark(list(s.images), list(s.lines), batch_size=s.batch_size,
+                                     num_workers=s.num_workers, workdir=s.workdir)
+    return _publish(cfg, result, format_streaming_table(result), "cpu-streaming.json")
 
 
 def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:

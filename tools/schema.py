@@ -146,6 +146,7 @@ class RayConfig:
     decode_memory_mb: int = 1024
     batches_per_block: int = 4
     actor_start_timeout_s: float = 600
+    window_batches: int = 4096
 
 
 @dataclass
@@ -270,6 +271,17 @@ class PipelineBench:
 
 
 @dataclass
+class StreamingBench:
+    """``suite=streaming``: :func:`benchmarks.streaming.run_streaming_benchmark`'s own settings."""
+
+    images: list[int] = field(default_factory=lambda: [10000, 30000])
+    lines: list[int] = field(default_factory=lambda: [1000000, 10000000])
+    batch_size: int = 64
+    num_workers: int = 1
+    workdir: Optional[str] = None
+
+
+@dataclass
 class BenchConfig(BaseConfig):
     suite: str = "heads"
     model: str = "resnet18"
@@ -291,10 +303,11 @@ class BenchConfig(BaseConfig):
     threads: Optional[int] = None
     output: Optional[str] = None
     pipeline: PipelineBench = field(default_factory=PipelineBench)
+    streaming: StreamingBench = field(default_factory=StreamingBench)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("suite", self.suite, ("heads", "pipeline"))
+        one_of("suite", self.suite, ("heads", "pipeline", "streaming"))
 
 
 @dataclass

@@ -83,29 +83,60 @@ def path_from_text(text: str) -> str:
     return os.fsdecode(raw)
 
 
-def list_images(root: str | Path) -> list[Path]:
-    """Every image file under a local folder ``root``, recursively, sorted by path.
+def iter_images(root: str | Path) -> Iterator[str]:
+    """Every image file under a local folder ``root``, recursively, sorted by path, streamed.
 
-    Files are chosen by extension, case-insensitively. Hidden files and folders (names
-    starting with ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped.
+    The walk goes directory by directory (``os.scandir``), each directory's entries sorted
+    by name and sub-folders entered in place, so paths come out in the component-wise order
+    ``sorted(Path(...))`` gives, while only one directory's names are held per level.
+    Files are chosen by extension, case-insensitively; symlinked files count, symlinked
+    folders are not entered (as ``Path.rglob``); hidden files and folders (names starting
+    with ``.``, e.g. macOS ``._x.jpg`` resource forks) are skipped. The same tree gives the
+    same stream every time, which is what lets a bulk job resume on it.
 
     Raises:
-        ValueError: the folder does not exist, is not a folder, or holds no images.
+        ValueError: the folder does not exist, is not a folder, or holds no images (raised
+            when the stream is first read, or at its end for "no images").
     """
     root = Path(root)
     if not root.exists():
         raise ValueError(f"{root}: image folder does not exist")
     if not root.is_dir():
         raise ValueError(f"{root}: not a folder")
-    found = [
-        p for p in root.rglob("*")
-        if p.suffix.lower() in IMAGE_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        and p.is_file()
-    ]
+    found = 0
+    stack = [_sorted_entries(str(root))]
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            stack.append(_sorted_entries(entry.path))
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            found += 1
+            yield entry.path
     if not found:
         raise ValueError(f"{root}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    return sorted(found)
+
+
+def _sorted_entries(directory: str) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(directory) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except (PermissionError, FileNotFoundError, NotADirectoryError):
+        entries = []  # as rglob: an unreadable (or vanished) sub-folder is skipped
+    return iter(entries)
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under a local folder ``root``, recursively, sorted by path (:func:`iter_images`, as a list).
+
+    Raises:
+        ValueError: the folder does not exist, is not a folder, or holds no images.
+    """
+    return [Path(p) for p in iter_images(root)]
 
 
 def _keep_image(rel: str) -> bool:
@@ -116,20 +147,37 @@ def _keep_image(rel: str) -> bool:
     )
 
 
-def _find_images(uri: str, fs, root: str) -> list[str]:
-    prefix = root.rstrip("/") + "/"
-    with storage_errors(uri):
-        # One recursive listing (a flat list call on object stores), names only, no contents.
-        found = [
-            fs.unstrip_protocol(p)
-            for p in fs.find(root, withdirs=False)
-            if _keep_image(p[len(prefix):] if p.startswith(prefix) else p)
-        ]
+def _find_images(uri: str, fs, root: str) -> Iterator[str]:
+    # Directory by directory (one listing call per folder, names only), each sorted by name:
+    # the component-wise order a local walk gives, streamed.
+    found = 0
+    stack = [iter([(root, True)])]
+    root_dir = root.rstrip("/")
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        path, is_dir = item
+        if is_dir:
+            with storage_errors(uri):
+                listed = fs.ls(path, detail=True)
+            children = []
+            for info in listed:
+                name = info["name"].rstrip("/")
+                if name == path.rstrip("/") or name == root_dir:
+                    continue  # some backends list the folder itself
+                base = name.rsplit("/", 1)[-1]
+                if base.startswith("."):
+                    continue
+                children.append((base, name, info.get("type") == "directory"))
+            children.sort()
+            stack.append(iter([(name, d) for _, name, d in children]))
+        elif _keep_image(path.rsplit("/", 1)[-1]):
+            found += 1
+            yield fs.unstrip_protocol(path)
     if not found:
         raise ValueError(f"{uri}: no image files found (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})")
-    # "\0" sorts below every character, so this is the component-wise order Path uses.
-    found.sort(key=lambda s: s.replace("/", "\0"))
-    return found
 
 
 def _read_txt(label: str, open_binary: Opener) -> Iterator[str]:
@@ -181,7 +229,19 @@ def _reader(suffix: str):
 
 
 def read_path_list(path: str | Path) -> list[str]:
-    """The image paths a manifest lists, in its order, relative ones made absolute.
+    """The image paths a manifest lists, in its order, relative ones made absolute (:func:`iter_path_list`, as a list).
+
+    Raises:
+        ValueError: as :func:`iter_path_list`.
+    """
+    return list(iter_path_list(path))
+
+
+def iter_path_list(path: str | Path) -> Iterator[str]:
+    """The image paths a manifest lists, in its order, relative ones made absolute, streamed.
+
+    Text lines, CSV blocks or Parquet batches are read as the stream is consumed, so a
+    manifest of tens of millions of entries costs one block, not a list of paths.
 
     Args:
         path: a ``.txt``, ``.csv`` or ``.parquet``/``.pq`` manifest: a local path or an fsspec URI.
@@ -191,29 +251,37 @@ def read_path_list(path: str | Path) -> list[str]:
 
     Raises:
         ValueError: one line naming the file (and the field) when it is missing, of an
-            unknown kind, lacks a ``path`` column, has an empty path, or lists nothing;
-            or, for a URI, when its protocol is unknown or its backend is not installed.
+            unknown kind, lacks a ``path`` column, has an empty path, or lists nothing (at
+            the stream's end); or, for a URI, when its protocol is unknown or its backend
+            is not installed.
     """
     if is_uri(path):
-        return _read_uri_manifest(path)
+        yield from _read_uri_manifest(path)
+        return
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(f"{path}: unknown manifest type '{suffix}'; use {_KINDS}")
     if not path.is_file():
         raise ValueError(f"{path}: manifest file does not exist")
-    base = path.absolute().parent
+    base = str(path.absolute().parent)
+    found = 0
     with storage_errors(str(path)):
-        out = [
-            v if _kept_as_is(v) else str(base / v)
-            for v in _reader(suffix)(str(path), lambda: path.open("rb"))
-        ]
-    if not out:
+        for v in _reader(suffix)(str(path), lambda: path.open("rb")):
+            found += 1
+            yield v if _kept_as_is(v) else _join_local(base, v)
+    if not found:
         raise ValueError(f"{path}: manifest lists no images")
-    return out
 
 
-def _read_uri_manifest(uri: str) -> list[str]:
+def _join_local(base: str, entry: str) -> str:
+    """``str(Path(base) / entry)``, without making a Path for the plain entries nearly every row holds."""
+    if "//" in entry or "./" in entry or entry.endswith(("/", "/.")) or entry == ".":
+        return str(Path(base) / entry)
+    return os.path.join(base, entry)
+
+
+def _read_uri_manifest(uri: str) -> Iterator[str]:
     fs, path = url_to_fs(uri)
     suffix = posixpath.splitext(path)[1].lower()
     if suffix not in MANIFEST_SUFFIXES:
@@ -221,18 +289,31 @@ def _read_uri_manifest(uri: str) -> list[str]:
     with storage_errors(uri):
         if not fs.isfile(path):
             raise ValueError(f"{uri}: manifest file does not exist")
-        base = posixpath.dirname(path)
-        out = [
-            v if _kept_as_is(v) else fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, v)))
-            for v in _reader(suffix)(uri, lambda: fs.open(path, "rb"))
-        ]
-    if not out:
+    base = posixpath.dirname(path)
+    found = 0
+    with storage_errors(uri):
+        for v in _reader(suffix)(uri, lambda: fs.open(path, "rb")):
+            found += 1
+            yield v if _kept_as_is(v) else fs.unstrip_protocol(posixpath.normpath(posixpath.join(base, v)))
+    if not found:
         raise ValueError(f"{uri}: manifest lists no images")
-    return out
 
 
 def resolve_inputs(input: str | Path) -> list[str]:
-    """Image paths from a folder (searched recursively) or a manifest file.
+    """Image paths from a folder (searched recursively) or a manifest file (:func:`iter_inputs`, as a list).
+
+    Raises:
+        ValueError: as :func:`iter_inputs`.
+    """
+    return list(iter_inputs(input))
+
+
+def iter_inputs(input: str | Path) -> Iterator[str]:
+    """Image paths from a folder (searched recursively) or a manifest file, streamed, in a deterministic order.
+
+    A folder gives :func:`iter_images` order (sorted by path, component-wise); a manifest
+    its own order (:func:`iter_path_list`). Nothing is held but the folder level or manifest
+    block being read, so bulk jobs over tens of millions of inputs iterate it shard by shard.
 
     Args:
         input: a local path, or an fsspec URI such as ``s3://bucket/prefix`` (folder URIs
@@ -243,18 +324,41 @@ def resolve_inputs(input: str | Path) -> list[str]:
             names an unknown protocol or one whose fsspec backend is not installed.
     """
     if is_uri(input):
-        return _resolve_uri(input)
+        yield from _resolve_uri(input)
+        return
     p = Path(input)
     if p.is_dir():
-        return [str(x) for x in list_images(p)]
-    if p.suffix.lower() in MANIFEST_SUFFIXES:
-        return read_path_list(p)
-    if not p.exists():
+        yield from iter_images(p)
+    elif p.suffix.lower() in MANIFEST_SUFFIXES:
+        yield from iter_path_list(p)
+    elif not p.exists():
         raise ValueError(f"{p}: input does not exist (give an image folder or a manifest: {_KINDS})")
-    raise ValueError(f"{p}: input is neither a folder nor a manifest ({_KINDS})")
+    else:
+        raise ValueError(f"{p}: input is neither a folder nor a manifest ({_KINDS})")
 
 
-def _resolve_uri(uri: str) -> list[str]:
+class InputStream:
+    """A job's inputs as a re-iterable stream: each ``iter()`` walks the folder or reads the manifest afresh.
+
+    What :func:`heads.classify.engine.classify` takes to plan shards without holding the
+    input list: one pass counts the inputs and fingerprints them, the next computes the
+    pending shards, and the job checks the two passes saw the same stream.
+
+    Args:
+        input: as for :func:`iter_inputs`.
+    """
+
+    def __init__(self, input: str | Path) -> None:
+        self.input = input
+
+    def __iter__(self) -> Iterator[str]:
+        return iter_inputs(self.input)
+
+    def __repr__(self) -> str:
+        return f"InputStream({str(self.input)!r})"
+
+
+def _resolve_uri(uri: str) -> Iterator[str]:
     fs, path = url_to_fs(uri)
     with storage_errors(uri):
         if fs.isdir(path):
@@ -265,4 +369,4 @@ def _resolve_uri(uri: str) -> list[str]:
             raise ValueError(f"{uri}: input does not exist (give an image folder or a manifest: {_KINDS})")
         else:
             raise ValueError(f"{uri}: input is neither a folder nor a manifest ({_KINDS})")
-    return _find_images(uri, fs, path) if is_dir else _read_uri_manifest(uri)
+    yield from (_find_images(uri, fs, path) if is_dir else _read_uri_manifest(uri))

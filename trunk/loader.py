@@ -12,12 +12,12 @@ that schedule batches themselves (the Ray backend of bulk classification).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from trunk.dataset import ImageDataset, ImageItem, Transform, read_item
 from trunk.images import utf8_text
@@ -154,6 +154,67 @@ def iter_decoded(
         collate_fn=_collate,
         pin_memory=pin_memory,
         # Keep a few batches decoding ahead of the consumer, no more.
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    yield from loader
+
+
+class _PairDataset(Dataset):
+    """Item ``(i, path)``: :func:`read_item` of that path at position i (the sampler carries the paths)."""
+
+    def __init__(self, transform: Transform, draft_side: int | None) -> None:
+        self.transform = transform
+        self.draft_side = draft_side
+
+    def __getitem__(self, key: tuple[int, str]) -> ImageItem:
+        index, path = key
+        return read_item(index, path, self.transform, self.draft_side)
+
+
+class _PairBatches:
+    """A DataLoader batch sampler over a stream of ``(indices, paths)`` batches, read once, lazily."""
+
+    def __init__(self, batches: Iterable[tuple[Sequence[int], Sequence[str]]]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> Iterator[list[tuple[int, str]]]:
+        for indices, paths in self._batches:
+            yield [(int(i), str(p)) for i, p in zip(indices, paths, strict=True)]
+
+
+def iter_decoded_batches(
+    batches: Iterable[tuple[Sequence[int], Sequence[str]]],
+    transform: Transform,
+    *,
+    num_workers: int = 0,
+    draft_side: int | None = None,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+) -> Iterator[DecodedBatch]:
+    """:func:`iter_decoded` over a stream of batches that carry their own paths.
+
+    For jobs whose input list is too long to hold (a folder walk or manifest of tens of
+    millions of entries): ``batches`` is read lazily, only a few batches ahead of the
+    consumer, so nothing but the batches in flight is held. Batches come back in the
+    order given, whatever the number of workers.
+
+    Args:
+        batches: ``(indices, paths)`` per batch: the inputs' positions in the job's input
+            stream and their paths, one per index.
+        transform, num_workers, draft_side, pin_memory, prefetch_factor: as for :func:`iter_decoded`.
+
+    Yields:
+        One :class:`DecodedBatch` per batch.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
+    loader = DataLoader(
+        _PairDataset(transform, draft_side),
+        batch_sampler=_PairBatches(batches),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
     )

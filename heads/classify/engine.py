@@ -41,8 +41,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,30 +56,31 @@ from heads.bank import HeadBank
 from heads.monitor.stats import MonitorStatsError
 from heads.predict import MONITOR_SEED, BatchPredictor, MonitorStats, batch_rows, empty_columns
 from heads.classify.output import (
-    JOB_FILE, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, commit_bytes, commit_json, commit_table, error_reason,
+    JOB_FILE, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, JobFingerprint, commit_bytes, commit_json, commit_table, error_reason,
     foreign_files, job_fingerprint, job_id, job_provenance, job_temps, output_schema, read_json, remove_stale_temps,
-    set_aside, shard_errors, shard_monitor_name, shard_name, shard_provenance, shard_schema,
+    set_aside, shard_digest, shard_errors, shard_monitor_name, shard_name, shard_provenance, shard_schema,
 )
 from trunk.device import resolve_device
 from trunk.images import path_text
-from trunk.loader import iter_decoded
+from trunk.loader import iter_decoded, iter_decoded_batches
 from trunk.preprocess import decode_side, eval_transform
 
 BACKENDS = ("local", "ray")
 # The _JOB.json fields that decide a shard's rows, named in a refusal when they differ.
 JOB_FIELDS = ("release", "heads", "rows_per_shard", "images", "settings")
 
-__all__ = ["classify", "plan_batches", "BatchJob", "BACKENDS", "JOB_FILE", "SUCCESS_FILE", "shard_name",
+__all__ = ["classify", "plan_batches", "plan_stream", "shard_chunks", "BatchJob", "BACKENDS", "JOB_FILE", "SUCCESS_FILE", "shard_name",
            "output_schema", "job_fingerprint", "error_reason", "shard_provenance"]
 
 
 @dataclass(frozen=True)
 class BatchJob:
-    """Batch ``j`` of shard ``k``: the positions of its inputs in the job's input list."""
+    """Batch ``j`` of shard ``k``: the positions of its inputs in the job's input list (and their paths, when streamed)."""
 
     shard: int
     batch: int
     indices: list[int]
+    paths: list[str] | None = None
 
 
 def plan_batches(n_inputs: int, rows_per_shard: int, batch_size: int, shards: Sequence[int]) -> list[BatchJob]:
@@ -99,11 +100,83 @@ def plan_batches(n_inputs: int, rows_per_shard: int, batch_size: int, shards: Se
     return jobs
 
 
+def shard_chunks(paths: Iterable[str | Path], rows_per_shard: int) -> Iterator[list[str]]:
+    """The input stream cut by position into shards' path lists (shard k: inputs ``k*rows_per_shard`` on).
+
+    Only one shard's paths are held at a time.
+    """
+    chunk: list[str] = []
+    for p in paths:
+        chunk.append(str(p))
+        if len(chunk) == rows_per_shard:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _survey(paths: Iterable[str | Path], rows_per_shard: int) -> tuple[int, list[bytes]]:
+    """One pass over the inputs: their count and each shard's :func:`heads.classify.output.shard_digest`."""
+    n, digests = 0, []
+    for chunk in shard_chunks(paths, rows_per_shard):
+        n += len(chunk)
+        digests.append(shard_digest(chunk))
+    return n, digests
+
+
+def _fingerprint(paths: Iterable[str | Path], digests: Sequence[bytes], rows_per_shard: int,
+                 hasher: JobFingerprint) -> str:
+    """The second pass: the job fingerprint, each shard checked against the first pass's digest."""
+    k = -1
+    for k, chunk in enumerate(shard_chunks(paths, rows_per_shard)):
+        if k >= len(digests) or shard_digest(chunk) != digests[k]:
+            raise _changed(k)
+        for p in chunk:
+            hasher.update(p)
+    if k + 1 != len(digests):
+        raise _changed(k + 1)
+    return hasher.hexdigest()
+
+
+def _changed(k: int) -> RuntimeError:
+    return RuntimeError(f"the inputs of shard {k} changed while the job ran (files added, removed or renamed, "
+                        "or the manifest rewritten); nothing of it was written: rerun on a stable input")
+
+
+def plan_stream(paths: Iterable[str | Path], rows_per_shard: int, batch_size: int, shards: Iterable[int],
+                digests: Sequence[bytes]) -> Iterator[BatchJob]:
+    """:func:`plan_batches` over a stream: the batches of the given shards, each carrying its paths.
+
+    The stream is read shard by shard; each shard's paths are checked against ``digests``
+    (:func:`heads.classify.output.shard_digest` per shard, from the job's counting pass)
+    before any of its batches is yielded, so a stream that is not the one the job was
+    fingerprinted on never gets a row written.
+
+    Raises:
+        RuntimeError: a shard's paths differ from its digest, or the stream is longer or
+            shorter than the one counted.
+    """
+    wanted = set(shards)
+    n = 0
+    for k, chunk in enumerate(shard_chunks(paths, rows_per_shard)):
+        if k >= len(digests) or shard_digest(chunk) != digests[k]:
+            raise _changed(k)
+        if k in wanted:
+            first = k * rows_per_shard
+            for j, s in enumerate(range(0, len(chunk), batch_size)):
+                part = chunk[s:s + batch_size]
+                yield BatchJob(k, j, list(range(first + s, first + s + len(part))), part)
+        n = k + 1
+    if n != len(digests):
+        raise _changed(n)
+
+
 class _Assembler:
     """Collects per-batch columns (and monitoring stats), in any arrival order, into whole shards."""
 
-    def __init__(self, jobs: Sequence[BatchJob], head_names: Sequence[str]) -> None:
-        self.expected = Counter(job.shard for job in jobs)
+    def __init__(self, jobs: Sequence[BatchJob] | Mapping[int, int], head_names: Sequence[str]) -> None:
+        # Batches per shard: counted from the planned batches, or given ({shard: batches}) for a stream.
+        self.expected = Counter(jobs) if isinstance(jobs, Mapping) else Counter(job.shard for job in jobs)
         self.parts: dict[int, dict[int, dict[str, list]]] = {}
         self.stats: dict[int, dict[int, MonitorStats | None]] = {}
         self.head_names = head_names
@@ -130,17 +203,36 @@ class _Assembler:
         return whole, merged
 
 
-def _local_batches(trunk, bank: HeadBank, names: list[str], jobs: list[BatchJob], transform, draft_side,
-                   device: torch.device, num_workers: int, amp: bool | None,
+def _local_batches(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Iterable[BatchJob], transform,
+                   draft_side, device: torch.device, num_workers: int, amp: bool | None,
                    monitor: bool = False) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
     predictor = BatchPredictor(trunk, bank, device, amp=amp, monitor=monitor)
-    decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
-                           draft_side=draft_side, pin_memory=device.type == "cuda")
-    for job, batch in zip(jobs, decoded, strict=True):
+    if names is not None:  # a planned list over an input list
+        jobs = list(jobs)
+        decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
+                               draft_side=draft_side, pin_memory=device.type == "cuda")
+        pairs = zip(jobs, decoded, strict=True)
+    else:  # a streamed plan: each job carries its paths; the loader reads it a few batches ahead
+        sent: deque[BatchJob] = deque()
+
+        def feed() -> Iterator[tuple[list[int], list[str]]]:
+            for job in jobs:
+                sent.append(job)
+                yield job.indices, job.paths
+
+        decoded = iter_decoded_batches(feed(), transform, num_workers=num_workers, draft_side=draft_side,
+                                       pin_memory=device.type == "cuda")
+        pairs = ((sent.popleft(), batch) for batch in decoded)  # batches come back in the order sent
+    for job, batch in pairs:
         columns = empty_columns(bank.names)
         predictions, stats = predictor.run(batch.pixels, [batch.shas[p] for p in batch.ok])
         batch_rows(batch, predictions, columns)
         yield job.shard, job.batch, columns, stats
+
+
+def _reasons(errors: Sequence[str | None]) -> Counter:
+    """A shard's rows by error reason (None: decoded), all a job summary needs of its ``error`` column."""
+    return Counter(None if e is None else error_reason(e) for e in errors)
 
 
 def _shard_stats(out: Path, k: int) -> MonitorStats | None:
@@ -190,7 +282,7 @@ def _refusal(path: Path, on_disk: Mapping[str, Any], ours: Mapping[str, Any]) ->
 def classify(
     trunk,
     bank: HeadBank,
-    paths: Sequence[str | Path],
+    paths: Iterable[str | Path],
     output: str | Path,
     *,
     release: Mapping[str, Any],
@@ -211,7 +303,11 @@ def classify(
     Args:
         trunk: a :class:`trunk.model.Trunk`; run once per batch for ``bank.taps`` only.
         bank: the release's heads.
-        paths: image files or fsspec URIs, in the order their rows are written; bad
+        paths: image files or fsspec URIs, in the order their rows are written: a list, or
+            a re-iterable stream giving the same paths on every ``iter()``
+            (:class:`trunk.images.InputStream` of a folder or manifest), which is never held
+            as a list: one pass counts it, one fingerprints it, and the shards are planned
+            from a third, each shard checked against the first before it is computed; bad
             files become rows with an ``error``, never a failed job. A name that is not
             valid UTF-8 (``os.fsdecode``'s surrogates) is read as is; its ``path`` cell
             is :func:`trunk.images.path_text` of it.
@@ -268,21 +364,32 @@ def classify(
     for tap in bank.taps:
         trunk.tap(tap)  # raises a one-line TrunkError naming the valid taps
 
+    if iter(paths) is paths:
+        raise ValueError("paths: a one-shot iterator cannot be resumed; give a list or a re-iterable stream "
+                         "(trunk.images.InputStream)")
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     amp = device.type == "cuda" if amp is None else bool(amp)
-    names = [str(p) for p in paths]
+    # A list is used as is; a stream is only ever read shard by shard.
+    names = [str(p) for p in paths] if isinstance(paths, Sequence) else None
+    stream = names if names is not None else paths
+    # First pass: the count (hashed first in the fingerprint) and one digest per shard.
+    n_images, digests = _survey(stream, rows_per_shard)
     release = json.loads(json.dumps(dict(release), default=str))  # a plain, JSON-safe copy
     heads = sorted(bank.names)
     schema = output_schema(heads)
     draft_side = decode_side(trunk.data_config) if draft else None
     # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
     settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
-    fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
+    if names is not None:
+        fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
+    else:
+        fingerprint = _fingerprint(stream, digests, rows_per_shard,
+                                   JobFingerprint(release, rows_per_shard, heads, settings, images=n_images))
     # Every shard's Parquet metadata: where its rows came from, the same on every backend and run.
     provenance = job_provenance(release, trunk_id=trunk.trunk_id, classes=bank.classes, fingerprint=fingerprint,
-                                rows_per_shard=rows_per_shard, images=len(names), settings=settings)
+                                rows_per_shard=rows_per_shard, images=n_images, settings=settings)
     job = {"fingerprint": fingerprint, "release": release, "heads": heads, "rows_per_shard": rows_per_shard,
-           "images": len(names), "settings": settings, "schema": schema.names}
+           "images": n_images, "settings": settings, "schema": schema.names}
     out = Path(output)
     job_key = job_id(fingerprint)  # names this job's temp files: the only ones it ever removes
     if out.exists() and not out.is_dir():
@@ -300,7 +407,7 @@ def classify(
         return done  # finished before: write nothing
     if not job_path.is_file() and out.is_dir() and any(out.glob(SHARD_GLOB)):
         raise ValueError(f"{out}: holds Parquet shards but no {JOB_FILE}; use a new output folder")
-    n_shards = math.ceil(len(names) / rows_per_shard)
+    n_shards = math.ceil(n_images / rows_per_shard)
     job["shards"] = n_shards
     out.mkdir(parents=True, exist_ok=True)
     if not commit_json(out, JOB_FILE, job, job=job_key):  # another run wrote it: it must be this same job
@@ -309,23 +416,28 @@ def classify(
             raise _refusal(job_path, on_disk, job)
     remove_stale_temps(out, job_key)
 
-    # Which shards are already on disk, whole and well-formed.
-    errors_of: dict[int, list[str | None]] = {}
+    # Which shards are already on disk, whole and well-formed: per shard, its rows' error reasons.
+    errors_of: dict[int, Counter] = {}
     for k in range(n_shards):
-        rows = min(rows_per_shard, len(names) - k * rows_per_shard)
+        rows = min(rows_per_shard, n_images - k * rows_per_shard)
         if monitor and (out / shard_monitor_name(k)).exists() and _shard_stats(out, k) is None:
             set_aside(out, shard_monitor_name(k), job=job_key)  # damaged: recomputed with its shard
         existing = shard_errors(out / shard_name(k), schema, rows, fingerprint)
         if existing is not None:
             if not monitor or (out / shard_monitor_name(k)).is_file():
-                errors_of[k] = existing
+                errors_of[k] = _reasons(existing)
             # else: rows without stats (a run with monitor off): recompute them; the shard on disk is kept
         elif (out / shard_name(k)).exists():
             # Damaged (not by us: commits are whole) or another job's: recompute it.
             set_aside(out, shard_name(k), job=job_key)
     reused = len(errors_of)
     pending = [k for k in range(n_shards) if k not in errors_of]
-    jobs = plan_batches(len(names), rows_per_shard, batch_size, pending)
+    if names is not None:
+        jobs: Iterable[BatchJob] = plan_batches(n_images, rows_per_shard, batch_size, pending)
+        expected = Counter(job.shard for job in jobs)
+    else:  # the third pass: planned shard by shard, each checked against the first pass
+        jobs = plan_stream(stream, rows_per_shard, batch_size, pending, digests)
+        expected = {k: math.ceil(min(rows_per_shard, n_images - k * rows_per_shard) / batch_size) for k in pending}
 
     transform = eval_transform(trunk.data_config)
     if backend == "ray":
@@ -338,11 +450,11 @@ def classify(
                                  monitor=monitor)
 
     written = processed = 0
-    assembler = _Assembler(jobs, heads)
+    assembler = _Assembler(expected, heads)
     commits: list[tuple[int, Future]] = []
-    done_rows = sum(len(v) for v in errors_of.values())
+    done_rows = sum(v.total() for v in errors_of.values())
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
-            tqdm(total=len(names), initial=done_rows, unit="img", desc="classify", disable=not progress,
+            tqdm(total=n_images, initial=done_rows, unit="img", desc="classify", disable=not progress,
                  dynamic_ncols=True) as bar:
         for k, j, columns, batch_stats in batches:
             n = len(columns["path"])
@@ -352,7 +464,7 @@ def classify(
             if assembled is None:
                 continue
             whole, shard_stats = assembled
-            errors_of[k] = whole["error"]
+            errors_of[k] = _reasons(whole["error"])
             # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
             whole["path"] = [path_text(p) for p in whole["path"]]
             table = pa.Table.from_pydict(whole, schema=shard_schema(schema, provenance, k))
@@ -366,8 +478,10 @@ def classify(
             if future.result():
                 written += 1
             else:  # another job committed it first; its rows are the same by construction
-                rows = min(rows_per_shard, len(names) - k * rows_per_shard)
-                errors_of[k] = shard_errors(out / shard_name(k), schema, rows, fingerprint) or errors_of[k]
+                rows = min(rows_per_shard, n_images - k * rows_per_shard)
+                theirs = shard_errors(out / shard_name(k), schema, rows, fingerprint)
+                if theirs is not None:
+                    errors_of[k] = _reasons(theirs)
     missing = [k for k in range(n_shards) if k not in errors_of]
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")
@@ -386,13 +500,15 @@ def classify(
         monitored = monitor_summary(stats)
 
     seconds = time.perf_counter() - start
-    errors = [e for k in range(n_shards) for e in errors_of[k]]
-    reasons = Counter(error_reason(e) for e in errors if e is not None)
+    reasons: Counter = Counter()
+    for k in range(n_shards):
+        reasons.update(errors_of[k])
+    del reasons[None]  # the rows that decoded
     n_errors = sum(reasons.values())
     summary = {
         "release": release,
         "fingerprint": fingerprint,
-        "counts": {"images": len(names), "ok": len(names) - n_errors, "errors": n_errors, "shards": n_shards},
+        "counts": {"images": n_images, "ok": n_images - n_errors, "errors": n_errors, "shards": n_shards},
         "errors_by_reason": dict(sorted(reasons.items())),
         "images_per_s": round(processed / seconds, 3) if seconds > 0 else 0.0,
         "seconds": round(seconds, 3),

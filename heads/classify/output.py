@@ -47,7 +47,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -181,29 +181,76 @@ def shard_provenance(path: str | Path) -> dict[str, Any]:
     return document
 
 
-def job_fingerprint(paths: Sequence[str], release: Mapping[str, Any], rows_per_shard: int,
-                    head_names: Sequence[str], settings: Mapping[str, Any] | None = None) -> str:
+def job_fingerprint(paths: Iterable[str], release: Mapping[str, Any], rows_per_shard: int,
+                    head_names: Sequence[str], settings: Mapping[str, Any] | None = None, *,
+                    images: int | None = None) -> str:
     """sha256 naming one job: its inputs in order, its release, shard size, heads and settings.
 
     Args:
-        paths: the input paths as strings, in order.
+        paths: the input paths as strings, in order: a sequence, or (with ``images``) any
+            iterable, hashed as it streams (:class:`JobFingerprint`).
         release: the release dict (name, version, trunk, heads, ...).
         rows_per_shard: rows per Parquet shard.
         head_names: the bank's head names.
         settings: anything else that changes a row (batch size, draft decoding); omitted
             keys are not hashed, so older fingerprints stay valid.
+        images: how many paths there are, for a stream (the count is hashed first);
+            None: ``len(paths)``.
+
+    Raises:
+        ValueError: the stream holds another number of paths than ``images``.
     """
+    h = JobFingerprint(release, rows_per_shard, head_names, settings, images=len(paths) if images is None else images)
+    for p in paths:
+        h.update(p)
+    return h.hexdigest()
+
+
+class JobFingerprint:
+    """:func:`job_fingerprint`, computed incrementally over a stream of input paths.
+
+    The count is hashed before the paths (so fingerprints of list-based jobs stay valid),
+    which is why it must be known first: a bulk job counts its input stream in one pass and
+    fingerprints it in the next.
+
+    Args:
+        release, rows_per_shard, head_names, settings: as for :func:`job_fingerprint`.
+        images: the number of paths that will be given to :meth:`update`.
+    """
+
+    def __init__(self, release: Mapping[str, Any], rows_per_shard: int, head_names: Sequence[str],
+                 settings: Mapping[str, Any] | None = None, *, images: int) -> None:
+        self._h = hashlib.sha256()
+        self.images = int(images)
+        self.count = 0
+        header = {"release": release, "rows_per_shard": int(rows_per_shard),
+                  "heads": sorted(head_names), "images": self.images}
+        if settings:
+            header["settings"] = dict(settings)
+        self._h.update(json.dumps(header, sort_keys=True, default=str).encode())
+
+    def update(self, path: str) -> None:
+        """Hash the next input path."""
+        # NUL-separated: the one byte a file path cannot contain, so the list is unambiguous.
+        self._h.update(b"\0")
+        self._h.update(path.encode("utf-8", "surrogateescape"))
+        self.count += 1
+
+    def hexdigest(self) -> str:
+        """The fingerprint; a ``ValueError`` when the stream's length was not ``images``."""
+        if self.count != self.images:
+            raise ValueError(f"the input stream held {self.count} paths, not the {self.images} counted; "
+                             "inputs changed while the job was planned")
+        return self._h.hexdigest()
+
+
+def shard_digest(paths: Iterable[str]) -> bytes:
+    """A short digest of one shard's input paths, in order: how a job checks each pass over its stream saw the same shard."""
     h = hashlib.sha256()
-    header = {"release": release, "rows_per_shard": int(rows_per_shard),
-              "heads": sorted(head_names), "images": len(paths)}
-    if settings:
-        header["settings"] = dict(settings)
-    h.update(json.dumps(header, sort_keys=True, default=str).encode())
-    # NUL-separated: the one byte a file path cannot contain, so the list is unambiguous.
     for p in paths:
         h.update(b"\0")
         h.update(p.encode("utf-8", "surrogateescape"))
-    return h.hexdigest()
+    return h.digest()
 
 
 def error_reason(error: str) -> str:

@@ -26,10 +26,11 @@ Ray is imported here only, so the platform runs without it (``pip install
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +43,8 @@ from trunk.loader import DecodedBatch, decode_batch
 log = logging.getLogger(__name__)
 
 DEFAULTS = {"address": None, "actors": 1, "gpus_per_actor": None, "decode_cpus": 1, "actor_cpus": 1,
-            "decode_memory_mb": 1024, "batches_per_block": 4, "actor_start_timeout_s": 600}
+            "decode_memory_mb": 1024, "batches_per_block": 4, "actor_start_timeout_s": 600,
+            "window_batches": 4096}
 
 
 # Pixel dtypes a decoded batch may carry between stages (the eval transform gives float32).
@@ -104,7 +106,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(f"field 'ray.{unknown[0]}': unknown; known: {', '.join(DEFAULTS)}")
     merged = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     for key in ("actors", "decode_cpus", "actor_cpus", "decode_memory_mb", "batches_per_block",
-                "actor_start_timeout_s"):
+                "actor_start_timeout_s", "window_batches"):
         if float(merged[key]) <= 0:
             raise ValueError(f"field 'ray.{key}': must be positive, got {merged[key]}")
     return merged
@@ -132,7 +134,7 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
+def build_dataset(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Sequence, transform, draft_side: int | None, *,
                   gpus: float, amp: bool, options: Mapping[str, Any], monitor: bool = False):
     """The two-stage Ray Dataset over the planned batches (lazy: nothing runs until iterated).
 
@@ -145,7 +147,8 @@ def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, t
 
     opts = options
     items = [{"shard": job.shard, "batch": job.batch, "indices": job.indices,
-              "paths": [path_text(names[i]) for i in job.indices]} for job in jobs]
+              "paths": [path_text(p) for p in (job.paths if job.paths is not None else [names[i] for i in job.indices])]}
+             for job in jobs]
     # A few batches per block: each block costs Ray Data tens of ms per stage.
     n_blocks = -(-len(items) // int(opts["batches_per_block"]))
     ds = ray.data.from_items(items, override_num_blocks=n_blocks)
@@ -165,7 +168,15 @@ def build_dataset(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, t
     return ds
 
 
-def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, transform, draft_side: int | None, *,
+def _windows(jobs: Iterable, size: int) -> Iterator[list]:
+    """The planned batches, ``size`` at a time (the last window shorter)."""
+    it = iter(jobs)
+    while window := list(itertools.islice(it, size)):
+        yield window
+
+
+def ray_batches(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Iterable, transform,
+                draft_side: int | None, *,
                 device: torch.device, amp: bool, options: Mapping[str, Any],
                 monitor: bool = False) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
     """Decode and classify the planned batches on Ray; yield ``(shard, batch, columns, stats)`` as they finish.
@@ -174,7 +185,11 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         trunk: the release's trunk (copied once into each actor).
         bank: the release's heads (likewise).
         names: the job's input paths or URIs; every Ray worker must be able to open them.
-        jobs: :func:`heads.classify.engine.plan_batches` output.
+            None when the jobs carry their own paths (a streamed plan).
+        jobs: :func:`heads.classify.engine.plan_batches` output, or a stream of batches
+            carrying their paths (:func:`heads.classify.engine.plan_stream`), which is read
+            ``window_batches`` at a time: each window is one Ray Dataset, so the driver never
+            holds more than a window of paths (the actors start again per window).
         transform: the trunk's eval transform.
         draft_side: see :func:`trunk.loader.iter_decoded`.
         device: ``cuda`` gives each actor one GPU (unless ``gpus_per_actor`` says
@@ -184,7 +199,7 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
             cluster of this machine; ``ray://host:10001``: Ray Client), ``actors`` (model
             copies), ``gpus_per_actor``, ``decode_cpus``, ``actor_cpus``,
             ``decode_memory_mb`` (reserved per decoding task), ``batches_per_block``,
-            ``actor_start_timeout_s``. A Ray already initialised in this process is used
+            ``actor_start_timeout_s``, ``window_batches`` (planned batches per Ray Dataset). A Ray already initialised in this process is used
             as is.
         monitor: also compute each batch's monitoring stats in the actors (None otherwise).
 
@@ -197,7 +212,9 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
     except ImportError:
         raise ValueError('backend=ray needs Ray Data: pip install "vision-trunk-platform[ray]"') from None
     opts = check_options(options)
-    if not jobs:
+    windows = _windows(jobs, int(opts["window_batches"]))
+    first = next(windows, None)
+    if first is None:
         return
     gpus = opts["gpus_per_actor"]
     if gpus is None:
@@ -210,13 +227,14 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str], jobs: Sequence, tra
         ctx.raise_original_map_exception = True  # a failing stage raises its own exception type
         # Fail rather than wait forever for actors the cluster cannot place (e.g. GPUs it lacks).
         ctx.wait_for_min_actors_s = int(opts["actor_start_timeout_s"])
-        ds = build_dataset(trunk, bank, names, jobs, transform, draft_side, gpus=gpus, amp=amp, options=opts,
-                           monitor=monitor)
-        for row in ds.iter_rows():
-            columns = json.loads(row["columns"])
-            columns["path"] = [path_from_text(p) for p in columns["path"]]  # as the local backend gives them
-            stats = MonitorStats.from_json(row["stats"]) if row["stats"] else None
-            yield int(row["shard"]), int(row["batch"]), columns, stats
+        for window in itertools.chain([first], windows):
+            ds = build_dataset(trunk, bank, names, window, transform, draft_side, gpus=gpus, amp=amp, options=opts,
+                               monitor=monitor)
+            for row in ds.iter_rows():
+                columns = json.loads(row["columns"])
+                columns["path"] = [path_from_text(p) for p in columns["path"]]  # as the local backend gives them
+                stats = MonitorStats.from_json(row["stats"]) if row["stats"] else None
+                yield int(row["shard"]), int(row["batch"]), columns, stats
     finally:
         if started:
             ray.shutdown()

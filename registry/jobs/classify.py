@@ -40,7 +40,7 @@ from registry.store.releases import (
 )
 from registry.store.trunks import trunk_trained_on
 from registry.store.workspace import Workspace
-from trunk.images import resolve_inputs
+from trunk.images import InputStream
 from trunk.seen import content_sha
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     if not heads:
         raise JobError(f"release v{chosen.version} has no heads; promote one with tools.train_head")
     labelled = read_labels_file(labels, {n: h.classes for n, h in heads.items()}) if labels is not None else None
-    paths = resolve_inputs(input)
+    # Streamed: a folder walk or manifest of tens of millions of entries is never held as a list.
+    paths = InputStream(input)
     success = classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
                              num_workers=num_workers, device=device, rows_per_shard=rows_per_shard,
                              progress=progress, draft=draft, backend=backend, ray_options=ray_options,

@@ -95,7 +95,7 @@ def test_every_tool_config_is_typed():
     assert refusal("classify", "input=/x").startswith("field 'output': ") and "missing mandatory value" in \
         refusal("classify", "input=/x")
     assert "field 'to'" in refusal("rollback", "to=latest")
-    assert "field 'suite': 'nope' is not one of: heads, pipeline" == refusal("bench", "suite=nope")
+    assert "field 'suite': 'nope' is not one of: heads, pipeline, streaming" == refusal("bench", "suite=nope")
     assert refusal("extract") == "field 'input': give exactly one of input=<folder or manifest> or head=<name>"
     assert refusal("refresh", "multitask.base=nope") == "field 'multitask.base': 'nope' is not one of: production, config"
     assert num_workers(compose_tool("classify", "num_workers=auto")) >= 1

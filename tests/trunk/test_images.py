@@ -252,3 +252,39 @@ def test_pq_manifest_is_parquet_and_a_short_csv_row_is_named(tmp_path):
     with pytest.raises(ValueError) as e:
         read_path_list(short)
     assert str(e.value) == f"{short}: not valid CSV (row 3: Expected 2 columns, got 1: dog)"
+
+
+def test_iter_images_streams_in_the_sorted_path_order(tmp_path):
+    from trunk.images import iter_images
+
+    root = tmp_path / "tree"
+    names = ["a/b/c.png", "a/b-x.png", "a-b.png", "a/.hidden/x.png", "a/._y.jpg", "z.JPG", "a/b/d.txt", "m/n/o/p.gif"]
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"x")
+    (root / "real").mkdir()
+    (root / "real" / "r.png").write_bytes(b"x")
+    (root / "linked").symlink_to(root / "real")  # a symlinked folder is not entered, as rglob
+    (root / "alias.png").symlink_to(root / "z.JPG")  # a symlinked file counts
+    stream = iter_images(root)
+    assert not isinstance(stream, list)
+    got = list(stream)
+    assert got == [str(p) for p in list_images(root)]
+    assert got == [str(p) for p in sorted(
+        p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts))]
+    assert got[:3] == [str(root / "a" / "b" / "c.png"), str(root / "a" / "b-x.png"), str(root / "a-b.png")]
+
+
+def test_manifest_is_read_as_a_stream(tmp_path):
+    from trunk.images import InputStream, iter_path_list
+
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path\n" + "".join(f"img{i}.png\n" for i in range(50000)) + '""\n')
+    stream = iter_path_list(manifest)
+    assert next(stream) == str(tmp_path / "img0.png")  # before the bad last row is read
+    with pytest.raises(ValueError, match=r"m.csv: field 'path': empty in row 50002"):
+        list(stream)
+    again = InputStream(tmp_path / "m.csv")
+    with pytest.raises(ValueError, match="empty in row 50002"):
+        sum(1 for _ in again)
