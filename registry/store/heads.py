@@ -51,6 +51,7 @@ from heads.checks.gate import GateReport, check_gate
 from heads.monitor.reference import HeadReference
 from heads.result import HeadResult
 from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
+from registry.serving.package import write_head_model
 from registry.store.runs import RunLog, tracked_run
 from registry.store.tracking import (
     RegistryError,
@@ -282,6 +283,8 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             _write_artifacts(result, gate, f"{name} (trunk v{trunk_version})", Path(tmp))
             for file_name, text in (artifacts or {}).items():
                 (Path(tmp) / file_name).write_text(text)
+            # The head folder is also an MLflow pyfunc model (models:/head.<name>/<v>), on its trunk.
+            write_head_model(Path(tmp) / ARTIFACT_PATH, trunk_version=int(trunk_version))
             # Hashed from the very files uploaded next; loading compares the store's copy to them.
             digests = artifact_digests(Path(tmp) / ARTIFACT_PATH)
             if reference is not None:

@@ -1,10 +1,17 @@
 """Releases: one trunk version plus one version of every head, behind alias ``production``.
 
 A release version is a version of the registered model ``release`` whose run (experiment
-``releases``) holds one artifact, ``release.json``::
+``releases``) holds the manifest ``release.json``::
 
     {"trunk": {"version": 3, "trunk_id": "..."},
      "heads": {"colour": {"version": 2, "tap": "pooled", "trunk_id": "..."}}, "note": "..."}
+
+and, for a release with heads, the artifact ``model/``: the release as a self-contained
+MLflow pyfunc model (:mod:`registry.serving`: the trunk's and every head's files, checked
+against their recorded hashes, plus a manifest of their sha256), which is the version's
+``source``, so ``mlflow.pyfunc.load_model("models:/release@production")`` and
+``mlflow models serve`` run it. Releases made before this (source ``release.json``) and a
+bootstrap release with no heads have no model; :func:`read_release` reads every one.
 
 Every head in a release shares the trunk's ``trunk_id``. Batch jobs read the alias
 ``production``; moving it is the promotion. It moves by compare-and-swap: the caller
@@ -52,7 +59,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from heads.store import LoadedHead
+from heads.store import HeadArtifactError, LoadedHead
+from registry.serving.package import build_release_model
+from registry.serving.runtime import ServingError
 from registry.store.heads import get_head_version, load_head_version, model_name
 from registry.store.lease import Lease, LeaseError, hold
 from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, experiment_id, is_not_found
@@ -63,6 +72,8 @@ log = logging.getLogger(__name__)
 
 RELEASE_MODEL = "release"
 MANIFEST = "release.json"
+# The run artifact holding the release as an MLflow pyfunc model (registry.serving); the version's source.
+MODEL_ARTIFACT = "model"
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 # Version tags: where production pointed before it moved to this release ("none" for the
@@ -216,8 +227,13 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
     """Create the release version and move ``alias`` to it; the caller holds the lock and has
     checked that the alias points at ``expected``.
 
-    If anything fails before the alias moves (the lease is lost, the store errs), the
-    version and its run are withdrawn: nothing is left behind.
+    A release with heads is also written as an MLflow pyfunc model (run artifact ``model/``,
+    the version's source; :func:`registry.serving.build_release_model`), from the trunk's
+    and heads' files checked against their recorded hashes; a file that fails the check
+    refuses the release (:class:`ReleaseError`).
+
+    If anything fails before the alias moves (the lease is lost, the store errs, a file
+    fails its check), the version and its run are withdrawn: nothing is left behind.
     """
     trunk_version = int(manifest["trunk"]["version"])
     manifest = {**manifest, "note": note}
@@ -235,8 +251,20 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
         with tempfile.TemporaryDirectory(prefix="release-") as tmp:
             (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             client.log_artifact(run_id, str(Path(tmp) / MANIFEST))
-        mv = client.create_model_version(RELEASE_MODEL, source=f"{run.info.artifact_uri}/{MANIFEST}",
-                                         run_id=run_id, tags=version_tags, description=note or None)
+            source = f"{run.info.artifact_uri}/{MANIFEST}"
+            if manifest["heads"]:
+                # The release as an MLflow pyfunc model: trunk and heads copied in, verified.
+                # Copying the weights takes a while: start it on a full lease (VTP_PROMOTION_LEASE_S).
+                lease.check()
+                lease.renew()
+                try:
+                    build_release_model(client, manifest, Path(tmp) / MODEL_ARTIFACT)
+                except (ServingError, HeadArtifactError) as e:
+                    raise ReleaseError(f"the release's pyfunc model cannot be built: {e}") from None
+                client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+                source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
+        mv = client.create_model_version(RELEASE_MODEL, source=source, run_id=run_id, tags=version_tags,
+                                         description=note or None)
         lease.check()
         client.set_registered_model_alias(RELEASE_MODEL, alias, mv.version)
     except BaseException:

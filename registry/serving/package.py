@@ -1,0 +1,237 @@
+"""Writing platform pyfunc model folders: a self-contained release, or one head that fetches its trunk.
+
+Both are saved with ``mlflow.pyfunc.save_model`` from code (:mod:`registry.serving.model`),
+with an explicit signature (optional ``path`` / ``image`` inputs; bulk classification's
+output columns), a small input example, explicit pip requirements (so MLflow neither
+infers them by loading the model nor pickles anything) and the model settings
+``batch_size``, ``device``, ``draft``, ``tracking_uri`` as its ``model_config`` (each may be
+overridden at load, or by ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` for ``mlflow models serve``).
+
+A release folder (:func:`build_release_model`) holds, as the artifact ``bundle``, the
+manifest ``serving.json``, the trunk's files under ``trunk/`` and each head's under
+``heads/<name>/``, copied from the versions' artifacts after checking them against the
+hashes the registry recorded. A head folder (:func:`write_head_model`) gets the model
+files next to its ``head.json`` and ``head.safetensors``, which it serves in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import yaml
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+
+from heads.store import DIGEST_KEYS, SPEC_FILE, WEIGHTS_FILE, artifact_digests, load_head
+from registry.serving.runtime import (
+    DEFAULT_CONFIG,
+    FORMAT_VERSION,
+    IMAGE_COLUMN,
+    MANIFEST_FILE,
+    PATH_COLUMN,
+    ServingError,
+    sha256_file,
+)
+from registry.store.trunks import ARTIFACT_PATH as TRUNK_ARTIFACT
+from registry.store.trunks import get_trunk_version
+from trunk.model import SPEC_FILE as TRUNK_SPEC_FILE
+from trunk.model import WEIGHTS_FILE as TRUNK_WEIGHTS_FILE
+
+log = logging.getLogger(__name__)
+
+MODEL_CODE = Path(__file__).with_name("model.py")
+BUNDLE = "bundle"
+HEAD_ARTIFACT = "head"
+# Distributions the model's code imports; the platform itself must be installed where it is served.
+REQUIREMENTS = ("vision-trunk-platform", "mlflow", "torch", "timm", "safetensors", "pillow", "numpy", "pandas",
+                "fsspec")
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
+# Every file MLflow writes for a model, which a head folder must not hold already.
+MODEL_FILES = ("MLmodel", "model.py", "artifacts", "conda.yaml", "python_env.yaml", "requirements.txt",
+               "input_example.json", "serving_input_example.json")
+
+
+def signature(head_names: Sequence[str]) -> ModelSignature:
+    """Inputs ``path`` (string) and ``image`` (binary), both optional; outputs the bulk columns."""
+    inputs = Schema([ColSpec("string", PATH_COLUMN, required=False), ColSpec("binary", IMAGE_COLUMN, required=False)])
+    outputs = [ColSpec("string", "path", required=False), ColSpec("string", "sha256", required=False),
+               ColSpec("string", "error", required=False)]
+    for name in sorted(head_names):
+        outputs += [ColSpec("string", f"{name}_label", required=False),
+                    ColSpec("float", f"{name}_score", required=False)]
+    return ModelSignature(inputs=inputs, outputs=Schema(outputs))
+
+
+def pip_requirements() -> list[str]:
+    """:data:`REQUIREMENTS` pinned to the versions installed here (unpinned when one is not installed)."""
+    out = []
+    for dist in REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            out.append(dist)
+    return out
+
+
+def input_example():
+    import pandas as pd
+
+    return pd.DataFrame({PATH_COLUMN: ["images/0001.jpg", "s3://bucket/images/0002.png"]})
+
+
+def check_no_pickle(folder: str | Path) -> None:
+    """Raise :class:`ServingError` if a model folder holds a pickle or is a cloudpickled model."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise ServingError(f"{path}: a pickle-format file in a platform model folder")
+    flavor = yaml.safe_load((folder / "MLmodel").read_text())["flavors"]["python_function"]
+    if "python_model" in flavor or "model_code_path" not in flavor:
+        raise ServingError(f"{folder / 'MLmodel'}: not a models-from-code model (it would unpickle its python_model)")
+
+
+def save_platform_model(path: str | Path, bundle: str | Path, head_names: Sequence[str]) -> Path:
+    """``mlflow.pyfunc.save_model`` of :mod:`registry.serving.model` with ``bundle`` (a folder
+    holding ``serving.json``) as its one artifact; ``path`` must not exist or be empty.
+
+    Returns:
+        The model folder, checked to hold no pickle.
+    """
+    path = Path(path)
+    mlflow.pyfunc.save_model(
+        str(path), python_model=str(MODEL_CODE), artifacts={BUNDLE: str(bundle)},
+        signature=signature(head_names), input_example=input_example(), pip_requirements=pip_requirements(),
+        model_config={**DEFAULT_CONFIG, "tracking_uri": ""})
+    check_no_pickle(path)
+    return path
+
+
+def _bundle_dir(model_folder: Path) -> Path:
+    flavor = yaml.safe_load((model_folder / "MLmodel").read_text())["flavors"]["python_function"]
+    return model_folder / flavor["artifacts"][BUNDLE]["path"]
+
+
+def _fetch(client: MlflowClient, run_id: str, artifact: str, dst: Path) -> None:
+    """Download one run artifact file to ``dst`` (its folder is created)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+        shutil.move(client.download_artifacts(run_id, artifact, tmp), str(dst))
+
+
+def _stage_trunk(client: MlflowClient, version: int, trunk_id: str, dst: Path) -> dict[str, Any]:
+    run_id = get_trunk_version(client, version).run_id
+    files = {}
+    for name in (TRUNK_SPEC_FILE, TRUNK_WEIGHTS_FILE):
+        _fetch(client, run_id, f"{TRUNK_ARTIFACT}/{name}", dst / name)
+        files[name] = sha256_file(dst / name)
+    spec_id = json.loads((dst / TRUNK_SPEC_FILE).read_text()).get("trunk_id")
+    if spec_id != trunk_id:
+        raise ServingError(f"trunk v{version}: its {TRUNK_SPEC_FILE} says trunk_id {spec_id} but the version is "
+                           f"tagged {trunk_id}; the stored artifacts were altered")
+    return {"version": int(version), "trunk_id": trunk_id, "dir": "trunk", "files": files}
+
+
+def _stage_head(client: MlflowClient, name: str, version: int, dst: Path) -> dict[str, Any]:
+    # Here, not at the top: registry.store.heads calls write_head_model, so it imports this module.
+    from registry.store.heads import get_head_version
+
+    mv = get_head_version(client, name, version)
+    for file_name in (SPEC_FILE, WEIGHTS_FILE):
+        _fetch(client, mv.run_id, f"{HEAD_ARTIFACT}/{file_name}", dst / file_name)
+    digests = artifact_digests(dst)
+    recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
+    label = f"head.{name} v{version}"
+    if any(recorded.values()):
+        # The same check load_head_version makes: what is packaged is what was registered.
+        load_head(dst, expected=recorded, label=label)
+    else:
+        log.warning("%s: registered without content hashes; packaging its files as they are now", label)
+        load_head(dst, expected=digests, label=label)
+    return {"version": int(version), "tap": mv.tags.get("tap"), "trunk_id": mv.tags.get("trunk_id"),
+            "dir": f"heads/{name}", **digests}
+
+
+def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path: str | Path) -> Path:
+    """Write a self-contained release model folder for a release manifest.
+
+    Args:
+        client: the registry holding the manifest's trunk and head versions.
+        manifest: a release manifest (``release.json``'s content: ``trunk`` ``{version,
+            trunk_id}``, ``heads`` ``{name: {version, ...}}``, ``note``).
+        path: the folder to write (must not exist, or be empty).
+
+    Returns:
+        ``path``, loadable with ``mlflow.pyfunc.load_model``.
+
+    Raises:
+        ServingError: the release has no heads, or a trunk file disagrees with its tag.
+        heads.store.HeadArtifactError: a head's files do not match the hashes recorded at
+            its registration.
+    """
+    if not manifest["heads"]:
+        raise ServingError("a release with no heads classifies nothing; it has no pyfunc model")
+    with tempfile.TemporaryDirectory(prefix="release-model-") as tmp:
+        bundle = Path(tmp) / BUNDLE
+        bundle.mkdir()
+        trunk = _stage_trunk(client, int(manifest["trunk"]["version"]), manifest["trunk"]["trunk_id"],
+                             bundle / "trunk")
+        heads = {name: _stage_head(client, name, int(h["version"]), bundle / "heads" / name)
+                 for name, h in sorted(manifest["heads"].items())}
+        serving = {"format": FORMAT_VERSION, "kind": "release", "note": manifest.get("note", ""),
+                   "trunk": trunk, "heads": heads}
+        (bundle / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        return save_platform_model(path, bundle, list(heads))
+
+
+def write_head_model(folder: str | Path, *, trunk_version: int) -> Path:
+    """Make a head's artifact folder (``head.json`` + ``head.safetensors``) an MLflow pyfunc model.
+
+    The model serves the head on ``trunk`` v<trunk_version>, fetched from the registry at
+    load (``models:/trunk/<version>``, through the caller's tracking URI) and checked to
+    have the head's ``trunk_id``. The head's files stay where they are; the manifest
+    records their sha256 (the same ``weights_sha256`` / ``spec_sha256`` the registry tags
+    the version with), so a file changed after this call is refused at load.
+
+    Args:
+        folder: the head's folder, as :func:`heads.store.save_head` wrote it.
+        trunk_version: the ``trunk`` version the head was trained on.
+
+    Returns:
+        ``folder``.
+
+    Raises:
+        ServingError: ``folder`` already holds model files.
+        heads.store.HeadArtifactError: the head's files do not load.
+    """
+    folder = Path(folder)
+    taken = [n for n in MODEL_FILES if (folder / n).exists()]
+    if taken:
+        raise ServingError(f"{folder}: already holds {', '.join(taken)}; write the model into a fresh head folder")
+    digests = artifact_digests(folder)
+    head = load_head(folder, expected=digests)
+    with tempfile.TemporaryDirectory(prefix="head-model-") as tmp:
+        bundle = Path(tmp) / BUNDLE
+        bundle.mkdir()
+        entry = {"version": None, "tap": head.tap, "trunk_id": head.meta["trunk_id"], "dir": ".", **digests}
+        serving = {"format": FORMAT_VERSION, "kind": "head", "trunk": {"version": int(trunk_version),
+                                                                       "trunk_id": head.meta["trunk_id"]},
+                   "heads": {head.name: entry}}
+        (bundle / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        model = save_platform_model(Path(tmp) / "model", bundle, [head.name])
+        # The head's files are the model root: point the manifest at it from where MLflow put the bundle.
+        saved = _bundle_dir(model)
+        entry["dir"] = Path(os.path.relpath(model, saved)).as_posix()
+        (saved / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        for item in sorted(model.iterdir()):
+            shutil.move(str(item), str(folder / item.name))
+    return folder
