@@ -13,6 +13,13 @@ against their recorded hashes, plus a manifest of their sha256), which is the ve
 ``mlflow models serve`` run it. Releases made before this (source ``release.json``) and a
 bootstrap release with no heads have no model; :func:`read_release` reads every one.
 
+What the registry UI shows: a release version's description names why it was made, its
+trunk and every head with version and tap (:func:`release_description`), its tags
+``heads`` (``colour:v2,shape:v1``) and ``head_count`` say the same, and the trunk version and
+every head version production serves carry alias ``production`` on their own models,
+moved with each promotion and rollback (:func:`mark_serving`; a sweep,
+:func:`sync_serving_aliases`, repairs markers a killed promoter left behind).
+
 Every head in a release shares the trunk's ``trunk_id``. Batch jobs read the alias
 ``production``; moving it is the promotion. It moves by compare-and-swap: the caller
 says which version it expects production to be, the alias is re-read under the
@@ -65,7 +72,7 @@ from registry.serving.runtime import ServingError
 from registry.store.heads import get_head_version, load_head_version, model_name
 from registry.store.lease import Lease, LeaseError, hold
 from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, experiment_id, is_not_found
-from registry.store.trunks import get_trunk_version, load_trunk
+from registry.store.trunks import TRUNK_MODEL, get_trunk_version, load_trunk
 from trunk.model import Trunk
 
 log = logging.getLogger(__name__)
@@ -83,7 +90,8 @@ ROLLED_BACK_FROM = "rolled_back_from"
 # On a release version and its run left behind by a promoter that died before production moved.
 ORPHAN = "orphan"
 # Tags the platform sets itself; callers' extra tags may not overwrite them.
-_RESERVED_TAGS = frozenset({"trunk_id", "trunk_version", "heads", PREVIOUS_PRODUCTION, ROLLED_BACK_FROM, ORPHAN})
+_RESERVED_TAGS = frozenset({"trunk_id", "trunk_version", "heads", "head_count", PREVIOUS_PRODUCTION,
+                            ROLLED_BACK_FROM, ORPHAN})
 
 
 class ReleaseError(RegistryError):
@@ -222,6 +230,125 @@ def _extra_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     return extra
 
 
+# MLflow's limit on a model version's description and tag values in the SQL stores is 5000
+# characters; the lists below stop short of it (release.json always holds them whole).
+_LIST_LIMIT = 4000
+
+
+def _listed(items: list[str], limit: int = _LIST_LIMIT) -> str:
+    """``items`` joined by ", ", cut before ``limit`` characters with how many were left out."""
+    text, shown = "", 0
+    for item in items:
+        candidate = f"{text}, {item}" if text else item
+        if len(candidate) > limit:
+            return f"{text}, ... and {len(items) - shown} more (release.json lists them all)"
+        text, shown = candidate, shown + 1
+    return text
+
+
+def release_description(manifest: Mapping[str, Any], note: str = "") -> str:
+    """A release version's description, as the registry UI shows it: why, its trunk and every head.
+
+    For example::
+
+        promote head.colour v2
+
+        trunk v3 (trunk_id 1f2e...)
+        5 heads: colour v2 (pooled), count v1 (pooled), count_branch v1 (layer2), ...
+    """
+    heads = manifest["heads"]
+    trunk = manifest["trunk"]
+    listed = _listed([f"{n} v{h['version']} ({h.get('tap')})" for n, h in sorted(heads.items())]) or "none"
+    lines = [note, ""] if note else []
+    lines += [f"trunk v{trunk['version']} (trunk_id {trunk['trunk_id']})", f"{len(heads)} heads: {listed}"]
+    return "\n".join(lines)
+
+
+def contents_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Version tags naming what a release holds: ``heads`` (``colour:v2,shape:v1``) and ``head_count``."""
+    heads = manifest["heads"]
+    return {"heads": _listed([f"{n}:v{h['version']}" for n, h in sorted(heads.items())]).replace(", ", ","),
+            "head_count": str(len(heads))}
+
+
+def _set_alias(client: MlflowClient, model: str, alias: str, version: int | None) -> None:
+    if version is None:
+        with contextlib.suppress(MlflowException):  # gone already
+            client.delete_registered_model_alias(model, alias)
+    else:
+        client.set_registered_model_alias(model, alias, str(int(version)))
+
+
+def mark_serving(client: MlflowClient, release: Release, *, previous: int | None | Release = None) -> list[str]:
+    """Move alias ``production`` of ``trunk`` and of every ``head.<name>`` to the versions ``release`` serves.
+
+    The alias on ``release`` is the one pointer batch jobs read; these follow it so that the
+    registry's model list shows, per model, which version serves. Only the models whose
+    serving version changed against ``previous`` (the release production left, as a version
+    or a :class:`Release`) are touched; a head that left the release loses the alias. With
+    ``previous=None`` every head model is compared (a full resync). A marker that cannot be
+    moved is logged and left for the next promotion or ``tools.report`` to repair
+    (:func:`sync_serving_aliases`): production itself has already moved.
+
+    Returns:
+        The models whose alias moved, e.g. ``["head.colour", "trunk"]``.
+    """
+    try:
+        if isinstance(previous, Release):
+            before = previous
+        elif previous is not None:
+            before = read_release(client, int(previous))
+        else:
+            before = None
+        if before is None:
+            served = _serving_aliases(client)
+            old_heads, old_trunk = served["heads"], served["trunk"]
+        else:
+            old_heads, old_trunk = dict(before.heads), before.trunk_version
+        moved = []
+        for name in sorted(set(old_heads) | set(release.heads)):
+            if old_heads.get(name) != release.heads.get(name):
+                _set_alias(client, model_name(name), PRODUCTION, release.heads.get(name))
+                moved.append(model_name(name))
+        if old_trunk != release.trunk_version:
+            _set_alias(client, TRUNK_MODEL, PRODUCTION, release.trunk_version)
+            moved.append(TRUNK_MODEL)
+        return moved
+    except (MlflowException, ReleaseError) as e:
+        log.warning("production moved to release v%s, but the production markers on its trunk and heads did not "
+                    "all follow (%s); the next promotion or tools.report repairs them", release.version,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return []
+
+
+def _serving_aliases(client: MlflowClient) -> dict[str, Any]:
+    """Where alias ``production`` points today on every ``head.<name>`` and on ``trunk``."""
+    heads: dict[str, int] = {}
+    for rm in all_pages(client.search_registered_models, "name LIKE 'head.%'"):
+        version = rm.aliases.get(PRODUCTION)
+        if version is not None:
+            heads[rm.name[len("head."):]] = int(version)
+    try:
+        trunk = client.get_registered_model(TRUNK_MODEL).aliases.get(PRODUCTION)
+    except MlflowException as e:
+        if not is_not_found(e):
+            raise
+        trunk = None
+    return {"heads": heads, "trunk": None if trunk is None else int(trunk)}
+
+
+def sync_serving_aliases(client: MlflowClient) -> list[str]:
+    """Repair the ``production`` markers on ``trunk`` and the heads against release@production.
+
+    Run by ``tools.report`` (through :func:`reap_leftovers`); cheap when nothing drifted (one
+    search of the head models). Returns the models whose alias moved.
+    """
+    current = get_release(client, PRODUCTION)
+    if current is None:
+        return []
+    return mark_serving(client, current, previous=None)
+
+
 def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], *, expected: int | None,
                   note: str, alias: str, extra: Mapping[str, str]) -> Release:
     """Create the release version and move ``alias`` to it; the caller holds the lock and has
@@ -263,8 +390,9 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
                     raise ReleaseError(f"the release's pyfunc model cannot be built: {e}") from None
                 client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
                 source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
-        mv = client.create_model_version(RELEASE_MODEL, source=source, run_id=run_id, tags=version_tags,
-                                         description=note or None)
+        mv = client.create_model_version(RELEASE_MODEL, source=source, run_id=run_id,
+                                         tags={**version_tags, **contents_tags(manifest)},
+                                         description=release_description(manifest, note))
         lease.check()
         client.set_registered_model_alias(RELEASE_MODEL, alias, mv.version)
     except BaseException:
@@ -278,8 +406,11 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
                 client.delete_run(run_id)
         raise
     client.set_terminated(run_id, "FINISHED")
-    return Release(version=int(mv.version), trunk_version=trunk_version, trunk_id=tags["trunk_id"],
+    made = Release(version=int(mv.version), trunk_version=trunk_version, trunk_id=tags["trunk_id"],
                    heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note)
+    if alias == PRODUCTION:
+        mark_serving(client, made, previous=expected)
+    return made
 
 
 def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str, int], *,
@@ -474,6 +605,8 @@ def move_alias(client: MlflowClient, version: int, *, expected: int | None, alia
         _require_alias(client, alias, expected)
         lease.check()
         client.set_registered_model_alias(RELEASE_MODEL, alias, str(target.version))
+        if alias == PRODUCTION:
+            mark_serving(client, target, previous=expected)
     _adopt(client, target.version)
     if note:
         client.set_model_version_tag(RELEASE_MODEL, str(target.version), f"{alias}_note", note)
@@ -509,15 +642,22 @@ def reap_leftovers(client: MlflowClient, *, wait_s: float | None = None) -> dict
         client: from :func:`registry.store.tracking.connect`.
         wait_s: how long to queue for the lock (default: the lock's own default).
 
+    It also repairs the ``production`` markers on ``trunk`` and every head
+    (:func:`sync_serving_aliases`) that a promoter killed after moving production left behind.
+
     Returns:
-        ``{"killed_runs": [...], "finished_runs": [...], "orphan_versions": [...]}``.
+        ``{"killed_runs": [...], "finished_runs": [...], "orphan_versions": [...],
+        "serving_markers_moved": [model names]}``.
 
     Raises:
         ReleaseError: the lock could not be held within ``wait_s``.
     """
     try:
         with hold(client, purpose="mark leftovers", wait_s=wait_s):
-            return _mark_leftovers(client)
+            found = _mark_leftovers(client)
+            # A promoter killed between moving production and its markers left them behind too.
+            found["serving_markers_moved"] = sync_serving_aliases(client)
+            return found
     except LeaseError as e:
         raise ReleaseError(str(e)) from None
 

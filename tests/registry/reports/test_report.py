@@ -101,7 +101,7 @@ def test_stale_head_is_flagged_and_listed_under_its_trunk(client, refreshed, tru
     assert shape["stale"] is False and shape["trunk_versions"] == {ta: [1]} and shape["latest_trunk_id"] == \
         trunk_a.trunk_id
     assert trunk_dependents(client) == {ta: ["colour v1", "shape v1"], tb: ["colour v2"]}
-    assert trunk_aliases(client) == {tb: ["candidate"]}
+    assert trunk_aliases(client) == {ta: ["production"], tb: ["candidate"]}  # production follows the release
 
     lines = format_dependencies([colour, shape], ta, trunk_aliases(client)).splitlines()
     assert lines[0].split() == ["head", "production", "latest", "latest", "on", "trunk", "stale"]

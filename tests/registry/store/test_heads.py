@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from heads.checks.gate import check_gate
 from heads.store import HeadArtifactError
+from registry.serving.package import MODEL_FILES
 from registry.store.heads import head_metrics, load_head_version, record_head_hashes, register_head, safe_key
 from registry.store.releases import create_release, load_release
 from registry.store.tracking import RegistryError
@@ -52,7 +53,10 @@ def test_register_head_records_design_tags_metrics_and_artifacts(client, trunk_a
     assert params["classes"] == "red,green/teal,blue sky"
     files = {f.path for f in client.list_artifacts(mv.run_id)}
     assert {"head", "config", "confusion.png", "gate.txt"} <= files
-    assert {f.path for f in client.list_artifacts(mv.run_id, "head")} == {"head/head.json", "head/head.safetensors"}
+    # The head's files, and beside them what makes the folder an MLflow pyfunc model (registry.serving).
+    head_files = {f.path.split("/", 1)[1] for f in client.list_artifacts(mv.run_id, "head")}
+    assert {"head.json", "head.safetensors", "MLmodel", "model.py"} <= head_files
+    assert head_files <= {"head.json", "head.safetensors", *MODEL_FILES}
     assert [f.path for f in client.list_artifacts(mv.run_id, "config")] == ["config/colour.yaml"]
     assert head_metrics(client, "colour", version) == metrics
 

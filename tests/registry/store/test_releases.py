@@ -328,3 +328,49 @@ def test_rollback_refused_when_production_moves_meanwhile(client, history, works
     with pytest.raises(ReleaseError, match="production moved from v3 to v4 since you began"):
         rollback(RacedClient(tracking_uri=uri, registry_uri=uri))
     assert get_release(client).version == 4 and "rolled_back_from" not in release_tags(client, 2)
+
+
+# -- what the registry UI shows: descriptions, contents tags, production markers -------------
+def aliases(client, model):
+    return {k: int(v) for k, v in client.get_registered_model(model).aliases.items()}
+
+
+def test_release_versions_describe_their_contents_and_markers_follow_production(client, registered, trunk_a):
+    ta, tb = registered
+    bootstrap_release(client, ta)
+    promote_head(client, "colour", 1)
+    r3 = promote_head(client, "shape", 1)
+    mv = client.get_model_version("release", str(r3.version))
+    assert mv.description.endswith(f"trunk v{ta} (trunk_id {trunk_a.trunk_id})\n"
+                                   f"2 heads: colour v1 (pooled), shape v1 (pooled)")
+    assert mv.tags["heads"] == "colour:v1,shape:v1" and mv.tags["head_count"] == "2"
+    # Every model shows which of its versions serves: the trunk and each head carry alias production.
+    assert aliases(client, "trunk") == {"production": ta}
+    assert aliases(client, "head.colour") == aliases(client, "head.shape") == {"production": 1}
+
+    # Switching trunk: colour v2 (on trunk b) serves, shape left the release and loses its marker.
+    r4 = create_release(client, tb, {"colour": 2}, expected_production=r3.version, note="trunk b")
+    assert aliases(client, "trunk") == {"production": tb}
+    assert aliases(client, "head.colour") == {"production": 2} and aliases(client, "head.shape") == {}
+    assert client.get_model_version("release", str(r4.version)).description.startswith("trunk b\n\ntrunk v")
+
+    # A rollback moves them back; a marker lost (a promoter killed after production moved) is repaired by a sweep.
+    rollback(client)
+    assert aliases(client, "trunk") == {"production": ta}
+    assert aliases(client, "head.colour") == aliases(client, "head.shape") == {"production": 1}
+    client.delete_registered_model_alias("head.shape", "production")
+    from registry.store.releases import reap_leftovers
+
+    assert reap_leftovers(client)["serving_markers_moved"] == ["head.shape"]
+    assert aliases(client, "head.shape") == {"production": 1}
+
+
+def test_long_head_lists_are_cut_below_mlflow_limits():
+    from registry.store.releases import contents_tags, release_description
+
+    manifest = {"trunk": {"version": 1, "trunk_id": "abc"},
+                "heads": {f"head_{i:03d}": {"version": 12, "tap": "pooled"} for i in range(400)}}
+    description, tags = release_description(manifest, "big"), contents_tags(manifest)
+    assert len(description) < 5000 and len(tags["heads"]) < 5000 and tags["head_count"] == "400"
+    assert description.splitlines()[-1].startswith("400 heads: head_000 v12 (pooled), head_001 v12")
+    assert "more (release.json lists them all)" in description and "more (release.json" in tags["heads"]
