@@ -46,12 +46,22 @@ random access but is one mutable file with its own locking and a fixed map size,
 on shared filesystems; HDF5 appends in place, so a crash mid-write can corrupt the whole
 file, and it does not cope with concurrent writers. The torch stack already ships
 safetensors, and the platform already stores head weights with it.
+
+Decode failures: ``<root>/decode-errors.json`` (:class:`DecodeErrors`) maps the content hash
+of each file that would not decode to its one-line reason, so an extraction over millions
+of images does not decode the same bad file on every run. It sits at the root, shared by
+every trunk, tap and dtype, because whether bytes decode depends only on the bytes and the
+decoder (:func:`trunk.decode.decoder_stamp`), never on the trunk: a failure recorded under
+another decoder stamp is tried again. Preprocessing failures depend on the trunk's
+transform and are not recorded.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import time
 import uuid
 import zlib
@@ -64,7 +74,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_save
 
-from trunk.files import atomic_write, fsync_dir
+from trunk.decode import decoder_stamp
+from trunk.files import atomic_write, fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -621,3 +632,101 @@ class CacheWriter:
         self._feats = [rest] if rest.shape[0] else []
         self._buffered -= n
         self._pending.difference_update(shas)  # now in the cache's index instead
+
+
+DECODE_ERRORS = "decode-errors.json"
+DECODE_ERRORS_FORMAT = "decode-errors/1"
+_SHA_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+class DecodeErrors:
+    """Content hashes that did not decode, with their reasons: ``<root>/decode-errors.json``.
+
+    The file holds ``{"format": "decode-errors/1", "errors": {sha: {"error", "path",
+    "decoder"}}}``: the one-line reason, the path it was decoded under (reasons quote it)
+    and the :func:`trunk.decode.decoder_stamp` that judged it. Only entries of this
+    process's stamp count. It is JSON, checked entry by entry on reading: a file that
+    cannot be read or parsed counts as empty (with a warning), and it is replaced by the
+    next :meth:`save`, which costs nothing but decoding those files again.
+
+    Concurrency: :meth:`save` re-reads the file and merges this instance's new entries into
+    it just before its atomic replace (:func:`trunk.files.write_json_atomic`). Two
+    extractions saving at the same instant can still drop one's entries; the only cost is
+    that those files are decoded (and recorded) again by the next run.
+
+    Args:
+        root: the feature cache's root folder.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.path = Path(root) / DECODE_ERRORS
+        self.stamp = decoder_stamp()
+        self._entries: dict[str, dict[str, str]] = {}
+        self._new: dict[str, dict[str, str]] = {}
+
+    @classmethod
+    def load(cls, root: str | Path) -> DecodeErrors:
+        """The record under ``root`` as it is now (empty when there is none)."""
+        record = cls(root)
+        record._entries = record._read()
+        return record
+
+    def _read(self) -> dict[str, dict[str, str]]:
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            log.warning("%s: cannot be read (%s: %s); decode failures will be tried again", self.path,
+                        type(e).__name__, e)
+            return {}
+        if not isinstance(doc, dict) or doc.get("format") != DECODE_ERRORS_FORMAT \
+                or not isinstance(doc.get("errors"), dict):
+            got = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+            log.warning("%s: not a decode-errors file (format %r, expected %r); decode failures will be tried "
+                        "again", self.path, got, DECODE_ERRORS_FORMAT)
+            return {}
+        entries = {}
+        for sha, entry in doc["errors"].items():
+            if (isinstance(sha, str) and _SHA_HEX.fullmatch(sha) and isinstance(entry, dict)
+                    and all(isinstance(entry.get(k), str) for k in ("error", "path", "decoder"))):
+                entries[sha] = {k: entry[k] for k in ("error", "path", "decoder")}
+        return entries
+
+    def get(self, sha: str) -> tuple[str, str] | None:
+        """``(reason, path it was decoded under)`` for a hash this decoder failed on, else None."""
+        entry = self._new.get(sha) or self._entries.get(sha)
+        if entry is None or entry["decoder"] != self.stamp:
+            return None
+        return entry["error"], entry["path"]
+
+    def __contains__(self, sha: object) -> bool:
+        return isinstance(sha, str) and self.get(sha) is not None
+
+    def __len__(self) -> int:
+        return sum(1 for sha in {**self._entries, **self._new} if sha in self)
+
+    def add(self, sha: str, error: str, path: str) -> None:
+        """Remember that the bytes hashing to ``sha`` (read from ``path``) failed to decode with ``error``."""
+        _sha_to_bytes(sha)
+        self._new[sha] = {"error": str(error), "path": str(path), "decoder": self.stamp}
+
+    @property
+    def unsaved(self) -> int:
+        """Entries added since the last :meth:`save`."""
+        return len(self._new)
+
+    def save(self) -> None:
+        """Merge the new entries into the file as it is now and replace it atomically.
+
+        Raises:
+            OSError: the folder cannot be created or written; the file is unchanged.
+        """
+        if not self._new:
+            return
+        merged = self._read()
+        merged.update(self._new)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, {"format": DECODE_ERRORS_FORMAT, "errors": merged}, indent=1,
+                          sort_keys=True)
+        self._entries, self._new = merged, {}

@@ -1,7 +1,9 @@
 """The one image Dataset: read bytes, decode with the platform's decoder, transform.
 
 Bulk loading (:mod:`trunk.loader`), trunk training, distillation and branch-head training
-all read images through :class:`ImageDataset`. Item ``i`` is an :class:`ImageItem`: the
+all read images through :class:`ImageDataset`; feature extraction, which must hash a file
+before deciding whether to decode it, reads each file once itself and decodes its bytes
+through :class:`BytesDataset` (the same :func:`decode_item`). Item ``i`` is an :class:`ImageItem`: the
 file's content hash (when its bytes could be read), a one-line reason when it did not
 become pixels, the pixels otherwise, and the caller's target for it. A bad file never
 raises: each caller decides what a failure means (an error row in bulk output, a batch
@@ -57,6 +59,9 @@ def one_line(text: str) -> str:
     return _ADDRESS.sub(">", " ".join(str(text).split()))
 
 
+PREPROCESS_FAILED = "preprocess failed"  # starts every error of the transform stage (not the file's fault)
+
+
 def read_item(index: int, path: str, transform: Transform, draft_side: int | None = None,
               target: Any = None) -> ImageItem:
     """Read, hash, decode and transform one file; never raises for a bad file.
@@ -75,7 +80,19 @@ def read_item(index: int, path: str, transform: Transform, draft_side: int | Non
         return ImageItem(index, path, None, one_line(str(e)), None, target)
     except OSError as e:  # read_bytes maps the usual ones; be safe about the rest
         return ImageItem(index, path, None, one_line(f"unreadable file: {path}: {e}"), None, target)
-    sha = sha256_bytes(data)
+    return decode_item(index, path, data, transform, draft_side, target)
+
+
+def decode_item(index: int, path: str, data: bytes, transform: Transform, draft_side: int | None = None,
+                target: Any = None, sha: str | None = None) -> ImageItem:
+    """:func:`read_item` for bytes the caller has already read (and perhaps hashed); never raises for a bad file.
+
+    Args:
+        index, path, transform, draft_side, target: as for :func:`read_item`.
+        data: the file's bytes.
+        sha: their sha256 hex digest when the caller has it; None hashes them here.
+    """
+    sha = sha256_bytes(data) if sha is None else sha
     try:
         image = decode_image(data, path, draft_side=draft_side)
     except (ImageError, OSError) as e:
@@ -84,12 +101,17 @@ def read_item(index: int, path: str, transform: Transform, draft_side: int | Non
     try:
         pixels = transform(image)
     except Exception as e:  # a transform that chokes on one image must not end the job
-        return ImageItem(index, path, sha, one_line(f"preprocess failed: {path}: {type(e).__name__}: {e}"),
+        return ImageItem(index, path, sha, one_line(f"{PREPROCESS_FAILED}: {path}: {type(e).__name__}: {e}"),
                          None, target)
     if not isinstance(pixels, torch.Tensor):
-        return ImageItem(index, path, sha, f"preprocess failed: {path}: transform returned {type(pixels).__name__}",
+        return ImageItem(index, path, sha, f"{PREPROCESS_FAILED}: {path}: transform returned {type(pixels).__name__}",
                          None, target)
     return ImageItem(index, path, sha, None, pixels, target)
+
+
+def decode_failed(error: str | None) -> bool:
+    """Whether the error of an item whose bytes were read is the decoder's (the bytes'), not the transform's."""
+    return error is not None and not error.startswith(PREPROCESS_FAILED)
 
 
 class ImageDataset(Dataset):
@@ -120,6 +142,28 @@ class ImageDataset(Dataset):
 
     def reseed(self, seed: int) -> None:
         """Reseed the transform's own random stream, if it has one (albumentations ignores torch's)."""
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(seed)
+
+
+class BytesDataset(Dataset):
+    """Item ``(i, path, sha, data)``: :func:`decode_item` of bytes the caller already read and hashed.
+
+    For a caller that must see a file's hash before deciding to decode it (feature
+    extraction skips cached and known-bad contents): the file is read once, in the caller,
+    and its bytes travel to the loader worker, which decodes them without reading again.
+    """
+
+    def __init__(self, transform: Transform, *, draft_side: int | None = None) -> None:
+        self.transform = transform
+        self.draft_side = draft_side
+
+    def __getitem__(self, key: tuple[int, str, str, bytes]) -> ImageItem:
+        index, path, sha, data = key
+        return decode_item(index, path, data, self.transform, self.draft_side, sha=sha)
+
+    def reseed(self, seed: int) -> None:
+        """As :meth:`ImageDataset.reseed`."""
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(seed)
 

@@ -23,7 +23,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import PIL
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+# Bump when a change here can turn a file that failed to decode into one that decodes (or
+# back): decode failures remembered under another stamp are tried again (trunk.cache.DecodeErrors).
+DECODER_VERSION = "1"
 
 
 class ImageError(Exception):
@@ -40,6 +45,15 @@ class ImageError(Exception):
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def decoder_stamp() -> str:
+    """Which decoder judged a file: this module's :data:`DECODER_VERSION` and Pillow's version.
+
+    A decode failure is a fact about the bytes *and* the decoder: a newer Pillow may read a
+    file an older one refused, so a remembered failure holds only under the same stamp.
+    """
+    return f"decode-{DECODER_VERSION}/pillow-{PIL.__version__}"
 
 
 def _first_line(text: object, limit: int = 200) -> str:

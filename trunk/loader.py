@@ -68,10 +68,10 @@ def decode_batch(indices: Sequence[int], paths: Sequence[str], transform: Transf
         transform: as for :func:`iter_decoded`.
         draft_side: as for :func:`iter_decoded`.
     """
-    return _collate([read_item(i, p, transform, draft_side) for i, p in zip(indices, paths, strict=True)])
+    return collate_items([read_item(i, p, transform, draft_side) for i, p in zip(indices, paths, strict=True)])
 
 
-def _collate(items: list[ImageItem]) -> DecodedBatch:
+def collate_items(items: list[ImageItem]) -> DecodedBatch:
     items = sorted(items, key=lambda item: item.index)
     tensors = [item.pixels for item in items if item.error is None]
     if tensors:
@@ -102,7 +102,7 @@ def _reject_odd_shapes(items: list[ImageItem]) -> DecodedBatch:
             item = item._replace(error=f"preprocess failed: {item.path}: output shape "
                                        f"{tuple(item.pixels.shape)} != {common}", pixels=None)
         fixed.append(item)
-    return _collate(fixed)
+    return collate_items(fixed)
 
 
 def iter_decoded(
@@ -151,7 +151,7 @@ def iter_decoded(
         ImageDataset(names, transform, draft_side=draft_side),
         batch_sampler=batches,
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_items,
         pin_memory=pin_memory,
         # Keep a few batches decoding ahead of the consumer, no more.
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
@@ -213,7 +213,7 @@ def iter_decoded_batches(
         _PairDataset(transform, draft_side),
         batch_sampler=_PairBatches(batches),
         num_workers=num_workers,
-        collate_fn=_collate,
+        collate_fn=collate_items,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,

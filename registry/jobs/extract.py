@@ -14,7 +14,11 @@ log = logging.getLogger(__name__)
 
 def extract_job(trunk: Trunk, paths: Sequence[str], *, workspace: Workspace, taps: Sequence[str] = (POOLED,),
                 batch_size: int, num_workers: int, device: str, progress: bool) -> ExtractResult:
-    """Fill the workspace's feature cache for ``paths``; computes only what is missing."""
+    """Fill the workspace's feature cache for ``paths``; computes only what is missing.
+
+    Each file is read once; contents recorded as undecodable (the cache's
+    ``decode-errors.json``) are listed in the result's errors without being decoded again.
+    """
     for tap in taps:
         trunk.tap(tap)  # unknown tap: a TrunkError listing the valid ones, before any work
     return extract(trunk, paths, workspace.cache, taps=tuple(taps), batch_size=batch_size,

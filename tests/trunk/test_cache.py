@@ -1,8 +1,9 @@
-"""FeatureCache: layout, round trips, appends, and what a crash can and cannot leave."""
+"""FeatureCache: layout, round trips, appends, and what a crash can and cannot leave; the decode-error record."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -13,7 +14,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from trunk.cache import CacheMissError, FeatureCache
+from trunk.cache import DECODE_ERRORS, CacheMissError, DecodeErrors, FeatureCache
+from trunk.decode import decoder_stamp
 from trunk.model import Trunk, TrunkError
 
 
@@ -264,3 +266,43 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="not a sha256 hex digest"):
         with cache.writer() as w:
             w.add(["abc"], feats_for(1, d=8))
+
+
+def test_decode_errors_of_two_runs_at_once_are_merged_on_write(tmp_path):
+    a_sha, b_sha, old_sha = shas_for(3, "decode")
+    DecodeErrors.load(tmp_path).save()  # nothing new: writes nothing
+    assert not (tmp_path / DECODE_ERRORS).exists()
+    earlier = DecodeErrors.load(tmp_path)
+    earlier.add(old_sha, "not an image: old.jpg", "old.jpg")
+    earlier.save()
+
+    # Two extractions load the record, then each finds its own bad file and saves.
+    first, second = DecodeErrors.load(tmp_path), DecodeErrors.load(tmp_path)
+    first.add(a_sha, "not an image: a.jpg", "a.jpg")
+    second.add(b_sha, "truncated image: b.png: image file is truncated", "b.png")
+    first.save()
+    second.save()  # re-reads the file first: keeps first's entry instead of overwriting it
+
+    after = DecodeErrors.load(tmp_path)
+    assert after.get(a_sha) == ("not an image: a.jpg", "a.jpg")
+    assert after.get(b_sha) == ("truncated image: b.png: image file is truncated", "b.png")
+    assert old_sha in after and len(after) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DECODE_ERRORS]  # no temp file left
+
+
+def test_a_damaged_decode_errors_file_counts_as_empty_and_is_replaced(tmp_path, caplog):
+    good, bad_key = shas_for(2, "garbled")
+    (tmp_path / DECODE_ERRORS).write_text('{"format": "decode-errors/1", "errors": {"x"')
+    with caplog.at_level("WARNING", logger="trunk.cache"):
+        record = DecodeErrors.load(tmp_path)
+    assert len(record) == 0 and "cannot be read" in caplog.text
+    record.add(good, "empty file", "e.jpg")
+    record.save()
+    doc = json.loads((tmp_path / DECODE_ERRORS).read_text())
+    doc["errors"]["not-a-sha"] = doc["errors"][good]  # entries that fail their checks are dropped one by one
+    doc["errors"][bad_key] = {"error": 3, "path": "p", "decoder": decoder_stamp()}
+    (tmp_path / DECODE_ERRORS).write_text(json.dumps(doc))
+    again = DecodeErrors.load(tmp_path)
+    assert again.get(good) == ("empty file", "e.jpg") and len(again) == 1
+    with pytest.raises(ValueError, match="not a sha256 hex digest"):
+        again.add("abc", "empty file", "e.jpg")

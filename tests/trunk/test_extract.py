@@ -1,14 +1,16 @@
-"""extract(): features for every good image, once per content, and nothing recomputed."""
+"""extract(): features for every good image, once per content, each file read once, nothing recomputed or re-decoded."""
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections import Counter
 
 import pytest
 import torch
 
-from trunk.cache import FeatureCache
-from trunk.decode import decode_image, sha256_bytes
+from trunk.cache import DECODE_ERRORS, FeatureCache
+from trunk.decode import decode_image, decoder_stamp, sha256_bytes
 from trunk.device import resolve_device
 from trunk.extract import extract, format_summary
 from trunk.model import TrunkError
@@ -143,3 +145,135 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Real counters around the platform's own read and decode: ``calls["read"][path]``, ``calls["decode"][path]``."""
+    import trunk.dataset
+    import trunk.extract
+
+    counts = {"read": Counter(), "decode": Counter()}
+
+    def counting(kind, fn):
+        def wrapper(data_or_path, *args, **kwargs):
+            name = str(data_or_path) if kind == "read" else str(args[0] if args else kwargs.get("name", ""))
+            counts[kind][name] += 1
+            return fn(data_or_path, *args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(trunk.extract, "read_bytes", counting("read", trunk.extract.read_bytes))
+    monkeypatch.setattr(trunk.dataset, "read_bytes", counting("read", trunk.dataset.read_bytes))
+    monkeypatch.setattr(trunk.dataset, "decode_image", counting("decode", trunk.dataset.decode_image))
+    return counts
+
+
+def test_each_file_is_read_once_and_a_cached_one_is_not_decoded(tiny_trunk, images, tmp_path, calls):
+    cache_root = tmp_path / "cache"
+    extract(tiny_trunk, images[:4], cache_root, batch_size=3, progress=False)
+    # Hash and decode come from the same bytes: one read per file, not one to hash and one to decode.
+    assert calls["read"] == Counter({str(p): 1 for p in images[:4]})
+    assert calls["decode"] == Counter({str(p): 1 for p in images[:4]})
+
+    calls["read"].clear()
+    calls["decode"].clear()
+    result = extract(tiny_trunk, images, cache_root, batch_size=3, progress=False)
+    assert calls["read"] == Counter({str(p): 1 for p in images})  # cached files are read to hash them...
+    assert calls["decode"] == Counter({str(p): 1 for p in images[4:]})  # ...and never decoded
+    assert result.summary["reused_rows"] == 4 and result.summary["new_rows"] == 3
+
+
+def test_a_corrupt_file_is_decoded_once_across_runs_and_still_listed(tiny_trunk, images, tmp_path, calls):
+    cache_root = tmp_path / "cache"
+    bad = tmp_path / "set" / "bad.png"
+    bad.write_bytes(images[0].read_bytes()[:60])  # a PNG cut short: its header survives, its pixels do not
+    paths = [images[0], bad, images[1]]
+    first = extract(tiny_trunk, paths, cache_root, progress=False)
+    assert first.shas[1] is None and first.errors[str(bad)].startswith("truncated image: ")
+    assert calls["decode"][str(bad)] == 1
+    record = json.loads((cache_root / DECODE_ERRORS).read_text())
+    assert list(record["errors"]) == [sha256_bytes(bad.read_bytes())]
+
+    second = extract(tiny_trunk, paths, cache_root, progress=False)
+    assert calls["decode"][str(bad)] == 1  # remembered by content: not decoded again
+    assert calls["read"][str(bad)] == 2  # but read (once per run) to learn its hash
+    assert second.errors == first.errors and second.shas == first.shas
+    assert second.summary["errors"] == first.summary["errors"] == 1
+    assert second.summary["known_errors"] == 1 and "known_errors" not in first.summary
+
+    # The same bytes under another name: not decoded either, and the reason names the new file.
+    renamed = tmp_path / "elsewhere.png"
+    shutil.copy(bad, renamed)
+    third = extract(tiny_trunk, [renamed, bad], cache_root, progress=False)
+    assert calls["decode"][str(renamed)] == 0
+    assert third.errors == {str(renamed): first.errors[str(bad)].replace(str(bad), str(renamed)),
+                            str(bad): f"{first.errors[str(bad)].replace(str(bad), str(renamed))} "
+                                      f"(same bytes as {renamed})"}
+
+
+def test_a_fixed_file_is_decoded_again(tiny_trunk, images, tmp_path, calls):
+    cache_root = tmp_path / "cache"
+    path = tmp_path / "set" / "fixed.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not yet")
+    assert str(path) in extract(tiny_trunk, [path], cache_root, progress=False).errors
+
+    shutil.copy(images[2], path)  # same path, new bytes: a new content hash
+    result = extract(tiny_trunk, [path], cache_root, progress=False)
+    assert calls["decode"][str(path)] == 2
+    assert result.errors == {} and result.shas == [sha256_bytes(images[2].read_bytes())]
+    assert result.summary["new_rows"] == 1 and "known_errors" not in result.summary
+
+
+def test_a_failure_recorded_by_another_decoder_is_tried_again(tiny_trunk, tmp_path, calls):
+    cache_root = tmp_path / "cache"
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    extract(tiny_trunk, [bad], cache_root, progress=False)
+    record = json.loads((cache_root / DECODE_ERRORS).read_text())
+    for entry in record["errors"].values():
+        entry["decoder"] = "decode-0/pillow-1.0"  # e.g. an older Pillow that may have refused it wrongly
+    (cache_root / DECODE_ERRORS).write_text(json.dumps(record))
+
+    again = extract(tiny_trunk, [bad], cache_root, progress=False)
+    assert calls["decode"][str(bad)] == 2 and again.errors == {str(bad): f"not an image: {bad}"}
+    stamps = {e["decoder"] for e in json.loads((cache_root / DECODE_ERRORS).read_text())["errors"].values()}
+    assert stamps == {decoder_stamp()}
+
+
+def test_decoding_in_worker_processes_gives_the_same_result(tiny_trunk, images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"garbage")
+    paths = images[:3] + [bad]
+    inline = extract(tiny_trunk, paths, tmp_path / "a", batch_size=2, progress=False)
+    workers = extract(tiny_trunk, paths, tmp_path / "b", batch_size=2, num_workers=1, progress=False)
+    assert workers.shas == inline.shas and workers.errors == inline.errors
+    torch.testing.assert_close(workers.caches["pooled"].load(inline.shas[:3]),
+                               inline.caches["pooled"].load(inline.shas[:3]))
+    assert json.loads((tmp_path / "b" / DECODE_ERRORS).read_text())["errors"]
+
+
+def test_rows_lost_to_a_later_quarantine_are_read_again_and_recomputed(tiny_trunk, images, tmp_path, calls,
+                                                                       monkeypatch):
+    import trunk.cache
+
+    root = tmp_path / "cache"
+    block_rows = trunk.cache.BLOCK_ROWS
+    monkeypatch.setattr(trunk.cache, "BLOCK_ROWS", 1)  # one checksum per row: chunks verify separate blocks
+    first = extract(tiny_trunk, images[:4], root, batch_size=2, progress=False)
+    monkeypatch.setattr(trunk.cache, "BLOCK_ROWS", block_rows)
+    cache = first.caches["pooled"]
+    clean = cache.load(first.shas)
+    shard = cache.shards[0]
+    start = shard.read_bytes().index(clean[3].half().numpy().tobytes())  # the last row's features
+    raw = bytearray(shard.read_bytes())
+    raw[start:start + 8] = bytes(b ^ 0xFF for b in raw[start:start + 8])
+    shard.write_bytes(bytes(raw))
+    calls["read"].clear()
+
+    # Chunk 1 (images 0, 1) verifies and counts as cached; chunk 2 finds row 3 damaged and the
+    # whole shard goes, taking rows 0 and 1 with it: they are read again and recomputed.
+    again = extract(tiny_trunk, images[:4], root, batch_size=2, progress=False)
+    assert again.summary["quarantined_rows"] == 4 and again.summary["new_rows"] == 4
+    assert again.summary["reused_rows"] == 0 and again.errors == {}
+    assert [calls["read"][str(p)] for p in images[:4]] == [2, 2, 1, 1]
+    torch.testing.assert_close(FeatureCache.for_trunk(root, tiny_trunk, "pooled").load(again.shas), clean)
