@@ -31,6 +31,10 @@ from mlflow.exceptions import MlflowException
 from registry.serving.package import build_release_model, check_no_pickle, write_head_model
 from registry.serving.runtime import IMAGE_COLUMN, PATH_COLUMN, ServingError
 from registry.store.tracking import is_not_found
+from registry.store.tracking import tracking_uri as workspace_tracking_uri
+
+# Where the tools keep their state by default (``workspace=`` on every tool).
+DEFAULT_WORKSPACE = "workspace"
 
 RELEASE_MODEL = "release"
 
@@ -87,9 +91,23 @@ def _version(client: MlflowClient, name: str, which: str | int) -> int:
         raise
 
 
-def _load(name: str, which: str | int, tracking_uri: str | None, model_config: Mapping[str, Any] | None
-          ) -> PlatformPredictor:
-    uri = tracking_uri or mlflow.get_tracking_uri()
+def _default_uri(workspace: str | Path | None) -> str:
+    """As the tools find the registry: ``MLFLOW_TRACKING_URI``, else the named workspace's SQLite
+    store, else a URI this process set with ``mlflow.set_tracking_uri`` (a tool or a test that
+    connected), else ``./workspace``'s store."""
+    if workspace is not None:
+        return workspace_tracking_uri(workspace)
+    try:
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+    except ImportError:  # a private helper of MLflow's: without it, only the environment counts
+        def is_tracking_uri_set() -> bool:
+            return bool(os.environ.get("MLFLOW_TRACKING_URI"))
+    return mlflow.get_tracking_uri() if is_tracking_uri_set() else workspace_tracking_uri(DEFAULT_WORKSPACE)
+
+
+def _load(name: str, which: str | int, tracking_uri: str | None, model_config: Mapping[str, Any] | None,
+          workspace: str | Path | None = None) -> PlatformPredictor:
+    uri = tracking_uri or _default_uri(workspace)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = _version(client, name, which)
     with tempfile.TemporaryDirectory(prefix="platform-model-") as tmp:
@@ -104,22 +122,27 @@ def _load(name: str, which: str | int, tracking_uri: str | None, model_config: M
 
 
 def load_release(release: str | int = "production", *, tracking_uri: str | None = None,
-                 model_config: Mapping[str, Any] | None = None) -> PlatformPredictor:
+                 model_config: Mapping[str, Any] | None = None,
+                 workspace: str | Path | None = None) -> PlatformPredictor:
     """Load a ``release`` version as a predictor.
 
     Args:
         release: an alias (``production``, ``candidate``) or a version number.
-        tracking_uri: the registry (default: MLflow's current tracking URI, e.g. ``MLFLOW_TRACKING_URI``).
+        tracking_uri: the registry. Default, as every tool finds it: ``MLFLOW_TRACKING_URI``
+            when set; else the SQLite store of ``workspace`` when given; else a URI this
+            process gave ``mlflow.set_tracking_uri``; else ``./workspace``'s store.
+        workspace: the platform's workspace folder whose store to read.
         model_config: overrides of ``batch_size``, ``device``, ``draft``.
 
     Raises:
         ServingError: no such version or alias, or the version predates pyfunc releases.
         heads.store.HeadArtifactError: a head file does not match its recorded hash.
     """
-    return _load(RELEASE_MODEL, release, tracking_uri, model_config)
+    return _load(RELEASE_MODEL, release, tracking_uri, model_config, workspace)
 
 
 def load_head_model(name: str, version: str | int, *, tracking_uri: str | None = None,
-                    model_config: Mapping[str, Any] | None = None) -> PlatformPredictor:
-    """Load ``head.<name>`` v<version> (or an alias) on its trunk; see :func:`load_release`."""
-    return _load(f"head.{name}", version, tracking_uri, model_config)
+                    model_config: Mapping[str, Any] | None = None,
+                    workspace: str | Path | None = None) -> PlatformPredictor:
+    """Load ``head.<name>`` v<version> (or an alias, e.g. ``production``) on its trunk; see :func:`load_release`."""
+    return _load(f"head.{name}", version, tracking_uri, model_config, workspace)

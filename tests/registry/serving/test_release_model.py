@@ -111,7 +111,7 @@ def assert_same_rows(got: pd.DataFrame, want: pd.DataFrame, *, exact: bool = Tru
             assert cells(got[column]) == cells(want[column]), column
 
 
-def test_release_model_predicts_exactly_what_bulk_classification_writes(client, production, tmp_path):
+def test_release_model_predicts_exactly_what_bulk_classification_writes(client, workspace, production, tmp_path):
     paths, release, _ = production
     want = bulk_rows(client, paths, tmp_path)
     assert want["error"].notna().sum() == 1 and want["error"].iloc[-1].startswith("truncated image: ")
@@ -136,6 +136,8 @@ def test_release_model_predicts_exactly_what_bulk_classification_writes(client, 
     # The in-process API, default batching (64: one batch here, the job cut two): equal to 1e-6.
     api = load_release("production", model_config={"device": "cpu"})
     assert api.version == release.version
+    # A workspace folder names its store, as workspace= does on every tool.
+    assert load_release(workspace=workspace, model_config={"device": "cpu"}).version == release.version
     assert_same_rows(api.predict(paths), want, exact=False)
     assert_same_rows(api.predict(images).drop(columns=["path", "error"]), want.drop(columns=["path", "error"]),
                      exact=False)
