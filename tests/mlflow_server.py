@@ -25,20 +25,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, log) -> None:
-    """Return once ``url``'s ``/health`` answers 200; fail the test if the server exits or never does."""
-    deadline = time.monotonic() + STARTUP_S
+def wait_healthy(url: str, proc: subprocess.Popen, log, *, path: str = "/health", what: str = "mlflow server",
+                 timeout_s: float = STARTUP_S) -> None:
+    """Return once ``url + path`` answers 200; fail the test if the server exits or never does."""
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             log.seek(0)
-            pytest.fail(f"mlflow server exited with {proc.returncode}:\n{log.read().decode()[-2000:]}")
+            pytest.fail(f"{what} exited with {proc.returncode}:\n{log.read().decode()[-2000:]}")
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
             time.sleep(0.3)
-    pytest.fail(f"mlflow server at {url} not healthy after {STARTUP_S}s")
+    pytest.fail(f"{what} at {url} not answering {path} after {timeout_s}s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server's process group, SIGKILL what outlives it (workers included)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # workers that outlived the leader
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
@@ -64,14 +79,5 @@ def mlflow_server(root: Path, migrated_db: Path, env: dict[str, str] | None = No
         wait_healthy(url, proc, log)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        with contextlib.suppress(ProcessLookupError):  # workers that outlived the leader
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_group(proc)
         log.close()

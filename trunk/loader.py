@@ -147,8 +147,15 @@ def iter_decoded(
         batches = [range(s, min(s + batch_size, len(names))) for s in range(0, len(names), batch_size)]
     if not batches:
         return
-    loader = DataLoader(
-        ImageDataset(names, transform, draft_side=draft_side),
+    yield from _batch_loader(ImageDataset(names, transform, draft_side=draft_side), batches, num_workers,
+                             pin_memory, prefetch_factor)
+
+
+def _batch_loader(dataset: Dataset, batches: Iterable, num_workers: int, pin_memory: bool,
+                  prefetch_factor: int) -> DataLoader:
+    """The one DataLoader both decoders use: given batches, :func:`collate_items`, a few batches ahead."""
+    return DataLoader(
+        dataset,
         batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_items,
@@ -157,7 +164,6 @@ def iter_decoded(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
     )
-    yield from loader
 
 
 class _PairDataset(Dataset):
@@ -209,13 +215,5 @@ def iter_decoded_batches(
     """
     if num_workers < 0:
         raise ValueError(f"num_workers must be 0 or more, got {num_workers}")
-    loader = DataLoader(
-        _PairDataset(transform, draft_side),
-        batch_sampler=_PairBatches(batches),
-        num_workers=num_workers,
-        collate_fn=collate_items,
-        pin_memory=pin_memory,
-        prefetch_factor=prefetch_factor if num_workers > 0 else None,
-        persistent_workers=False,
-    )
-    yield from loader
+    yield from _batch_loader(_PairDataset(transform, draft_side), _PairBatches(batches), num_workers, pin_memory,
+                             prefetch_factor)

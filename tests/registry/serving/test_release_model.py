@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -36,7 +33,7 @@ from registry.store.releases import (
     promote_head,
 )
 from registry.store.trunks import register_trunk
-from tests.mlflow_server import free_port
+from tests.mlflow_server import free_port, stop_group, wait_healthy
 from trunk.preprocess import eval_transform
 
 COLOURS = ("red", "green", "blue")
@@ -195,19 +192,6 @@ def test_head_version_model_predicts_the_release_columns_for_its_head(client, pr
         mlflow.pyfunc.load_model(str(folder))
 
 
-def stop_group(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's process group, SIGKILL what outlives it (workers included)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-
-
 def test_mlflow_models_serve_answers_with_the_bulk_rows(client, workspace, production, tmp_path):
     paths, _, _ = production
     want = bulk_rows(client, paths, tmp_path)
@@ -222,20 +206,7 @@ def test_mlflow_models_serve_answers_with_the_bulk_rows(client, workspace, produ
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{log.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow models serve did not answer /ping in 90 s")
-            time.sleep(0.3)
+        wait_healthy(url, proc, log, path="/ping", what="mlflow models serve", timeout_s=90)
         body = {"dataframe_split": {"columns": ["path", "image"],
                                     "data": [[str(p), base64.b64encode(p.read_bytes()).decode()] for p in paths]}}
         request = urllib.request.Request(f"{url}/invocations", data=json.dumps(body).encode(),
