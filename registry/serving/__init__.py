@@ -29,8 +29,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from registry.serving.package import build_release_model, check_no_pickle, write_head_model
-from registry.serving.runtime import IMAGE_COLUMN, PATH_COLUMN, ServingError
-from registry.store.tracking import is_not_found
+from registry.serving.runtime import IMAGE_COLUMN, PATH_COLUMN, ServingError, download_version
+from registry.store.tracking import DB_FILE, is_not_found
 from registry.store.tracking import tracking_uri as workspace_tracking_uri
 
 # Where the tools keep their state by default (``workspace=`` on every tool).
@@ -92,11 +92,11 @@ def _version(client: MlflowClient, name: str, which: str | int) -> int:
 
 
 def _default_uri(workspace: str | Path | None) -> str:
-    """As the tools find the registry: ``MLFLOW_TRACKING_URI``, else the named workspace's SQLite
-    store, else a URI this process set with ``mlflow.set_tracking_uri`` (a tool or a test that
-    connected), else ``./workspace``'s store."""
+    """Where to look when no URI is given: the named workspace's own SQLite store; else, as the
+    tools find it, ``MLFLOW_TRACKING_URI`` (or a URI this process gave ``mlflow.set_tracking_uri``),
+    else ``./workspace``'s store."""
     if workspace is not None:
-        return workspace_tracking_uri(workspace)
+        return f"sqlite:///{Path(workspace).resolve() / DB_FILE}"
     try:
         from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
     except ImportError:  # a private helper of MLflow's: without it, only the environment counts
@@ -111,8 +111,7 @@ def _load(name: str, which: str | int, tracking_uri: str | None, model_config: M
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     version = _version(client, name, which)
     with tempfile.TemporaryDirectory(prefix="platform-model-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=tmp,
-                                                         tracking_uri=uri, registry_uri=uri))
+        local = download_version(name, version, tmp, uri)
         if not (local / "MLmodel").is_file():
             raise ServingError(f"{name} v{version} is not a pyfunc model (made before releases were MLflow models); "
                                f"make a new version of it to serve it")
@@ -128,10 +127,10 @@ def load_release(release: str | int = "production", *, tracking_uri: str | None 
 
     Args:
         release: an alias (``production``, ``candidate``) or a version number.
-        tracking_uri: the registry. Default, as every tool finds it: ``MLFLOW_TRACKING_URI``
-            when set; else the SQLite store of ``workspace`` when given; else a URI this
-            process gave ``mlflow.set_tracking_uri``; else ``./workspace``'s store.
-        workspace: the platform's workspace folder whose store to read.
+        tracking_uri: the registry. Default: the SQLite store of ``workspace`` when given;
+            else, as every tool finds it, ``MLFLOW_TRACKING_URI`` (or a URI this process gave
+            ``mlflow.set_tracking_uri``); else ``./workspace``'s store.
+        workspace: a platform workspace folder whose own store to read.
         model_config: overrides of ``batch_size``, ``device``, ``draft``.
 
     Raises:

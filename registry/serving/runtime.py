@@ -121,15 +121,29 @@ def _load_local_trunk(directory: Path, entry: Mapping[str, Any], label: str) -> 
         raise ServingError(f"{label}: {e}") from None
 
 
+def download_version(name: str, version: int, dst: str | Path, tracking_uri: str | None) -> Path:
+    """Download the folder registered model ``name`` v<version> points at (its ``source``) into ``dst``.
+
+    The version is looked up with a client on ``tracking_uri`` (registry included) and its
+    source downloaded from there: ``models:/`` URIs alone resolve against MLflow's global
+    registry URI, not the one given.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri or mlflow.get_tracking_uri()
+    mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version(name, str(int(version)))
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(dst), tracking_uri=uri))
+
+
 def _fetch_trunk(version: int, tracking_uri: str | None) -> Trunk:
-    """``trunk`` v<version> from the registry the caller points at (``models:/trunk/<version>``)."""
+    """``trunk`` v<version> from the registry the caller points at."""
     import mlflow
 
     label = f"trunk v{version}"
     with tempfile.TemporaryDirectory(prefix="serving-trunk-") as tmp:
         try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/trunk/{int(version)}", dst_path=tmp,
-                                                        tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            local = download_version("trunk", version, tmp, tracking_uri)
         except Exception as e:  # noqa: BLE001 - any store, any error: one line saying where it looked
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ServingError(f"{label}: cannot be fetched from the registry at "

@@ -21,7 +21,7 @@ from PIL import Image
 
 from heads.store import DIGEST_KEYS, HeadArtifactError, load_head
 from registry.jobs.classify import classify_job
-from registry.serving import ServingError, check_no_pickle, load_release, write_head_model
+from registry.serving import ServingError, check_no_pickle, load_head_model, load_release, write_head_model
 from registry.store.heads import get_head_version, register_head
 from registry.store.releases import (
     MODEL_ARTIFACT,
@@ -133,8 +133,16 @@ def test_release_model_predicts_exactly_what_bulk_classification_writes(client, 
     # The in-process API, default batching (64: one batch here, the job cut two): equal to 1e-6.
     api = load_release("production", model_config={"device": "cpu"})
     assert api.version == release.version
-    # A workspace folder names its store, as workspace= does on every tool.
-    assert load_release(workspace=workspace, model_config={"device": "cpu"}).version == release.version
+    # A workspace folder names its store, as workspace= does on every tool, whatever MLflow's global URIs say.
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'elsewhere.db'}")
+    try:
+        assert load_release(workspace=workspace, model_config={"device": "cpu"}).version == release.version
+        assert load_head_model("colour", "production", workspace=workspace).predict(paths[:1])["colour_label"][0] \
+            == want["colour_label"][0]
+    finally:
+        mlflow.set_tracking_uri(client.tracking_uri)
+        mlflow.set_registry_uri(client.tracking_uri)
     assert_same_rows(api.predict(paths), want, exact=False)
     assert_same_rows(api.predict(images).drop(columns=["path", "error"]), want.drop(columns=["path", "error"]),
                      exact=False)
