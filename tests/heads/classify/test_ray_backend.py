@@ -87,6 +87,23 @@ def test_ray_backend_writes_the_local_rows(local_ray, tmp_path, tiny_trunk, inpu
                       MonitorStats.load(tmp_path / "local" / MONITOR_FILE), atol=1e-5)
 
 
+def test_ray_reads_a_streamed_input_in_windows_and_writes_the_local_rows(local_ray, tmp_path, tiny_trunk, inputs):
+    """What tools.classify sends (a re-iterable stream, never a list) through Ray, two planned
+    windows of 6 batches (one Ray Dataset each): the rows of the local run on the list."""
+    from trunk.images import InputStream
+
+    bank = make_bank(tiny_trunk)
+    manifest = tmp_path / "inputs.txt"
+    manifest.write_text("\n".join(inputs) + "\n")
+    local = _run(tiny_trunk, bank, inputs, tmp_path / "local", "local")
+    remote = classify(tiny_trunk, bank, InputStream(manifest), tmp_path / "ray",
+                      release={"version": "2", "trunk_id": tiny_trunk.trunk_id}, batch_size=4, rows_per_shard=9,
+                      progress=False, backend="ray", num_workers=0,
+                      ray_options={"actors": 1, "decode_cpus": 0.5, "actor_cpus": 0.5, "window_batches": 6})
+    _same_rows(_table(tmp_path / "ray"), _table(tmp_path / "local"))
+    assert remote["fingerprint"] == local["fingerprint"] and remote["counts"] == local["counts"]
+
+
 def test_ray_resumes_what_another_run_left(local_ray, tmp_path, tiny_trunk, inputs):
     bank = make_bank(tiny_trunk)
     out = tmp_path / "out"
