@@ -373,7 +373,7 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         for path in (markdown, png, dependencies_md):
             run.log_file(path)
         # The same rows as an MLflow table: sortable and filterable in the run's artifact view.
-        client.log_table(run.run_id, data=leaderboard_frame(rows), artifact_file=LEADERBOARD_TABLE)
+        run.log_table(leaderboard_frame(rows), LEADERBOARD_TABLE)
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
             "run_id": run.run_id, "release": release, "dependencies": dependencies,
             "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,

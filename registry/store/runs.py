@@ -150,6 +150,10 @@ class RunLog:
         self.client.log_inputs(self.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT,
                                                                                              context)])])
 
+    def log_table(self, data: Any, artifact_file: str) -> None:
+        """Log a pandas DataFrame as an MLflow table artifact (sortable and filterable in the UI)."""
+        self.client.log_table(self.run_id, data=data, artifact_file=artifact_file)
+
     def log_file(self, path: str | Path) -> None:
         """Upload one file to the run's artifact root."""
         self.client.log_artifact(self.run_id, str(path))

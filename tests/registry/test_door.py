@@ -1,4 +1,5 @@
-"""The layout rule of registry/: only the MLflow door (registry/store) talks to MLflow.
+"""The layout rule of registry/: only the MLflow door (registry/store, and registry/serving,
+the pyfunc model MLflow itself loads) talks to MLflow.
 
 Jobs (registry/jobs), reports (registry/reports) and tools pass a client along to
 :mod:`registry.store` functions and never call a method of it or import from MLflow

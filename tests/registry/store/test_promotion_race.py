@@ -187,7 +187,8 @@ def test_a_holder_killed_inside_the_lock_blocks_nobody_and_its_leftovers_are_mar
     with caplog.at_level(logging.WARNING, logger="registry"):
         report = log_report(client, workspace)
     assert any("is gone" in r.getMessage() for r in caplog.records)  # reaped as dead, not after its lease
-    assert report["leftovers"] == {"killed_runs": [orphan.run_id], "finished_runs": [], "orphan_versions": ["2"]}
+    assert report["leftovers"] == {"killed_runs": [orphan.run_id], "finished_runs": [], "orphan_versions": ["2"],
+                                   "serving_markers_moved": []}
     run = client.get_run(orphan.run_id)
     assert run.info.status == "KILLED" and run.data.tags["orphan"] == "true"
     assert client.get_model_version("release", "2").tags["orphan"] == "true"
