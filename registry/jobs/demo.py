@@ -189,6 +189,8 @@ def format_demo(result: DemoResult, ws: Workspace, tracking_uri: str) -> list[st
         f"predictions: {result.predictions}  (Parquet; _SUCCESS.json lists release, trunk and head versions)",
         f"accuracy vs cost plot: {result.report['png']}",
         f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)",
+        f"serve it: MLFLOW_TRACKING_URI={tracking_uri} mlflow models serve -m models:/release@production "
+        f"--env-manager local -p 5001   (or in Python: registry.serving.load_release)",
         f"demo took {total:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items()),
     ]
     return lines
