@@ -44,6 +44,7 @@ from registry.serving.runtime import (
 )
 from registry.store.trunks import ARTIFACT_PATH as TRUNK_ARTIFACT
 from registry.store.trunks import get_trunk_version
+from trunk.files import write_json_atomic
 from trunk.model import SPEC_FILE as TRUNK_SPEC_FILE
 from trunk.model import WEIGHTS_FILE as TRUNK_WEIGHTS_FILE
 
@@ -189,7 +190,7 @@ def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path:
                  for name, h in sorted(manifest["heads"].items())}
         serving = {"format": FORMAT_VERSION, "kind": "release", "note": manifest.get("note", ""),
                    "trunk": trunk, "heads": heads}
-        (bundle / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(bundle / MANIFEST_FILE, serving, sort_keys=True)
         return save_platform_model(path, bundle, list(heads))
 
 
@@ -226,12 +227,12 @@ def write_head_model(folder: str | Path, *, trunk_version: int) -> Path:
         serving = {"format": FORMAT_VERSION, "kind": "head", "trunk": {"version": int(trunk_version),
                                                                        "trunk_id": head.meta["trunk_id"]},
                    "heads": {head.name: entry}}
-        (bundle / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(bundle / MANIFEST_FILE, serving, sort_keys=True)
         model = save_platform_model(Path(tmp) / "model", bundle, [head.name])
         # The head's files are the model root: point the manifest at it from where MLflow put the bundle.
         saved = _bundle_dir(model)
         entry["dir"] = Path(os.path.relpath(model, saved)).as_posix()
-        (saved / MANIFEST_FILE).write_text(json.dumps(serving, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(saved / MANIFEST_FILE, serving, sort_keys=True)
         for item in sorted(model.iterdir()):
             shutil.move(str(item), str(folder / item.name))
     return folder
