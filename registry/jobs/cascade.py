@@ -45,7 +45,7 @@ from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
 from heads.store import HeadArtifactError, LoadedHead
 from heads.training.data import LabelledData, data_roots, load_labelled_data
 from registry.jobs.extract import extract_job
-from registry.jobs.train import head_job_tags, train_head_on
+from registry.jobs.train import train_head_on
 from registry.reports.cascade import log_cascade_report
 from registry.store.heads import (
     find_head_version_by_tags,
@@ -348,7 +348,7 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
                                   heldout=scorer.heldout(spec, trunk, head))
         return done, "reused", golden, contract, unseen
     # The head's run spans its training and checks; a head that fails on the way ends it FAILED, unregistered.
-    with head_run(client, spec.name, {**head_job_tags(spec, trunk, tv), CASCADE_TAG: cid}) as run:
+    with head_run(client, spec, trunk_id=trunk.trunk_id, trunk_version=tv, tags={CASCADE_TAG: cid}) as run:
         return _train_and_register(client, spec, trunk, tv, cid, run, data, workspace=workspace,
                                    production_metrics=production_metrics, tolerances=tolerances, scorer=scorer,
                                    batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)

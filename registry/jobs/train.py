@@ -31,7 +31,6 @@ from registry.jobs.extract import extract_job
 from registry.store.heads import (
     epoch_curve_logger,
     head_run,
-    head_run_tags,
     load_head_version,
     log_head_datasets,
     register_head,
@@ -149,7 +148,7 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
     """
     started_from = get_release(client, PRODUCTION)
     trunk, tv = resolve_trunk(client, trunk_version)
-    with head_run(client, spec.name, head_job_tags(spec, trunk, tv)) as run:
+    with head_run(client, spec, trunk_id=trunk.trunk_id, trunk_version=tv) as run:
         result, gate, summary = train_head_on(client, spec, trunk, tv, workspace=workspace, batch_size=batch_size,
                                               num_workers=num_workers, device=device, progress=progress, run=run)
         version = register_head(client, result, trunk_version=tv, gate_report=gate, run=run)
@@ -160,12 +159,6 @@ def train_head_job(client: MlflowClient, spec: HeadSpec, *, workspace: Workspace
         except ReleaseError as e:
             job.refused = str(e)
     return job
-
-
-def head_job_tags(spec: HeadSpec, trunk: Trunk, trunk_version: int) -> dict[str, str]:
-    """The tags a head job's run starts with (:func:`registry.store.heads.head_run_tags`)."""
-    return head_run_tags(spec.name, trunk_id=trunk.trunk_id, tap=spec.tap, config_sha=spec.config_sha,
-                         owner=spec.owner, trunk_version=trunk_version)
 
 
 def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_version: int, *, workspace: Workspace,
@@ -195,7 +188,6 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     if spec.tap == POOLED:
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                        num_workers=num_workers, device=device, progress=progress)
-        log_datasets(run, spec, data)
         result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id, out_dir=out_dir, device=device,
                           progress=progress, on_epoch=on_epoch)
         summary = dict(extracted.summary)
@@ -203,7 +195,6 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
         sha_of = dict(zip(listed, extracted.shas))
     elif spec.config.get("augment"):
         # Augmented images need the prefix every step: train from images.
-        log_datasets(run, spec, data)
         result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=spec.config["augment"],
                                  device=device, num_workers=num_workers, progress=progress, on_epoch=on_epoch)
         # What caching this tap would cost, so teams see the storage side of the knob too.
@@ -214,13 +205,14 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
                                                        num_workers=num_workers, device=device, progress=progress)
         shape = tuple(trunk.tap(spec.tap).shape)
-        log_datasets(run, spec, data)
         result = fit_branch_head(spec, data, trunk, out_dir=out_dir, augment_ops=None, device=device,
                                  num_workers=num_workers, progress=progress,
                                  cached=(train_x.view(-1, *shape), val_x.view(-1, *shape)), on_epoch=on_epoch)
         summary = dict(extracted.summary)
         result.metrics["cache_bytes_per_image"] = float(extracted.caches[spec.tap].bytes_per_row())
         sha_of = dict(zip(listed, extracted.shas))
+    if run is not None:  # the splits it read, as the run's datasets (digest data_sha)
+        log_head_datasets(run, spec.name, data)
     if spec.tap == POOLED or not spec.config.get("augment"):
         # The rows the head just trained on, already in memory: no extra pass over images.
         train_shas = [sha_of[s.path] for s in data.train]
@@ -243,12 +235,6 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     slice_acc = {k: v["accuracy"] for k, v in result.slice_accuracy.items()}
     gate = check_gate(spec.gate, result.metrics, slice_acc, slice_sizes)
     return result, gate, summary
-
-
-def log_datasets(run: RunLog | None, spec: HeadSpec, data: LabelledData) -> None:
-    """Record the head's train and val splits (digest ``data_sha``) as its run's inputs; nothing without a run."""
-    if run is not None:
-        log_head_datasets(run, spec.name, data.data_sha, data.source, n_train=len(data.train), n_val=len(data.val))
 
 
 def cached_rows_stats(train_x: torch.Tensor, train_shas: Sequence[str],

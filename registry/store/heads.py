@@ -50,6 +50,8 @@ from heads.training.evaluate import plot_confusion
 from heads.checks.gate import GateReport, check_gate
 from heads.monitor.reference import HeadReference
 from heads.result import HeadResult
+from heads.spec import HeadSpec
+from heads.training.data import LabelledData
 from heads.store import DIGEST_KEYS, HeadArtifactError, LoadedHead, artifact_digests, load_head, save_head
 from registry.serving.package import write_head_model
 from registry.store.runs import RunLog, tracked_run
@@ -167,26 +169,19 @@ def gate_for(result: HeadResult) -> GateReport:
     return check_gate(result.spec.gate, result.metrics, result.slice_accuracy)
 
 
-def head_run_tags(name: str, *, trunk_id: str, tap: str, config_sha: str, owner: str,
-                  trunk_version: int) -> dict[str, str]:
-    """The tags a head's run starts with, before training: what is known of it then."""
-    return {"head": name, "trunk_id": trunk_id, "tap": tap, "config_sha": config_sha, "owner": owner,
-            "trunk_version": str(int(trunk_version))}
-
-
 @contextlib.contextmanager
-def head_run(client: MlflowClient, name: str, tags: Mapping[str, str]) -> Iterator[RunLog]:
+def head_run(client: MlflowClient, spec: HeadSpec, *, trunk_id: str, trunk_version: int,
+             tags: Mapping[str, str] | None = None) -> Iterator[RunLog]:
     """The run of one head's training (experiment ``heads``, run name ``<name>``), open while it trains.
 
-    Pass it to :func:`register_head` as ``run``; it ends ``FINISHED`` with the block, or
-    ``FAILED`` when training raises (then no version is registered).
-
-    Args:
-        client: from :func:`registry.store.tracking.connect`.
-        name: the head's name.
-        tags: its starting tags (:func:`head_run_tags`); registration adds the version's.
+    It starts with what is known before training (``head``, ``trunk_id``, ``tap``,
+    ``config_sha``, ``owner``, ``trunk_version``, plus ``tags``); :func:`register_head`
+    adds the version's. Pass it to :func:`register_head` as ``run``; it ends ``FINISHED``
+    with the block, or ``FAILED`` when training raises (then no version is registered).
     """
-    with tracked_run(client, "heads", run_name=name, tags={"head": name, **tags}) as run:
+    start = {"head": spec.name, "trunk_id": trunk_id, "tap": spec.tap, "config_sha": spec.config_sha,
+             "owner": spec.owner, "trunk_version": str(int(trunk_version)), **dict(tags or {})}
+    with tracked_run(client, "heads", run_name=spec.name, tags=start) as run:
         yield run
 
 
@@ -200,12 +195,13 @@ def epoch_curve_logger(run: RunLog):
     return on_epoch
 
 
-def log_head_datasets(run: RunLog, name: str, data_sha: str, source: str, *, n_train: int, n_val: int) -> None:
+def log_head_datasets(run: RunLog, name: str, data: LabelledData) -> None:
     """Record the head's labelled data as the run's inputs: ``<name>.train`` (context ``training``)
     and ``<name>.val`` (``validation``), both with digest ``data_sha`` (it covers every row and
     its split) and source the data folder or manifest; profile ``num_rows``."""
-    run.log_dataset(f"{name}.train", data_sha, source, context="training", profile={"num_rows": n_train})
-    run.log_dataset(f"{name}.val", data_sha, source, context="validation", profile={"num_rows": n_val})
+    for split, rows, context in (("train", data.train, "training"), ("val", data.val, "validation")):
+        run.log_dataset(f"{name}.{split}", data.data_sha, data.source, context=context,
+                        profile={"num_rows": len(rows)})
 
 
 def _history_curves(history: list[dict]) -> dict[int, dict[str, float]]:
@@ -269,7 +265,8 @@ def register_head(client: MlflowClient, result: HeadResult, *, trunk_version: in
             "gate": "passed" if gate.passed else "failed", **result.tags, **dict(tags or {})}
     ensure_registered_model(client, name, f"Head '{result.name}' (owner {result.spec.owner}).")
     given = run is not None
-    with contextlib.nullcontext(run) if given else head_run(client, result.name, tags) as run:
+    own = head_run(client, result.spec, trunk_id=result.trunk_id, trunk_version=trunk_version, tags=tags)
+    with contextlib.nullcontext(run) if given else own as run:
         if given:
             run.set_tags({"head": result.name, **tags})
         if not run.curves:  # not logged live: from the history, as one batch
