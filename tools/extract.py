@@ -19,7 +19,7 @@ def main(cfg) -> None:
 
     ws = workspace(cfg)
     if cfg.head is not None:  # the schema checked that exactly one of input and head is given
-        data = load_labelled_data(head_spec(cfg))
+        data = load_labelled_data(head_spec(cfg), hashes=ws.content_hashes())
         paths = [s.path for s in data.train + data.val]
     else:
         paths = resolve_inputs(cfg.input)

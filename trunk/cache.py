@@ -16,8 +16,9 @@ per-row absmax quantisation, ``x ~= q * scale``, half the bytes of fp16.
 
 Why safetensors shards:
 
-- reads are zero-copy slices of a memory-mapped file (``safe_open(...).get_slice``), so
-  training can stream rows without holding the cache in memory;
+- rows sit at fixed offsets the header gives, so a read of a few rows is a few ``pread``
+  calls (through the OS page cache, not a mapping this process holds), and training
+  streams random batches from a cache larger than memory (:meth:`FeatureCache.rows`);
 - no pickle: a shard is a JSON header plus raw tensor bytes, safe to load from anywhere;
 - one self-describing file per shard (dtype, shape and our key in the header), written
   whole to a dot-prefixed temp file, fsynced and atomically renamed
@@ -157,6 +158,66 @@ def quantize_int8(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.float32)
 
 
+_ST_DTYPES = {"float16": ("F16", 2), "int8": ("I8", 1)}
+
+
+def _shard_layout(path: Path, rows: int, dim: int, dtype: str) -> tuple[int, int, int | None]:
+    """``(offset of features, bytes per row, offset of scale or None)`` from a shard's safetensors header.
+
+    The format: 8 bytes little-endian header length, a JSON header giving each tensor's
+    dtype, shape and ``data_offsets`` (relative to the end of the header), then the bytes.
+
+    Raises:
+        _Corrupt: the header does not describe ``[rows, dim]`` features of ``dtype``.
+    """
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(f.read(size)) if 0 < size <= 100_000_000 else None
+        except (UnicodeDecodeError, ValueError):
+            header = None
+    if not isinstance(header, dict):
+        raise _Corrupt("safetensors header unreadable")
+    base = 8 + size
+    name, item = _ST_DTYPES[dtype]
+
+    def offset(key: str, want_dtype: str, shape: list[int], nbytes: int) -> int:
+        info = header.get(key)
+        if (not isinstance(info, dict) or info.get("dtype") != want_dtype or info.get("shape") != shape
+                or not isinstance(info.get("data_offsets"), list) or len(info["data_offsets"]) != 2):
+            raise _Corrupt(f"tensor '{key}' is not {want_dtype} {shape} in its header")
+        lo, hi = info["data_offsets"]
+        if hi - lo != nbytes:
+            raise _Corrupt(f"tensor '{key}' spans {hi - lo} bytes, expected {nbytes}")
+        return base + int(lo)
+
+    feat = offset("features", name, [rows, dim], rows * dim * item)
+    scale = offset("scale", "F32", [rows], rows * 4) if dtype == "int8" else None
+    return feat, dim * item, scale
+
+
+def _pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset``; a short read (a truncated shard) is corruption."""
+    got = os.preadv(fd, [buffer], offset)
+    while got < len(buffer):
+        more = os.preadv(fd, [buffer[got:]], offset + got)
+        if more == 0:
+            raise _Corrupt(f"file ends {len(buffer) - got} bytes short of its rows")
+        got += more
+
+
+def _as_float(raw: bytearray, raw_scale: bytearray | None, rows: int, dim: int, dtype: str) -> torch.Tensor:
+    """float32 ``[rows, dim]`` from stored bytes (fp16, or int8 times the per-row scale)."""
+    if not rows:
+        return torch.empty((0, dim), dtype=torch.float32)
+    stored = torch.frombuffer(raw, dtype=torch.float16 if dtype == "float16" else torch.int8).reshape(rows, dim)
+    out = stored.float()
+    if raw_scale is not None:
+        out = out * torch.frombuffer(raw_scale, dtype=torch.float32)[:, None]
+    return out
+
+
 class FeatureCache:
     """Features of one (trunk, tap, preprocessing, dtype), one row per image content hash.
 
@@ -192,6 +253,8 @@ class FeatureCache:
         self._verified: set[tuple[Path, int]] = set()
         self._warned_legacy = False
         self._skipped: set[Path] = set()  # damaged shards that could not be moved aside
+        self._generation = 0  # bumped whenever the index is rebuilt (shard numbers change)
+        self._layouts: dict[Path, tuple[int, int, int | None]] = {}  # shard -> byte offsets (_shard_layout)
 
     @classmethod
     def for_trunk(cls, root: str | Path, trunk: Any, tap: str, dtype: str = "float16") -> FeatureCache:
@@ -334,6 +397,7 @@ class FeatureCache:
 
     def _reindex(self) -> None:
         # Rebuild rather than patch: a row of a dropped shard may have a copy in another shard.
+        self._generation += 1  # shard numbers change: a CachedRows made before is stale
         self._shards, self._blocks, self._rows, self._index, self._dim = [], [], [], {}, None
         self.refresh()
 
@@ -390,56 +454,83 @@ class FeatureCache:
             )
         return where  # type: ignore[return-value]
 
+    def _layout(self, shard: int) -> tuple[int, int, int | None]:
+        """``(file offset of features, bytes per row, file offset of scale or None)`` of one shard."""
+        path = self._shards[shard]
+        got = self._layouts.get(path)
+        if got is None:
+            got = _shard_layout(path, self._rows[shard], self._dim or 0, self.dtype)
+            self._layouts[path] = got
+        return got
+
     def _read_rows(self, shard: int, rows: list[int]) -> torch.Tensor:
         """float32 ``[len(rows), D]`` for the given rows of one shard, reading only runs of rows.
 
-        A checksummed block not yet verified by this instance is read whole and checked first.
+        Rows are read with ``pread`` at the offsets the shard's safetensors header gives: the
+        bytes pass through the OS page cache, never through a mapping this process keeps,
+        so reading a whole cache in random batches holds one batch. A checksummed block not
+        yet verified by this instance is read whole and checked first.
 
         Raises:
-            _Corrupt: a block's bytes do not match its checksum.
+            _Corrupt: a block's bytes do not match its checksum, or the file is shorter than its header says.
         """
         order = sorted(set(rows))
         path = self._shards[shard]
         checks = self._blocks[shard]
         block_rows = checks[0] if checks else self._rows[shard] + 1
-        with safe_open(str(path), framework="pt") as f:
-            feats = f.get_slice("features")
-            scale = f.get_slice("scale") if self.dtype == "int8" else None
-            whole: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-            parts = []
+        feat_off, row_bytes, scale_off = self._layout(shard)
+        raw = bytearray(len(order) * row_bytes)
+        raw_scale = bytearray(len(order) * 4) if scale_off is not None else None
+        view = memoryview(raw)
+        view_scale = memoryview(raw_scale) if raw_scale is not None else None
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            whole: dict[int, tuple[bytes, bytes | None]] = {}
+            at = 0
             for lo, hi in _block_runs(order, block_rows):
+                n = hi - lo
                 b = lo // block_rows
                 if checks and b not in whole and (path, b) not in self._verified:
-                    whole[b] = self._check_block(shard, b, feats, scale)
+                    whole[b] = self._check_block(shard, b, fd)
                 if b in whole:
                     off = b * block_rows
-                    raw, raw_scale = whole[b]
-                    block = raw[lo - off:hi - off].float()
-                    if raw_scale is not None:
-                        block = block * raw_scale[lo - off:hi - off].float()[:, None]
+                    block, block_scale = whole[b]
+                    view[at * row_bytes:(at + n) * row_bytes] = block[(lo - off) * row_bytes:(hi - off) * row_bytes]
+                    if view_scale is not None and block_scale is not None:
+                        view_scale[at * 4:(at + n) * 4] = block_scale[(lo - off) * 4:(hi - off) * 4]
                 else:
-                    block = feats[lo:hi].float()
-                    if scale is not None:
-                        block = block * scale[lo:hi].float()[:, None]
-                parts.append(block)
-        data = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    _pread_into(fd, view[at * row_bytes:(at + n) * row_bytes], feat_off + lo * row_bytes)
+                    if view_scale is not None and scale_off is not None:
+                        _pread_into(fd, view_scale[at * 4:(at + n) * 4], scale_off + lo * 4)
+                at += n
+        data = _as_float(raw, raw_scale, len(order), self._dim or 0, self.dtype)
+        if order == rows:
+            return data
         pos = {r: i for i, r in enumerate(order)}
         return data[[pos[r] for r in rows]]
 
-    def _check_block(self, shard: int, b: int, feats: Any, scale: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Block ``b``'s raw ``features`` (and ``scale``) after checking them against the header."""
+    def _check_block(self, shard: int, b: int, fd: int) -> tuple[bytes, bytes | None]:
+        """Block ``b``'s raw ``features`` (and ``scale``) bytes, read from ``fd``, after checking their checksum."""
         block_rows, crcs = self._blocks[shard]  # type: ignore[misc]
         start, stop = b * block_rows, min((b + 1) * block_rows, self._rows[shard])
-        raw = feats[start:stop]
-        raw_scale = scale[start:stop] if scale is not None else None
-        got = _crc(raw) if raw_scale is None else _crc(raw, raw_scale)
+        feat_off, row_bytes, scale_off = self._layout(shard)
+        raw = bytearray((stop - start) * row_bytes)
+        _pread_into(fd, memoryview(raw), feat_off + start * row_bytes)
+        got = zlib.crc32(raw)
+        raw_scale = None
+        if scale_off is not None:
+            raw_scale = bytearray((stop - start) * 4)
+            _pread_into(fd, memoryview(raw_scale), scale_off + start * 4)
+            got = zlib.crc32(raw_scale, got)
         if got != crcs[b]:
             raise _Corrupt(f"block {b} (rows {start}-{stop - 1}) fails its checksum")
         self._verified.add((self._shards[shard], b))
-        return raw, raw_scale
+        return bytes(raw), bytes(raw_scale) if raw_scale is not None else None
 
     def load(self, shas: Sequence[str]) -> torch.Tensor:
         """Features as float32 ``[N, D]``, rows in the given order.
+
+        Holds all N rows in memory; :meth:`rows` reads them on demand instead.
 
         Raises:
             CacheMissError: a ``KeyError`` saying how many (and which) hashes have no row.
@@ -449,14 +540,35 @@ class FeatureCache:
         where = self._locate(list(shas))
         if not where:
             return torch.empty((0, self._dim or 0), dtype=torch.float32)
-        out = torch.empty((len(where), self._dim), dtype=torch.float32)
-        by_shard: dict[int, list[int]] = {}
-        for i, (shard, _) in enumerate(where):
-            by_shard.setdefault(shard, []).append(i)
-        for shard, positions in by_shard.items():
-            path = self._shards[shard]
+        shard = torch.tensor([w[0] for w in where], dtype=torch.int32)
+        row = torch.tensor([w[1] for w in where], dtype=torch.int32)
+        return self._gather(shard, row)
+
+    def rows(self, shas: Sequence[str]) -> CachedRows:
+        """The given rows as a lazy float32 ``[N, D]`` view that reads only the rows it is indexed with.
+
+        What training on a cache larger than memory uses: ``view[idx]`` returns exactly what
+        ``load(shas)[idx]`` would (the same float32 values), holding only those rows.
+
+        Raises:
+            CacheMissError: some hashes have no row (checked now, before any read).
+        """
+        return CachedRows(self, shas)
+
+    def _gather(self, shard: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """float32 ``[n, D]`` of the rows at ``(shard[i], row[i])`` (int32 tensors), in that order."""
+        if not len(shard):
+            return torch.empty((0, self._dim or 0), dtype=torch.float32)
+        order = torch.argsort(shard, stable=True)
+        uniques, counts = torch.unique_consecutive(shard[order], return_counts=True)
+        parts = []
+        start = 0
+        for s, n in zip(uniques.tolist(), counts.tolist()):
+            positions = order[start:start + n]
+            start += n
+            path = self._shards[s]
             try:
-                out[positions] = self._read_rows(shard, [where[i][1] for i in positions])
+                parts.append(self._read_rows(s, row[positions].tolist()))
             except _Corrupt as e:
                 target, lost = self._drop_corrupt(path, str(e))
                 raise CorruptShardError(f"{path}: {e}; quarantined to {target}, its {lost} rows are missing "
@@ -466,7 +578,12 @@ class FeatureCache:
                 self._reindex()
                 raise CorruptShardError(f"{path}: shard was moved away (quarantined by another process); "
                                         f"its rows are missing until the next extraction recomputes them") from None
-        return out
+        data = torch.cat(parts) if len(parts) > 1 else parts[0]
+        if len(parts) == 1 and bool((order == torch.arange(len(order))).all()):
+            return data
+        back = torch.empty_like(order)
+        back[order] = torch.arange(len(order))
+        return data[back]
 
     def verify(self, shas: Iterable[str]) -> int:
         """Check the blocks holding the given rows; quarantine every shard that fails.
@@ -492,11 +609,9 @@ class FeatureCache:
                         todo.setdefault(where[0], set()).add(b)
             for shard, blocks in todo.items():
                 try:
-                    with safe_open(str(self._shards[shard]), framework="pt") as f:
-                        feats = f.get_slice("features")
-                        scale = f.get_slice("scale") if self.dtype == "int8" else None
+                    with open(self._shards[shard], "rb", buffering=0) as f:
                         for b in sorted(blocks):
-                            self._check_block(shard, b, feats, scale)
+                            self._check_block(shard, b, f.fileno())
                 except _Corrupt as e:
                     lost += self._drop_corrupt(self._shards[shard], str(e))[1]
                     break  # the index was rebuilt: locate the rows again (copies may live elsewhere)
@@ -549,6 +664,57 @@ class FeatureCache:
         atomic_write(final, lambda f: f.write(blob))
         self._add_shard(final, shas, dim, (BLOCK_ROWS, crcs))
         return final
+
+
+class CachedRows:
+    """A read-only float32 ``[N, D]`` view of feature-cache rows that reads rows when indexed.
+
+    Made by :meth:`FeatureCache.rows`. ``view[idx]`` (an int, a slice, a list or a
+    ``LongTensor`` of positions) returns a new float32 tensor of those rows, read through
+    the shards' memory maps and checked against their block checksums exactly as
+    :meth:`FeatureCache.load` reads them, so it holds the same values ``load`` would. The
+    view itself keeps two int32 numbers per row (shard, row), so a training loop drawing
+    random batches from a million-row cache holds one batch, not the cache.
+
+    A shard quarantined while the view is in use (a checksum failure) raises
+    :class:`CorruptShardError` on that read, and on every read after it: the rows must be
+    extracted again and a new view made.
+    """
+
+    def __init__(self, cache: FeatureCache, shas: Sequence[str]) -> None:
+        where = cache._locate(list(shas))
+        self.cache = cache
+        self._shard = torch.tensor([w[0] for w in where], dtype=torch.int32)
+        self._row = torch.tensor([w[1] for w in where], dtype=torch.int32)
+        self._generation = cache._generation
+
+    def __len__(self) -> int:
+        return len(self._shard)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), self.cache.dim or 0))
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def __repr__(self) -> str:
+        return f"CachedRows({len(self)} rows of {self.cache!r})"
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        if self.cache._generation != self._generation:
+            raise CorruptShardError(f"{self.cache.directory}: a shard was quarantined since these rows were "
+                                    f"located; extract again and read the rows anew")
+        if isinstance(idx, int):
+            return self[[idx]][0]
+        if isinstance(idx, slice):
+            pos = torch.arange(len(self))[idx]
+        else:
+            pos = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+            if len(pos) and (int(pos.min()) < -len(self) or int(pos.max()) >= len(self)):
+                raise IndexError(f"{self!r}: index out of range")
+        return self.cache._gather(self._shard[pos], self._row[pos])
 
 
 class CacheWriter:

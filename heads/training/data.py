@@ -37,16 +37,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 from heads.spec import HeadConfigError, HeadSpec
+from trunk.hashindex import ContentHashes
 from trunk.images import IMAGE_EXTENSIONS
 from trunk.manifest import ManifestError, open_table
 from trunk.seen import SeenImages
 
+log = logging.getLogger(__name__)
 SPLITS = ("train", "val")
 REQUIRED_COLUMNS = ("path", "label")
 # Every column a head's manifest or golden file may have; each is read as text.
@@ -109,7 +112,8 @@ class _Row:
     sha: str = ""  # the file's content hash, filled once per load
 
 
-def load_labelled_data(spec: HeadSpec, avoid: SeenImages | None = None) -> LabelledData:
+def load_labelled_data(spec: HeadSpec, avoid: SeenImages | None = None,
+                       hashes: ContentHashes | None = None) -> LabelledData:
     """Read the labelled data a head config names and split it.
 
     Relative ``data.root`` / ``data.manifest`` values are relative to the working folder.
@@ -120,6 +124,9 @@ def load_labelled_data(spec: HeadSpec, avoid: SeenImages | None = None) -> Label
             When the platform makes the split (no ``split`` column), they go to train, and
             validation is drawn from the rest of each class, as far as the class allows;
             a team's own split is kept as it is (its overlap is reported, not changed).
+        hashes: the content-hash index of the feature cache (:class:`trunk.hashindex.ContentHashes`):
+            files whose size and mtime it knows are not read again, and what it learns is
+            saved back. None reads and hashes every file.
 
     Returns:
         The examples, classes, split and content hash.
@@ -137,8 +144,7 @@ def load_labelled_data(spec: HeadSpec, avoid: SeenImages | None = None) -> Label
         rows = _rows_from_manifest(spec, location)
     if not rows:
         raise spec.error("data", f"no images found in {location}")
-    for r in rows:
-        r.sha = _file_sha256(r.path)
+    _hash_rows(rows, hashes)
     classes = sorted({r.label for r in rows})
     field_name, what = _where(spec, location)
     if len(classes) < MIN_CLASSES:
@@ -354,9 +360,24 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _hash_rows(rows: list[_Row], hashes: ContentHashes | None) -> None:
+    """Fill each row's content hash: every file read, or through the (size, mtime) index."""
+    if hashes is None:
+        for r in rows:
+            r.sha = _file_sha256(r.path)
+        return
+    for r in rows:
+        r.sha = hashes.sha(r.path)
+    try:
+        hashes.save()
+    except OSError as e:  # a read-only cache: correct hashes all the same, read again next time
+        log.warning("%s: could not save content hashes (%s); the files will be hashed again next run",
+                    hashes.directory, e)
+
+
 def _data_sha(rows: list[_Row]) -> str:
-    # Content hashes cost one read of every image, but a data set whose pixels changed
-    # under the same names must not look unchanged (mtime/size would miss a same-size edit).
+    # Content hashes, not (size, mtime): a data set whose pixels changed under the same names
+    # must not look unchanged. The index (trunk.hashindex) only saves reading unchanged files.
     h = hashlib.sha256()
     for r in sorted(rows, key=lambda r: r.rel):
         h.update(json.dumps([r.rel, r.label, r.split, r.slice, r.sha]).encode() + b"\n")

@@ -44,8 +44,11 @@ def fit_head(
     Args:
         spec: the head config (module, train settings, gate).
         data: its labelled data; ``train_x``/``val_x`` rows follow ``data.train``/``data.val``.
-        train_x: ``(len(data.train), in_features)`` features of the head's tap.
-        val_x: ``(len(data.val), in_features)`` features.
+        train_x: ``(len(data.train), in_features)`` features of the head's tap: a tensor, or a
+            :class:`trunk.cache.CachedRows` view (``FeatureCache.rows``), which reads each
+            batch from the cache's shards, so a million-row set trains in bounded memory
+            with the same result as the loaded tensor.
+        val_x: ``(len(data.val), in_features)`` features (a tensor or a view).
         trunk_id: the trunk the features came from.
         out_dir: folder for the artifacts (created).
         device: where to train and time the head.

@@ -81,7 +81,9 @@ def train_on_features(module: nn.Module, train_x: Tensor, train_y: Tensor, val_x
 
     Args:
         module: the head; moved to ``device``.
-        train_x: ``(N, ...)`` features (any float dtype; fp16 cache rows are upcast).
+        train_x: ``(N, ...)`` features (any float dtype; fp16 cache rows are upcast), or a
+            :class:`trunk.cache.CachedRows` view: batches index it with the same seeded
+            permutation, so only one batch of rows is read and held at a time.
         train_y: ``(N,)`` class indices.
         val_x: validation features.
         val_y: validation class indices.

@@ -87,11 +87,13 @@ def resolve_trunk(client: MlflowClient, trunk_version: str | int) -> tuple[Trunk
 
 
 def features_for(trunk: Trunk, spec: HeadSpec, data: LabelledData, *, workspace: Workspace, batch_size: int,
-                 num_workers: int, device: str, progress: bool):
+                 num_workers: int, device: str, progress: bool, lazy: bool = False):
     """Cached features for a head's train and val images, extracting what is missing first.
 
     Images that cannot be decoded are left out with a warning; a class left with no
-    training image is a config error naming the data.
+    training image is a config error naming the data. ``lazy``: the training rows come as a
+    :class:`trunk.cache.CachedRows` view that reads each batch from the shards (a
+    million-row tap trains in bounded memory, same values as loading it).
     """
     samples = data.train + data.val
     result = extract_job(trunk, [s.path for s in samples], workspace=workspace, taps=(spec.tap,),
@@ -109,7 +111,8 @@ def features_for(trunk: Trunk, spec: HeadSpec, data: LabelledData, *, workspace:
     if not val:
         raise spec.error("data", "no decodable validation image")
     cache = result.caches[spec.tap]  # the instance that verified these rows during extraction
-    train_x = cache.load([sha_of[s.path] for s in train])
+    train_shas = [sha_of[s.path] for s in train]
+    train_x = cache.rows(train_shas) if lazy else cache.load(train_shas)
     val_x = cache.load([sha_of[s.path] for s in val])
     kept = LabelledData(classes=data.classes, train=train, val=val, data_sha=data.data_sha, source=data.source,
                         has_slices=data.has_slices)
@@ -178,7 +181,7 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     spec.check_tap(trunk.taps)
     trained_on = trunk_trained_on(client, tv)
     # The platform's own split keeps images this trunk trained on out of validation.
-    data = data if data is not None else load_labelled_data(spec, avoid=trained_on)
+    data = data if data is not None else load_labelled_data(spec, avoid=trained_on, hashes=workspace.content_hashes())
     check_trainable(spec, data)  # data handed in (cascade, refresh) gets the same refusal as a file
     out_dir = workspace.run_dir("head", spec.name)
     on_epoch = epoch_curve_logger(run) if run is not None else None
@@ -187,7 +190,8 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     listed = [s.path for s in data.train + data.val]
     if spec.tap == POOLED:
         data, train_x, val_x, extracted = features_for(trunk, spec, data, workspace=workspace, batch_size=batch_size,
-                                                       num_workers=num_workers, device=device, progress=progress)
+                                                       num_workers=num_workers, device=device, progress=progress,
+                                                       lazy=True)
         result = fit_head(spec, data, train_x, val_x, trunk_id=trunk.trunk_id, out_dir=out_dir, device=device,
                           progress=progress, on_epoch=on_epoch)
         summary = dict(extracted.summary)
@@ -214,7 +218,7 @@ def train_head_on(client: MlflowClient, spec: HeadSpec, trunk: Trunk, trunk_vers
     if run is not None:  # the splits it read, as the run's datasets (digest data_sha)
         log_head_datasets(run, spec.name, data)
     if spec.tap == POOLED or not spec.config.get("augment"):
-        # The rows the head just trained on, already in memory: no extra pass over images.
+        # The rows the head just trained on, from the cache: no extra pass over images.
         train_shas = [sha_of[s.path] for s in data.train]
         tap_shape = None if spec.tap == POOLED else tuple(trunk.tap(spec.tap).shape)
         stats = cached_rows_stats(train_x, train_shas, tap_shape)

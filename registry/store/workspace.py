@@ -41,6 +41,12 @@ class Workspace:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    def content_hashes(self, verify: bool = False):
+        """The cache's content-hash index (:class:`trunk.hashindex.ContentHashes`): unchanged files are not re-read."""
+        from trunk.hashindex import ContentHashes
+
+        return ContentHashes(self.cache, verify=verify)
+
     @property
     def predictions(self) -> Path:
         return self.root / "predictions"

@@ -306,3 +306,46 @@ def test_a_damaged_decode_errors_file_counts_as_empty_and_is_replaced(tmp_path, 
     assert again.get(good) == ("empty file", "e.jpg") and len(again) == 1
     with pytest.raises(ValueError, match="not a sha256 hex digest"):
         again.add("abc", "empty file", "e.jpg")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_rows_view_reads_exactly_what_load_gives(tmp_path, dtype):
+    from trunk.cache import CachedRows
+
+    cache = FeatureCache(tmp_path, "t", "pooled", "p", dtype=dtype)
+    shas = shas_for(700)
+    with cache.writer(rows_per_shard=300) as w:  # 3 shards, blocks of 256 rows: runs cross both
+        w.add(shas, feats_for(700, d=16))
+    wanted = shas[::-1][:650] + shas[:3]  # another order, with repeats
+    fresh = FeatureCache(tmp_path, "t", "pooled", "p", dtype=dtype)
+    view = fresh.rows(wanted)
+    assert isinstance(view, CachedRows) and len(view) == 653 and view.shape == (653, 16)
+    whole = FeatureCache(tmp_path, "t", "pooled", "p", dtype=dtype).load(wanted)
+    idx = torch.randperm(653, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(view[idx], whole[idx]) and view[idx].dtype == torch.float32
+    assert torch.equal(view[10:300], whole[10:300]) and torch.equal(view[5], whole[5])
+    assert torch.equal(view[torch.tensor([7, 7, 0])], whole[[7, 7, 0]])
+    with pytest.raises(IndexError):
+        view[torch.tensor([653])]
+    with pytest.raises(CacheMissError, match="1 of 2 images not in feature cache"):
+        fresh.rows([shas[0], shas_for(1, "other")[0]])
+
+
+def test_rows_view_after_a_quarantine_refuses_to_read(tmp_path):
+    from trunk.cache import CorruptShardError, _shard_layout
+
+    cache = FeatureCache(tmp_path, "t", "pooled", "p")
+    shas = shas_for(20)
+    with cache.writer(rows_per_shard=10) as w:
+        w.add(shas, feats_for(20))
+    view = FeatureCache(tmp_path, "t", "pooled", "p").rows(shas)
+    target = view.cache.shards[view.cache._index[shas[15]][0]]  # the shard of rows 10-19
+    blob = bytearray(target.read_bytes())
+    offset, _, _ = _shard_layout(target, 10, 24, "float16")
+    blob[offset + 5] ^= 0xFF  # a flipped byte inside the features of the second shard
+    target.write_bytes(bytes(blob))
+    assert view[torch.arange(10)].shape == (10, 24)  # the first shard is intact
+    with pytest.raises(CorruptShardError, match="fails its checksum"):
+        view[torch.arange(20)]
+    with pytest.raises(CorruptShardError, match="extract again"):
+        view[torch.arange(10)]  # shard numbers changed: the view is stale

@@ -383,3 +383,35 @@ def test_a_team_split_is_kept_even_where_the_trunk_saw_its_val_images(tmp_path):
     plain = load_labelled_data(spec)
     steered = load_labelled_data(spec, avoid=SeenImages(content_sha(s.path) for s in plain.val))
     assert steered == plain and steered.kept_out_of_val == 0  # its overlap is reported by the head job
+
+
+def test_data_sha_through_the_hash_index_reads_only_changed_files(tmp_path):
+    import os
+
+    from trunk.hashindex import ContentHashes
+
+    root = class_folders(tmp_path / "ds")
+    images = sorted(p for p in root.rglob("*.png"))
+    old = 1_600_000_000 * 10**9  # long ago: the index trusts entries hashed now
+    for i, p in enumerate(images):
+        os.utime(p, ns=(old, old + i))
+    spec = head_spec(tmp_path, {"root": str(root)})
+    plain = load_labelled_data(spec).data_sha
+    cold = ContentHashes(tmp_path / "cache")
+    assert load_labelled_data(spec, hashes=cold).data_sha == plain  # the same hash, index or not
+    assert cold.hashed == len(images) and cold.unsaved == 0  # saved
+    warm = ContentHashes(tmp_path / "cache")
+    assert load_labelled_data(spec, hashes=warm).data_sha == plain
+    assert warm.hashed == 0 and warm.hits == len(images)
+
+    os.utime(images[0], ns=(old, old + 10**9))  # touched, same bytes
+    touched = ContentHashes(tmp_path / "cache")
+    assert load_labelled_data(spec, hashes=touched).data_sha == plain
+    assert touched.hashed == 1
+
+    write_image(images[1], (1, 2, 3), size=8, seed=99)  # new pixels
+    os.utime(images[1], ns=(old, old + 2 * 10**9))
+    edited = ContentHashes(tmp_path / "cache")
+    changed = load_labelled_data(spec, hashes=edited).data_sha
+    assert edited.hashed == 1 and edited.hits == len(images) - 1
+    assert changed != plain and changed == load_labelled_data(spec).data_sha

@@ -118,3 +118,23 @@ def test_the_result_keeps_its_validation_logits_in_row_order(labelled, tmp_path)
         assert torch.allclose(result.val_logits, result.module(val_x.float()), atol=1e-5)
     assert result.val_logits.argmax(1).tolist() == result.val_predictions
     assert result.val_paths == [s.path for s in data.val]
+
+
+def test_training_from_a_cache_view_gives_the_same_head_as_from_memory(labelled, tmp_path):
+    from trunk.cache import FeatureCache
+
+    spec, data = labelled
+    train_x, val_x = features(data.train, 0), features(data.val, 1)
+    shas = [f"{i:064x}" for i in range(len(data.train) + len(data.val))]
+    cache = FeatureCache(tmp_path / "cache", "t", "pooled", "p")
+    with cache.writer(rows_per_shard=20) as w:  # several shards: batches gather across them
+        w.add(shas, torch.cat([train_x, val_x]))
+    train_shas, val_shas = shas[:len(data.train)], shas[len(data.train):]
+    in_memory = fit_head(spec, data, cache.load(train_shas), cache.load(val_shas), trunk_id="t",
+                         out_dir=tmp_path / "a")
+    streamed = fit_head(spec, data, cache.rows(train_shas), cache.rows(val_shas), trunk_id="t",
+                        out_dir=tmp_path / "b")
+    assert streamed.history == in_memory.history
+    assert (tmp_path / "a" / "head" / "head.safetensors").read_bytes() == \
+        (tmp_path / "b" / "head" / "head.safetensors").read_bytes()
+    assert torch.equal(streamed.val_logits, in_memory.val_logits)
