@@ -172,7 +172,9 @@ class ClassifyConfig(TrackedConfig):
 
 @dataclass
 class ReportConfig(TrackedConfig):
-    pass
+    # At most this many heads per attention section; past it the full tables stay in the files.
+    attention_rows: int = 20
+    full: bool = False
 
 
 @dataclass

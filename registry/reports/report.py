@@ -7,9 +7,11 @@ trunk's ``trunk_id`` is not production's (the head was retrained for another tru
 production moved to a trunk the head has no version for); plus, per trunk version, the
 head versions trained on it.
 
-``log_report`` writes the table (Markdown), a PNG of accuracy against added cost (log cost
+``log_report`` writes the table (Markdown, and CSV with each head's standing), a summary with
+the heads that need attention first (``summary.md``: failing their gate, stale, most costly,
+largest accuracy drops; :func:`attention`), a PNG of accuracy against added cost (log cost
 axes, the trunk's own cost drawn as a line) and the dependencies (``dependencies.md``) into
-``<workspace>/reports/<time>/`` and logs all three to the MLflow experiment ``reports``,
+``<workspace>/reports/<time>/`` and logs them all to the MLflow experiment ``reports``,
 with the table also as an MLflow table (``leaderboard.json``, sortable in the UI). It first marks what killed promoters left
 behind (:func:`registry.store.releases.reap_leftovers`: release runs stuck RUNNING set KILLED,
 never-served release versions tagged ``orphan=true``), so nothing dead looks live.
@@ -26,6 +28,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from heads.training.cost import format_ms
+from registry.reports.summary import attention_lines, summary_lines
 from registry.store.heads import get_head_version, head_model_versions
 from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
 from registry.store.runs import tracked_run
@@ -150,7 +153,12 @@ def plot_accuracy_vs_cost(rows: Sequence[dict[str, Any]], path: str | Path,
             _, unit, scale, trunk_key = panels[cost]
             drawn = [(x * scale, y, name) for x, y, name in points if x > 0]
             hidden = len(points) - len(drawn)
-            ax.scatter([p[0] for p in drawn], [p[1] for p in drawn], s=18)
+            # Hundreds of points: smaller and translucent, so dense clusters read as dense, not as one blob.
+            many = len(drawn) > MAX_LABELLED_POINTS
+            ax.scatter([p[0] for p in drawn], [p[1] for p in drawn], s=8 if many else 18, alpha=0.4 if many else 1.0,
+                       linewidths=0)
+            if many:
+                ax.set_title(f"{len(drawn)} heads (unlabelled; the table names them)", fontsize=8)
             if len(drawn) <= MAX_LABELLED_POINTS:
                 for x, y, name in drawn:
                     ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -228,7 +236,8 @@ def head_dependencies(client: MlflowClient) -> list[dict[str, Any]]:
         when the model has no versions), ``latest_trunk_version`` (the latest version's
         tag ``trunk_version``), ``latest_trunk_id``, ``production_trunk_version`` (None
         without a production release), ``stale`` (the latest version's trunk_id is not
-        production's; False when there is no production) and ``trunk_versions``
+        production's; False when there is no production), ``latest_gate`` (its tag
+        ``gate``: ``passed``/``failed``, None when untagged), ``latest_run_id`` and ``trunk_versions``
         (``{trunk version: [head versions trained on it]}``, ascending).
     """
     release = get_release(client, PRODUCTION)
@@ -250,6 +259,8 @@ def head_dependencies(client: MlflowClient) -> list[dict[str, Any]]:
             "latest_trunk_id": latest_trunk_id,
             "production_trunk_version": release.trunk_version if release else None,
             "stale": bool(release is not None and latest is not None and latest_trunk_id != release.trunk_id),
+            "latest_gate": latest.tags.get("gate") if latest is not None else None,
+            "latest_run_id": latest.run_id if latest is not None else None,
             "trunk_versions": dict(sorted(by_trunk.items())),
         })
     return rows
@@ -323,6 +334,111 @@ def format_dependencies(rows: Sequence[dict[str, Any]], production_trunk: int | 
     return "\n".join(lines)
 
 
+# -- the report at hundreds of heads: a summary, the heads that need attention, the full table in files ----
+FULL_TABLE_CSV = "production_table.csv"
+SUMMARY_MD = "summary.md"
+# Columns of the full table file beyond the leaderboard's: where each head stands.
+FULL_COLUMNS = (*COLUMNS, "added_ms_per_image_spread", "stale", "latest_version", "latest_gate")
+
+
+def accuracy_drops(client: MlflowClient, rows: Sequence[dict[str, Any]],
+                   dependencies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Production heads whose newest version scores lower than the version that serves.
+
+    A newer version that did not reach production (retrained on a candidate trunk, or
+    failed its gate) with a lower ``val_accuracy`` is what the next promotion or refresh
+    would lose. Only heads whose latest version is not the production one are read.
+
+    Returns:
+        ``{head, production_version, latest_version, production_accuracy, latest_accuracy,
+        drop}`` rows, largest drop first (ties by head name).
+    """
+    serving = {r["head"]: r for r in rows}
+    out = []
+    for dep in dependencies:
+        row = serving.get(dep["head"])
+        if row is None or row.get("val_accuracy") is None or dep.get("latest_run_id") is None:
+            continue
+        if dep.get("latest_version") in (None, row["version"]):
+            continue
+        latest = run_metrics(client, dep["latest_run_id"]).get("val_accuracy")
+        if latest is not None and latest < row["val_accuracy"]:
+            out.append({"head": dep["head"], "production_version": row["version"],
+                        "latest_version": dep["latest_version"], "production_accuracy": row["val_accuracy"],
+                        "latest_accuracy": latest, "drop": row["val_accuracy"] - latest})
+    return sorted(out, key=lambda r: (-r["drop"], r["head"]))
+
+
+def attention(rows: Sequence[dict[str, Any]], dependencies: Sequence[dict[str, Any]],
+              drops: Sequence[dict[str, Any]], release: Any, shared: Mapping[str, float]) -> dict[str, Any]:
+    """The report's summary and the heads that need attention first, every list complete and ordered.
+
+    Args:
+        rows: :func:`production_table`.
+        dependencies: :func:`head_dependencies`.
+        drops: :func:`accuracy_drops`.
+        release: the release reported on (None: none).
+        shared: the trunk's own cost, :func:`trunk_cost`.
+
+    Returns:
+        ``{"summary": {...counts and totals}, "failing": [...], "stale": [...], "costly":
+        [...], "drops": [...]}``. ``failing``: heads whose latest version failed its gate
+        (tag ``gate=failed``: registered, never shipped), by head; ``stale``: the rows of
+        :func:`head_dependencies` flagged stale, by head; ``costly``: production rows with
+        a measured ``added_gflops``, most costly first.
+    """
+    failing = [d for d in dependencies if d.get("latest_gate") == "failed"]
+    stale = [d for d in dependencies if d.get("stale")]
+    costly = sorted((r for r in rows if r.get("added_gflops") is not None),
+                    key=lambda r: (-r["added_gflops"], r["head"]))
+    accuracies = [r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None]
+    summary = {
+        "release_version": getattr(release, "version", None),
+        "trunk_version": getattr(release, "trunk_version", None),
+        "trunk_id": getattr(release, "trunk_id", None),
+        "heads_in_production": len(rows),
+        "heads_registered": len(dependencies),
+        "failing": len(failing), "stale": len(stale), "accuracy_drops": len(drops),
+        "taps": dict(sorted(_count(r.get("tap") or "-" for r in rows).items())),
+        "heads_gflops": sum(r["added_gflops"] for r in rows if r.get("added_gflops") is not None),
+        "heads_ms_per_image": sum(r["added_ms_per_image"] for r in rows
+                                  if r.get("added_ms_per_image") is not None),
+        "trunk_gflops": shared.get("gflops_per_image"), "trunk_ms_per_image": shared.get("ms_per_image"),
+        "min_val_accuracy": min(accuracies) if accuracies else None,
+        "median_val_accuracy": sorted(accuracies)[len(accuracies) // 2] if accuracies else None,
+    }
+    return {"summary": summary, "failing": failing, "stale": stale, "costly": costly, "drops": list(drops)}
+
+
+def _count(values: Any) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def full_table_rows(rows: Sequence[dict[str, Any]], dependencies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leaderboard rows with each head's standing (``stale``, ``latest_version``, ``latest_gate``)."""
+    deps = {d["head"]: d for d in dependencies}
+    return [{**{c: row.get(c) for c in COLUMNS}, "added_ms_per_image_spread": row.get("added_ms_per_image_spread"),
+             "stale": bool(deps.get(row["head"], {}).get("stale")),
+             "latest_version": deps.get(row["head"], {}).get("latest_version"),
+             "latest_gate": deps.get(row["head"], {}).get("latest_gate")} for row in rows]
+
+
+def write_full_table(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Every production head, one CSV line each (:data:`FULL_COLUMNS`; empty cell: not logged)."""
+    import csv
+
+    path = Path(path)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(FULL_COLUMNS))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in FULL_COLUMNS})
+    return path
+
+
 def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCTION) -> dict[str, Any]:
     """Build the production leaderboard and log it to the experiment ``reports``.
 
@@ -335,7 +451,10 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         ``{"rows", "table" (text), "markdown" (path), "png" (path), "run_id", "release",
         "dependencies" (rows of :func:`head_dependencies`), "dependencies_text",
         "dependencies_markdown" (path), "leftovers" (what :func:`reap_leftovers` marked;
-        empty lists when the promotion lock was busy)}``. The dependencies are always
+        empty lists when the promotion lock was busy), "attention" (:func:`attention`: the
+        summary and the heads that need attention), "csv" (the full table, every head:
+        :func:`write_full_table`), "summary_markdown" (the summary and complete attention
+        lists), "production_trunk", "trunk_aliases"}``. The dependencies are always
         measured against ``production``, the release that serves.
     """
     try:
@@ -347,8 +466,9 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     rows = production_table(client, alias)
     dependencies = head_dependencies(client)
     served = release if alias == PRODUCTION else get_release(client, PRODUCTION)
-    dependencies_text = format_dependencies(dependencies, served.trunk_version if served else None,
-                                            trunk_aliases(client))
+    aliases = trunk_aliases(client)
+    production_trunk = served.trunk_version if served else None
+    dependencies_text = format_dependencies(dependencies, production_trunk, aliases)
     out = Path(workspace) / "reports" / time.strftime("%Y%m%d-%H%M%S")
     suffix = 0
     while out.exists():  # two reports in one second must not overwrite each other
@@ -360,6 +480,12 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
     markdown.write_text(format_markdown(rows, title))
     shared = trunk_cost(client, release.trunk_version) if release else {}
     png = plot_accuracy_vs_cost(rows, out / "accuracy_vs_cost.png", shared)
+    needs = attention(rows, dependencies, accuracy_drops(client, rows, dependencies), release, shared)
+    csv_path = write_full_table(full_table_rows(rows, dependencies), out / FULL_TABLE_CSV)
+    summary_md = out / SUMMARY_MD
+    # Complete lists in the file; the terminal shows the first rows of each (registry.reports.summary).
+    summary_md.write_text(f"# {title}\n\n```\n" + "\n".join(summary_lines(needs) + [""] + attention_lines(needs, None))
+                          + "\n```\n")
     against = f"release v{served.version} (production), trunk v{served.trunk_version}" if served else "no production"
     dependencies_md = out / "dependencies.md"
     dependencies_md.write_text(f"# head dependencies, against {against}\n\n```\n{dependencies_text}\n```\n")
@@ -368,13 +494,16 @@ def log_report(client: MlflowClient, workspace: str | Path, alias: str = PRODUCT
         tags.update({"release_version": str(release.version), "trunk_version": str(release.trunk_version)})
     with tracked_run(client, "reports", run_name=f"report-{alias}", tags=tags) as run:
         run.log(metrics={"heads": len(rows), "stale_heads": sum(bool(d["stale"]) for d in dependencies),
+                         "failing_heads": len(needs["failing"]), "accuracy_drops": len(needs["drops"]),
+                         "heads_gflops": needs["summary"]["heads_gflops"],
                          "orphan_releases_marked": len(leftovers["orphan_versions"]),
                          **{f"trunk_{k}": v for k, v in shared.items()}})
-        for path in (markdown, png, dependencies_md):
+        for path in (markdown, png, dependencies_md, csv_path, summary_md):
             run.log_file(path)
         # The same rows as an MLflow table: sortable and filterable in the run's artifact view.
         run.log_table(leaderboard_frame(rows), LEADERBOARD_TABLE)
     return {"rows": rows, "table": format_table(rows), "markdown": markdown, "png": png,
             "run_id": run.run_id, "release": release, "dependencies": dependencies,
             "dependencies_text": dependencies_text, "dependencies_markdown": dependencies_md,
-            "leftovers": leftovers}
+            "leftovers": leftovers, "attention": needs, "csv": csv_path, "summary_markdown": summary_md,
+            "production_trunk": production_trunk, "trunk_aliases": aliases}

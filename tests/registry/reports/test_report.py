@@ -68,7 +68,8 @@ def test_log_report_logs_table_and_png(client, production, workspace, tmp_path):
     assert run.data.tags["release_version"] == "3"
     assert run.data.metrics["heads"] == 2
     files = {f.path for f in client.list_artifacts(out["run_id"])}
-    assert files == {"production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json"}
+    assert files == {"production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json",
+                     "production_table.csv", "summary.md"}
     # The MLflow table: the same rows, one per head, with the table's columns.
     table = client.load_table(client.get_experiment_by_name("reports").experiment_id, "leaderboard.json",
                               run_ids=[out["run_id"]])
@@ -97,6 +98,7 @@ def test_stale_head_is_flagged_and_listed_under_its_trunk(client, refreshed, tru
     colour, shape = head_dependencies(client)
     assert colour == {"head": "colour", "production_version": 1, "latest_version": 2, "latest_trunk_version": tb,
                       "latest_trunk_id": trunk_b.trunk_id, "production_trunk_version": ta, "stale": True,
+                      "latest_gate": "passed", "latest_run_id": colour["latest_run_id"],
                       "trunk_versions": {ta: [1], tb: [2]}}
     assert shape["stale"] is False and shape["trunk_versions"] == {ta: [1]} and shape["latest_trunk_id"] == \
         trunk_a.trunk_id
@@ -134,7 +136,8 @@ def test_log_report_logs_dependencies(client, refreshed, workspace, tmp_path):
     assert out["dependencies"] == head_dependencies(client)
     assert out["dependencies_text"] == format_dependencies(out["dependencies"], ta, {tb: ["candidate"]})
     assert {f.path for f in client.list_artifacts(out["run_id"])} == {
-        "production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json"}
+        "production_table.md", "accuracy_vs_cost.png", "dependencies.md", "leaderboard.json", "production_table.csv",
+        "summary.md"}
     md = open(client.download_artifacts(out["run_id"], "dependencies.md", str(tmp_path))).read()
     assert f"STALE: latest on trunk v{tb}, production trunk v{ta}" in md
     assert f"trunk v{tb} (candidate): colour v2" in md
@@ -176,3 +179,87 @@ def test_cost_axes_are_logarithmic_with_the_trunk_drawn_and_unmeasurable_heads_c
     # A head at zero added time cannot sit on a log axis: it is counted, not dropped silently.
     assert "1 head(s) below timing noise" in ms.get_title()
     assert len(ms.collections[0].get_offsets()) == 1 and len(flops.collections[0].get_offsets()) == 2
+
+
+# -- the report at many heads: summary, attention sections, the full table in files -------------------
+@pytest.fixture(scope="module")
+def many_heads(tmp_path_factory):
+    """16 generated heads (2 fail their gate), released on trunk v1; 2 of them retrained on trunk v2 (stale)."""
+    import os
+
+    from benchmarks.workspace import build_workspace, head_name
+    from registry.jobs.train import train_head_job
+    from registry.store.tracking import connect
+    from registry.store.trunks import register_trunk
+    from registry.store.workspace import Workspace
+    from heads.spec import load_head_spec
+    from trunk.model import Trunk
+
+    saved = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
+    root = tmp_path_factory.mktemp("many") / "ws"
+    built = build_workspace(root, 16, mlp_every=5, branch_every=0, fail_every=7, n_images=120, image_size=32,
+                            head_epochs=1, progress=False)
+    client = connect(root)
+    other = register_trunk(client, Trunk("test_resnet", seed=7, data_config={"input_size": [3, 32, 32],
+                                                                                  "crop_pct": 1.0}))
+    stale = [head_name(3), head_name(11)]
+    for name in stale:
+        spec = load_head_spec(root / "conf" / "heads" / f"{name}.yaml", {"workspace": str(root)})
+        train_head_job(client, spec, workspace=Workspace.at(root), trunk_version=other, batch_size=256,
+                       num_workers=0, device="cpu", progress=False, promote=False)
+    yield {"root": root, "client": client, "built": built, "stale": stale, "other_trunk": other,
+           "failing": [head_name(6), head_name(13)]}
+    os.environ.update(saved)
+
+
+def test_report_at_many_heads_puts_attention_first_and_the_full_table_in_files(many_heads):
+    import csv
+
+    from benchmarks.workspace import head_name
+    from registry.reports.summary import report_lines
+
+    client, root = many_heads["client"], many_heads["root"]
+    report = log_report(client, root)
+    att = report["attention"]
+    s = att["summary"]
+    assert (s["heads_in_production"], s["heads_registered"], s["failing"], s["stale"]) == (14, 16, 2, 2)
+    assert [d["head"] for d in att["failing"]] == many_heads["failing"]
+    assert [d["head"] for d in att["stale"]] == sorted(many_heads["stale"])
+    assert s["trunk_version"] == many_heads["built"].trunk_version and s["taps"] == {"pooled": 14}
+    assert s["heads_gflops"] == pytest.approx(sum(r["added_gflops"] for r in report["rows"]))
+    # MLP heads cost more than linear ones: they lead the costly list.
+    assert {r["head"] for r in att["costly"][:3]} == {head_name(i) for i in (4, 9, 14)}
+    for d in att["drops"]:  # drops, when a stale retrain scored lower, are its production version's
+        assert d["head"] in many_heads["stale"] and d["drop"] > 0
+
+    lines = report_lines(report, limit=5)
+    text = "\n".join(lines)
+    assert lines[0].startswith(f"release v{s['release_version']}: trunk v{s['trunk_version']}")
+    assert "14 heads in production (14 on pooled); 16 registered" in lines[0]
+    assert lines[1].startswith("needs attention: 2 failing their gate, 2 stale")
+    stale_at = lines.index("stale (latest version trained on another trunk than production's) (2)")
+    assert [ln.split()[0] for ln in lines[stale_at + 1:stale_at + 3]] == sorted(many_heads["stale"])
+    assert f"on trunk v{many_heads['other_trunk']}" in lines[stale_at + 1]
+    costly_at = lines.index("most costly (added GFLOPs per image) (14)")
+    assert lines[costly_at + 6] == "  ... and 9 more (full table: see below)"
+    # The full table is not printed: at most 5 rows per section, and far fewer lines than heads.
+    assert "full=true prints it" in text
+    assert len(lines) < 45 and not any(ln.startswith("head ") for ln in lines)
+    assert f"trunk v{s['trunk_version']} (production): 16 head versions of 16 heads" in lines
+    assert f"trunk v{many_heads['other_trunk']} (-): 2 head versions of 2 heads" in lines
+    assert str(report["csv"]) in text and report["run_id"] in text
+
+    # full=true prints every head; the files hold every production head.
+    full = report_lines(report, limit=5, full=True)
+    assert all(any(ln.startswith(r["head"] + " ") for ln in full) for r in report["rows"])
+    with open(report["csv"], newline="") as f:
+        table = list(csv.DictReader(f))
+    assert sorted(r["head"] for r in table) == sorted(r["head"] for r in report["rows"])
+    assert {r["head"] for r in table if r["stale"] == "True"} == set(many_heads["stale"])
+    assert all(r["head"] in report["markdown"].read_text() for r in table)
+    summary = report["summary_markdown"].read_text()
+    assert all(n in summary for n in many_heads["failing"] + many_heads["stale"])
+    assert {f.path for f in client.list_artifacts(report["run_id"])} >= {"production_table.csv", "summary.md",
+                                                                         "leaderboard.json"}
+    metrics = client.get_run(report["run_id"]).data.metrics
+    assert (metrics["heads"], metrics["failing_heads"], metrics["stale_heads"]) == (14, 2, 2)
