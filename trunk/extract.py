@@ -1,9 +1,11 @@
 """Filling the feature cache: run the trunk only on images whose features are missing.
 
-Each file is read once: its bytes are hashed, and only when that content still lacks a row
-(or a verified row) in some requested tap's cache are the same bytes handed to a loader
-worker to decode and preprocess (:class:`trunk.dataset.BytesDataset`). A cached file is
-therefore read but never decoded, and nothing is read twice. Files are read in chunks of
+Each file is read at most once: its bytes are hashed, and only when that content still lacks
+a row (or a verified row) in some requested tap's cache are the same bytes handed to a loader
+worker to decode and preprocess (:class:`trunk.dataset.BytesDataset`). With a content-hash
+index (:class:`trunk.hashindex.ContentHashes`, what the platform's jobs pass), a file whose
+size and mtime the index knows is not read at all when its content's rows are all cached; a
+cached file is never decoded, and nothing is read twice. Files are read in chunks of
 ``batch_size``; before deciding, the cached rows of each chunk's hashes are checked against
 their shards' checksums (quarantining a damaged shard, see :mod:`trunk.cache`). Identical
 files are decoded once (the first path with that content). The trunk runs once per batch
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -39,6 +42,7 @@ from trunk.cache import DecodeErrors, FeatureCache
 from trunk.dataset import BytesDataset, decode_failed
 from trunk.decode import ImageError, read_bytes, sha256_bytes
 from trunk.device import resolve_device
+from trunk.hashindex import ContentHashes
 from trunk.loader import collate_items  # the loader's batch assembly (odd shapes rejected)
 from trunk.preprocess import eval_transform
 
@@ -57,7 +61,8 @@ class ExtractResult:
         summary: ``images``, ``unique_images``, ``new_rows``, ``reused_rows``, ``errors``,
             ``seconds``, ``images_per_s`` (rows count distinct image contents);
             ``quarantined_rows`` when damaged shards were moved aside and their rows
-            recomputed; ``known_errors`` when contents recorded as undecodable were skipped.
+            recomputed; ``known_errors`` when contents recorded as undecodable were skipped;
+            ``unread`` when a content-hash index let cached files go unread.
         caches: ``{tap: FeatureCache}`` that now hold the features.
     """
 
@@ -74,10 +79,13 @@ def _model_device(trunk: torch.nn.Module) -> torch.device:
 class _Plan:
     """Per-run state: each input's hash, and what each distinct content needs."""
 
-    def __init__(self, names: list[str], caches: dict[str, FeatureCache], record: DecodeErrors) -> None:
+    def __init__(self, names: list[str], caches: dict[str, FeatureCache], record: DecodeErrors,
+                 hashes: ContentHashes | None = None) -> None:
         self.names = names
         self.caches = caches
         self.record = record
+        self.hashes = hashes
+        self.unread = 0  # files whose hash came from the index and whose rows were all cached
         self.shas: list[str | None] = [None] * len(names)
         self.errors: dict[str, str] = {}  # path -> reason, for files that could not be read
         self.first: dict[str, int] = {}  # sha -> position of the first input with that content
@@ -91,32 +99,27 @@ class _Plan:
         """Read ``positions`` once each, in chunks; yield ``(i, path, sha, bytes)`` batches to decode."""
         pending: list[tuple[int, str, str, bytes]] = []
         for lo in range(0, len(positions), batch_size):
-            read = []
+            read: list[tuple[int, str, str, bytes | None]] = []
             for i in positions[lo:lo + batch_size]:
-                path = self.names[i]
                 try:
-                    data = read_bytes(path)
-                except ImageError as e:
-                    self.errors[path] = str(e)
-                    continue
+                    entry = self._read(i)
                 finally:
                     bar.update(1)
-                sha = sha256_bytes(data)
-                self.shas[i] = sha
-                read.append((i, path, sha, data))
-            fresh = list(dict.fromkeys(sha for _, _, sha, _ in read if sha not in self.first))
-            missing: set[str] = set()
-            for cache in self.caches.values():
-                # Check the stored rows first: a damaged shard is quarantined here, so its rows
-                # count as missing and are recomputed instead of being trained on.
-                self.quarantined += cache.verify(fresh)
-                missing.update(cache.missing(fresh))
+                if entry is not None:
+                    read.append(entry)
+            missing = self._missing([sha for _, _, sha, _ in read])
+            if any(data is None and sha in missing for _, _, sha, data in read):
+                # Known to the index but not cached in every tap: read those bytes after all.
+                read = [self._reread(e) if e[3] is None and e[2] in missing else e for e in read]
+                read = [e for e in read if e is not None]
+                missing |= self._missing([sha for _, _, sha, _ in read])
             for i, path, sha, data in read:
                 if sha in self.first:
                     continue  # cached, or decoded once for its first path: identical files run once
                 self.first[sha] = i
                 if sha not in missing:
-                    continue  # cached: read to hash it, never decoded
+                    self.unread += data is None
+                    continue  # cached: at most read to hash it, never decoded
                 self.need.add(sha)
                 known = self.record.get(sha)
                 if known is not None:
@@ -129,6 +132,51 @@ class _Plan:
                 del pending[:batch_size]
         if pending:
             yield pending
+
+    def _read(self, i: int) -> tuple[int, str, str, bytes | None] | None:
+        """``(i, path, sha, bytes)``; bytes None when the index knew the hash (nothing read); None if unreadable."""
+        path = self.names[i]
+        if self.hashes is not None:
+            try:
+                sha = self.hashes.lookup(path)
+                st = os.stat(path)
+            except OSError:
+                sha = st = None  # read_bytes below says why, in the platform's words
+            if sha is not None:
+                self.shas[i] = sha
+                return i, path, sha, None
+        try:
+            data = read_bytes(path)
+        except ImageError as e:
+            self.errors[path] = str(e)
+            return None
+        sha = sha256_bytes(data)
+        if self.hashes is not None and st is not None:
+            self.hashes.record(path, sha, st)  # stat taken before the read: a later change is seen
+        self.shas[i] = sha
+        return i, path, sha, data
+
+    def _reread(self, entry: tuple[int, str, str, bytes | None]) -> tuple[int, str, str, bytes | None] | None:
+        """Read a file the index vouched for, because its content needs computing (or changed since)."""
+        i, path, sha, _ = entry
+        if self.record.get(sha) is not None:
+            return entry  # recorded as undecodable: listed from the record, no need for the bytes
+        hashes, self.hashes = self.hashes, None
+        try:
+            return self._read(i)
+        finally:
+            self.hashes = hashes
+
+    def _missing(self, shas: Sequence[str]) -> set[str]:
+        """The contents among ``shas`` (not yet planned) that lack a verified row in some tap."""
+        fresh = list(dict.fromkeys(sha for sha in shas if sha not in self.first))
+        missing: set[str] = set()
+        for cache in self.caches.values():
+            # Check the stored rows first: a damaged shard is quarantined here, so its rows
+            # count as missing and are recomputed instead of being trained on.
+            self.quarantined += cache.verify(fresh)
+            missing.update(cache.missing(fresh))
+        return missing
 
     def lost(self) -> list[int]:
         """Positions of contents counted as cached whose rows a later quarantine took; forgets them."""
@@ -160,6 +208,7 @@ def extract(
     device: str = "cpu",
     dtype: str = "float16",
     progress: bool = True,
+    hashes: ContentHashes | None = None,
 ) -> ExtractResult:
     """Make sure every readable image in ``paths`` has features in each tap's cache.
 
@@ -173,6 +222,9 @@ def extract(
         device: ``cpu``, ``cuda[:n]`` or ``auto`` (see :func:`trunk.device.resolve_device`).
         dtype: cache storage, ``float16`` or ``int8``.
         progress: show a tqdm progress bar on stderr.
+        hashes: a content-hash index: files it knows (same size and mtime) whose rows are
+            all cached are not read; what is read is recorded, and the index saved at the end.
+            None: every file is read and hashed.
 
     Returns:
         An :class:`ExtractResult` with per-path hashes, errors and a summary.
@@ -188,7 +240,7 @@ def extract(
     caches = {tap: FeatureCache.for_trunk(cache_root, trunk, tap, dtype=dtype) for tap in taps}
     dev = resolve_device(device)
     names = [str(p) for p in paths]
-    plan = _Plan(names, caches, DecodeErrors.load(cache_root))
+    plan = _Plan(names, caches, DecodeErrors.load(cache_root), hashes)
 
     new_rows = 0
     bar = tqdm(total=len(names), desc="extracting", unit="img", disable=not progress, file=sys.stderr)
@@ -207,6 +259,12 @@ def extract(
         except OSError as e:
             log.warning("%s: could not record decode failures (%s); they will be decoded again next run",
                         plan.record.path, e)
+        if hashes is not None:
+            try:
+                hashes.save()
+            except OSError as e:
+                log.warning("%s: could not save content hashes (%s); the files will be read again next run",
+                            hashes.directory, e)
 
     errors = plan.errors
     result_shas: list[str | None] = []
@@ -239,6 +297,8 @@ def extract(
         summary["quarantined_rows"] = plan.quarantined
     if plan.known:  # contents the decode-error record says fail: listed in errors, not decoded
         summary["known_errors"] = plan.known
+    if plan.unread:  # cached files the content-hash index vouched for: not even read
+        summary["unread"] = plan.unread
     # Keep the caller's order of errors stable: input order.
     ordered = {p: errors[p] for p in dict.fromkeys(names) if p in errors}
     return ExtractResult(shas=result_shas, errors=ordered, summary=summary, caches=caches)

@@ -16,10 +16,11 @@ def extract_job(trunk: Trunk, paths: Sequence[str], *, workspace: Workspace, tap
                 batch_size: int, num_workers: int, device: str, progress: bool) -> ExtractResult:
     """Fill the workspace's feature cache for ``paths``; computes only what is missing.
 
-    Each file is read once; contents recorded as undecodable (the cache's
+    Each file is read at most once (files the cache's content-hash index knows, whose rows
+    are cached, not at all); contents recorded as undecodable (the cache's
     ``decode-errors.json``) are listed in the result's errors without being decoded again.
     """
     for tap in taps:
         trunk.tap(tap)  # unknown tap: a TrunkError listing the valid ones, before any work
     return extract(trunk, paths, workspace.cache, taps=tuple(taps), batch_size=batch_size,
-                   num_workers=num_workers, device=device, progress=progress)
+                   num_workers=num_workers, device=device, progress=progress, hashes=workspace.content_hashes())

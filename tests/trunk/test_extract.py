@@ -277,3 +277,41 @@ def test_rows_lost_to_a_later_quarantine_are_read_again_and_recomputed(tiny_trun
     assert again.summary["reused_rows"] == 0 and again.errors == {}
     assert [calls["read"][str(p)] for p in images[:4]] == [2, 2, 1, 1]
     torch.testing.assert_close(FeatureCache.for_trunk(root, tiny_trunk, "pooled").load(again.shas), clean)
+
+
+def test_with_the_content_hash_index_cached_files_are_not_read_at_all(tiny_trunk, images, tmp_path, calls,
+                                                                       image_factory):
+    import os
+
+    from trunk.hashindex import ContentHashes
+
+    cache_root = tmp_path / "cache"
+    bad = tmp_path / "set" / "bad.png"
+    bad.write_bytes(images[0].read_bytes()[:60])
+    paths = [*images, bad]
+    hour_ago = os.stat(images[0]).st_mtime_ns - 3600 * 10**9  # older than the index's racy-mtime window
+    for p in paths:
+        os.utime(p, ns=(hour_ago, hour_ago))
+    first = extract(tiny_trunk, paths, cache_root, progress=False, hashes=ContentHashes(cache_root))
+    assert calls["read"] == Counter({str(p): 1 for p in paths}) and "unread" not in first.summary
+
+    calls["read"].clear()
+    calls["decode"].clear()
+    second = extract(tiny_trunk, paths, cache_root, progress=False, hashes=ContentHashes(cache_root))
+    assert calls["read"] == Counter() and calls["decode"] == Counter()  # nothing read, nothing decoded
+    assert second.shas == first.shas and second.errors == first.errors  # the bad file is still listed
+    assert second.summary["unread"] == len(images) and second.summary["reused_rows"] == len(images)
+
+    # A file whose content changed (new size or mtime) is read, hashed and computed; only that one.
+    changed = image_factory("new/changed.png", color=(1, 2, 3), seed=99).read_bytes()
+    images[2].write_bytes(changed)
+    os.utime(images[2], ns=(hour_ago + 10**9, hour_ago + 10**9))
+    third = extract(tiny_trunk, paths, cache_root, progress=False, hashes=ContentHashes(cache_root))
+    assert calls["read"] == Counter({str(images[2]): 1}) and calls["decode"] == Counter({str(images[2]): 1})
+    assert third.shas[2] == sha256_bytes(changed) and third.summary["new_rows"] == 1
+
+    # An index entry whose rows are gone from the cache: the file is read after all, and computed.
+    shutil.rmtree(cache_root / tiny_trunk.trunk_id)
+    calls["read"].clear()
+    fourth = extract(tiny_trunk, images[:2], cache_root, progress=False, hashes=ContentHashes(cache_root))
+    assert calls["read"] == Counter({str(p): 1 for p in images[:2]}) and fourth.summary["new_rows"] == 2
