@@ -362,6 +362,30 @@ class BranchHead(nn.Module):
             module.eval()
         return self
 
+    def prefix_stages(self) -> list[nn.Module]:
+        """The frozen stages a head bank may run once for several branches: entry, frozen blocks.
+
+        Stage 0 is the suffix's ``entry``, stage ``i`` its block ``i - 1``; empty when no
+        block is frozen. Branches on one tap initialised from one trunk carry identical
+        copies of these (frozen blocks keep the trunk's weights and batch-norm statistics).
+        """
+        return self._frozen()
+
+    def forward_from(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+        """Logits from the output of the first ``stage`` stages (0: the tap's features), as :meth:`forward`.
+
+        Args:
+            x: what stages ``0 .. stage - 1`` of :meth:`prefix_stages` gave (the tap's
+                features when ``stage`` is 0).
+            stage: how many stages already ran, ``0 <= stage <= 1 + len(blocks)``.
+        """
+        stages = [self.suffix.entry, *self.suffix.blocks]
+        if not 0 <= stage <= len(stages):
+            raise ValueError(f"stage={stage}: the branch at '{self.tap}' has {len(stages)} stages")
+        for module in stages[stage:]:
+            x = module(x)
+        return self.fc(self.dropout(self.suffix.pool(self.suffix.post(x))))
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled pre-logits vector ``(B, num_features)`` from the tap's features."""
         return self.suffix(x)

@@ -91,8 +91,8 @@ def bank_cost(
     """Milliseconds per image that head ``name`` adds inside a bank of ``heads``, with its spread.
 
     The release's real mix matters: a linear head on a tap that other linear heads read
-    joins their fused matrix product and adds almost nothing, while a branch or MLP head
-    runs on its own. Two banks, with and without the head, run on the same trunk
+    joins their fused matrix product and adds almost nothing, an MLP head joins its tap's
+    group of like-sized MLPs, while a branch head runs its own later layers. Two banks, with and without the head, run on the same trunk
     features, interleaved round by round (:func:`trunk.timing.interleaved`) after a
     warm-up of at least :data:`WARMUP` rounds and :data:`WARMUP_S` seconds; the figure
     is the median per-round difference over the batch size, floored at zero because a

@@ -55,10 +55,10 @@ def test_make_heads_mixes_three_linear_to_one_mlp():
     torch.testing.assert_close(again["head_000"].module.fc.weight, heads["head_000"].module.fc.weight)
 
 
-def test_bank_of_benchmark_heads_fuses_the_linear_ones():
+def test_bank_of_benchmark_heads_fuses_the_linear_ones_and_groups_the_mlps():
     bank = HeadBank(make_heads(32, 16, num_classes=4))
     assert tuple(bank.fused["tap_0"].weight.shape) == (24 * 4, 16)
-    assert len(bank.singles) == 8
+    assert len(bank.singles) == 0 and len(bank.grouped) == 1 and len(bank.grouped["group_0"].names) == 8
 
 
 def test_batches_depend_only_on_the_seed():

@@ -1,4 +1,4 @@
-"""HeadBank: fused linear heads give what each head gives alone; labels map to class names."""
+"""HeadBank: fused, grouped and shared heads give what each head gives alone; labels map to class names."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from heads.bank import HeadBank, HeadBankError
+from heads.branch import BranchHead, branch_kwargs
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead, load_head, save_head
 
@@ -38,10 +39,12 @@ def test_bank_names_taps_and_fusion_layout():
     assert bank.names == ["binary", "colour", "count", "early", "items", "shape"]
     assert bank.taps == ["pooled", "stages.1"]
     assert not bank.training
-    # Three linear heads on pooled share one matrix; the MLPs run alone.
+    # Three linear heads on pooled share one matrix; each MLP is a group of one (other hidden, tap).
     assert bank.fused_taps == ["pooled", "stages.1"]
     assert tuple(bank.fused["tap_0"].weight.shape) == (2 + 3 + 5, 16)
-    assert list(bank.singles) == ["head_count", "head_items"]
+    assert bank.group_keys == [("pooled", 16, 8, "none"), ("stages.1", 8, 4, "none")]
+    assert [g.names for g in bank.grouped.values()] == [["count"], ["items"]]
+    assert list(bank.singles) == []
 
 
 def test_fused_outputs_equal_each_head_alone():
@@ -101,3 +104,140 @@ def test_bank_errors_name_the_head_or_tap():
         HeadBank({"Bad-Name": heads["shape"]})
     with pytest.raises(HeadBankError, match="at least one head"):
         HeadBank({})
+
+
+# -- MLP groups, branch prefixes, weight precision ---------------------------------------------
+class TwiceMLP(MLPHead):
+    """A subclass may override forward: the bank must run it on its own, not grouped."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def make_branch(trunk, tap: str, n_classes: int, freeze_blocks: int, seed: int) -> BranchHead:
+    """A branch initialised from the trunk, its unfrozen layers 'fine-tuned' (perturbed) by seed."""
+    head = BranchHead(trunk.tap(tap).channels, n_classes,
+                      **branch_kwargs(trunk, tap, freeze_blocks=freeze_blocks)).init_from_trunk(trunk)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return head.eval()
+
+
+@pytest.fixture(scope="module")
+def mixed_heads(tiny_trunk):
+    """Linear, MLP (several class counts, two hidden sizes, a subclass) and branch heads on four taps."""
+    torch.manual_seed(7)
+    width = tiny_trunk.tap("pooled").channels
+    heads = {
+        "lin_a": make_head("lin_a", LinearHead(width, 3), "pooled", 3),
+        "lin_b": make_head("lin_b", LinearHead(width, 11), "pooled", 11),
+        # "extra": a vector tap next to the trunk's (features are whatever the caller hands in)
+        "lin_extra": make_head("lin_extra", LinearHead(16, 4), "extra", 4),
+        "mlp_extra": make_head("mlp_extra", MLPHead(16, 6, hidden=8), "extra", 6),
+        "twice": make_head("twice", TwiceMLP(width, 5, hidden=8), "pooled", 5),
+    }
+    # Class counts 2, 3 | 5, 9 | 40 (two buckets would pad more than 2x), hidden 8; two of hidden 6.
+    for i, n in enumerate([2, 3, 5, 9, 40]):
+        heads[f"mlp_h8_{i}"] = make_head(f"mlp_h8_{i}", MLPHead(width, n, hidden=8, dropout=0.5), "pooled", n)
+    for i, n in enumerate([7, 7]):
+        heads[f"mlp_h6_{i}"] = make_head(f"mlp_h6_{i}", MLPHead(width, n, hidden=6), "pooled", n)
+    for p in (p for h in heads.values() for p in h.module.parameters()):
+        torch.nn.init.normal_(p, std=0.5)
+    # Branches on layer2: two share entry + layer3 (frozen), one shares them and freezes layer4 too,
+    # one freezes nothing; one on layer2 whose frozen layer3 differs; one on layer1.
+    specs = {"br_f1_a": ("layer2", 1), "br_f1_b": ("layer2", 1), "br_f2": ("layer2", 2), "br_f0": ("layer2", 0),
+             "br_other": ("layer2", 1), "br_l1": ("layer1", 1)}
+    for i, (name, (tap, freeze)) in enumerate(specs.items()):
+        heads[name] = make_head(name, make_branch(tiny_trunk, tap, 3 + i, freeze, seed=i), tap, 3 + i)
+    with torch.no_grad():
+        heads["br_other"].module.suffix.blocks[0][0].conv1.weight.mul_(1.5)
+    return heads
+
+
+def trunk_features(trunk, taps, n: int = 6, seed: int = 0) -> dict[str, torch.Tensor]:
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        features = trunk(x, [t for t in taps if t != "extra"])
+    return {**features, "extra": torch.randn(n, 16, generator=torch.Generator().manual_seed(seed + 1))}
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_mixed_bank_equals_each_head_alone(tiny_trunk, mixed_heads):
+    bank = HeadBank(mixed_heads)
+    assert bank.taps == ["extra", "layer1", "layer2", "pooled"]
+    assert list(bank.singles) == ["head_twice"]
+    # One group per (tap, width, hidden); the hidden-8 group cut into three padded buckets.
+    assert [g.names for g in bank.grouped.values()] == [["mlp_extra"], ["mlp_h6_0", "mlp_h6_1"],
+                                                        [f"mlp_h8_{i}" for i in range(5)]]
+    assert bank.grouped["group_2"].buckets == [(0, 2, 3), (2, 4, 9), (4, 5, 40)]
+    assert tuple(bank.grouped["group_2"].w1.shape) == (5 * 8, 96)
+    # layer2 tree: entry is shared by all four, layer3 by the three whose copies are equal.
+    tree = bank.branches["tap_1"]
+    assert bank.branch_taps == ["layer1", "layer2"] and tree.names == ["br_f0", "br_f1_a", "br_f1_b", "br_f2",
+                                                                       "br_other"]
+    assert len(tree.stages) == 1 + 2 + 1  # entry; layer3 shared + layer3 of br_other; br_f2's layer4
+    assert tree.starts[1][0] == tree.starts[2][0] == tree.parents[tree.starts[3][0]]
+    features = trunk_features(tiny_trunk, bank.taps)
+    with torch.inference_mode():
+        out = bank(features)
+        assert list(out) == bank.names
+        for name, head in mixed_heads.items():
+            alone = head.module(features[head.tap])
+            assert out[name].shape == alone.shape == (6, len(head.classes))
+            torch.testing.assert_close(out[name], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_default_bank_is_today_bit_for_bit(mixed_heads, tiny_trunk):
+    bank = HeadBank(mixed_heads)
+    assert bank.weight_dtype is None
+    assert all(b.dtype == torch.float32 for b in bank.buffers() if b.is_floating_point())
+    features = trunk_features(tiny_trunk, bank.taps, seed=1)
+    names = ["lin_a", "lin_b"]
+    weight = torch.cat([mixed_heads[n].module.fc.weight for n in names])
+    bias = torch.cat([mixed_heads[n].module.fc.bias for n in names])
+    with torch.inference_mode():
+        out = bank(features)
+        today = torch.split(torch.nn.functional.linear(features["pooled"], weight, bias), [3, 11], dim=-1)
+        assert out["lin_extra"].equal(mixed_heads["lin_extra"].module.fc(features["extra"]))
+        assert all(torch.equal(out[n], t) for n, t in zip(names, today))
+        explicit = HeadBank(mixed_heads, weight_dtype="float32")(features)
+        assert all(torch.equal(out[n], explicit[n]) for n in bank.names)
+
+
+def test_bf16_bank_agrees_with_fp32_on_top1():
+    # 1000-class heads on a 512-wide tap, as in a large release.
+    torch.manual_seed(3)
+    heads = {f"lin_{i}": make_head(f"lin_{i}", LinearHead(512, 1000), "pooled", 1000) for i in range(4)}
+    heads.update({f"mlp_{i}": make_head(f"mlp_{i}", MLPHead(512, 1000, hidden=64), "pooled", 1000)
+                  for i in range(4)})
+    features = {"pooled": torch.randn(256, 512, generator=torch.Generator().manual_seed(4))}
+    full, half = HeadBank(heads), HeadBank(heads, weight_dtype=torch.bfloat16)
+    assert half.weight_dtype is torch.bfloat16 and half.fused["tap_0"].weight.dtype == torch.bfloat16
+    with torch.inference_mode():
+        ref, low = full(features), half(features)
+    for name in heads:
+        assert low[name].dtype == torch.float32
+        # bf16 keeps 8 significant bits, so every rounding is off by at most 2^-9 relative. A
+        # linear head rounds input, weight and result (about 3 * 2^-9 of a logit's scale at
+        # most, observed about half that); an MLP does so twice, through both layers. 2^-6 =
+        # 8 * 2^-9 covers both with room, and is still far below a real bug's error.
+        err = (low[name] - ref[name]).abs().max().item()
+        assert err <= 2 ** -6 * ref[name].abs().max().item()
+        # A label can only change where the fp32 top two are nearer than twice that error: a
+        # small share of rows with 1000 classes (observed 0.4-2% over seeds), never a clear winner.
+        top = ref[name].topk(2, dim=-1).values
+        changed = low[name].argmax(-1) != ref[name].argmax(-1)
+        assert changed.float().mean().item() <= 0.05
+        assert bool((top[changed, 0] - top[changed, 1] <= 2 * err).all())
+
+
+def test_reduced_bank_errors_and_moves(mixed_heads):
+    with pytest.raises(HeadBankError, match="weight_dtype must be one of float32, bfloat16, float16 or None"):
+        HeadBank(mixed_heads, weight_dtype="int8")
+    bank = HeadBank(mixed_heads, weight_dtype="float16")
+    assert bank.grouped["group_0"].w1.dtype == torch.float16
+    # Branch heads (and other singles) keep their own weights.
+    assert bank.branches["tap_0"].heads[0].fc.weight.dtype == torch.float32
