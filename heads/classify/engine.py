@@ -13,8 +13,18 @@ Exactly once. Shard k always holds the same inputs (the input list is cut by pos
 and is cut into the same batches, so its rows depend only on the job; it appears whole or
 not at all and is committed at most once (:func:`heads.classify.output.commit_once`). A job
 killed at any moment and run again skips the shards on disk and computes the rest; a
-finished job (``_SUCCESS.json`` with the same fingerprint) writes nothing. Two jobs on
-one folder may both compute a shard, but only one commits it.
+finished job (``_SUCCESS.json`` with the same fingerprint) writes nothing.
+
+Two runs, one folder. Runs of the same job on one folder (two processes, two hosts on a
+shared mount, one per backend) split its shards: each claims a shard just before computing
+it (:class:`heads.classify.output.ShardClaims`: an exclusive claim file with a renewed
+lease), skips shards a live run holds, and takes over those whose owner died (its pid
+gone on this host, or its lease of ``claim_lease_s`` expired). When no shard is left to
+claim, a run waits for the shards others hold to be committed, taking over any whose
+owner dies meanwhile, so every run returns only once the whole output is in. The local
+backend claims each shard as its loader reaches it (a few batches ahead); Ray claims a
+window (``window_batches``) before submitting it. Claims save work only: if two runs ever
+compute one shard, commit-once still lets exactly one commit it.
 
 Speed. Decoding runs in loader worker processes (JPEGs in Pillow's draft mode), a
 few batches ahead of the trunk; pixels are pinned for an overlapped copy when the trunk is
@@ -42,7 +52,7 @@ import json
 import math
 import time
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,16 +66,18 @@ from heads.bank import HeadBank
 from heads.monitor.stats import MonitorStatsError
 from heads.predict import MONITOR_SEED, BatchPredictor, MonitorStats, batch_rows, empty_columns
 from heads.classify.output import (
-    JOB_FILE, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, JobFingerprint, commit_bytes, commit_json, commit_table, error_reason,
+    CLAIM_LEASE_S, JOB_FILE, ShardClaims, claim_files, MONITOR_FILE, SHARD_GLOB, SUCCESS_FILE, JobFingerprint, commit_bytes, commit_json, commit_table, error_reason,
     foreign_files, job_fingerprint, job_id, job_provenance, job_temps, output_schema, read_json, remove_stale_temps,
     set_aside, shard_digest, shard_errors, shard_monitor_name, shard_name, shard_provenance, shard_schema,
 )
 from trunk.device import resolve_device
 from trunk.images import path_text
-from trunk.loader import iter_decoded, iter_decoded_batches
+from trunk.loader import iter_decoded_batches
 from trunk.preprocess import decode_side, eval_transform
 
 BACKENDS = ("local", "ray")
+# How often a run waiting for shards another live run holds looks at them again.
+CLAIM_POLL_S = 0.25
 # The _JOB.json fields that decide a shard's rows, named in a refusal when they differ.
 JOB_FIELDS = ("release", "heads", "rows_per_shard", "images", "settings")
 
@@ -144,13 +156,15 @@ def _changed(k: int) -> RuntimeError:
 
 
 def plan_stream(paths: Iterable[str | Path], rows_per_shard: int, batch_size: int, shards: Iterable[int],
-                digests: Sequence[bytes]) -> Iterator[BatchJob]:
+                digests: Sequence[bytes], claim: Callable[[int], bool] | None = None) -> Iterator[BatchJob]:
     """:func:`plan_batches` over a stream: the batches of the given shards, each carrying its paths.
 
     The stream is read shard by shard; each shard's paths are checked against ``digests``
     (:func:`heads.classify.output.shard_digest` per shard, from the job's counting pass)
     before any of its batches is yielded, so a stream that is not the one the job was
-    fingerprinted on never gets a row written.
+    fingerprinted on never gets a row written. ``claim``, when given, is called with each
+    wanted shard just before its first batch is yielded (so as late as the consumer reads);
+    a shard it returns False for is skipped.
 
     Raises:
         RuntimeError: a shard's paths differ from its digest, or the stream is longer or
@@ -161,7 +175,7 @@ def plan_stream(paths: Iterable[str | Path], rows_per_shard: int, batch_size: in
     for k, chunk in enumerate(shard_chunks(paths, rows_per_shard)):
         if k >= len(digests) or shard_digest(chunk) != digests[k]:
             raise _changed(k)
-        if k in wanted:
+        if k in wanted and (claim is None or claim(k)):
             first = k * rows_per_shard
             for j, s in enumerate(range(0, len(chunk), batch_size)):
                 part = chunk[s:s + batch_size]
@@ -203,26 +217,21 @@ class _Assembler:
         return whole, merged
 
 
-def _local_batches(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Iterable[BatchJob], transform,
-                   draft_side, device: torch.device, num_workers: int, amp: bool | None,
+def _local_batches(trunk, bank: HeadBank, jobs: Iterable[BatchJob], transform, draft_side, device: torch.device,
+                   num_workers: int, amp: bool | None,
                    monitor: bool = False) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
+    """Decode and classify planned batches that carry their paths, in this process; read lazily, a few batches ahead."""
     predictor = BatchPredictor(trunk, bank, device, amp=amp, monitor=monitor)
-    if names is not None:  # a planned list over an input list
-        jobs = list(jobs)
-        decoded = iter_decoded(names, transform, batches=[job.indices for job in jobs], num_workers=num_workers,
-                               draft_side=draft_side, pin_memory=device.type == "cuda")
-        pairs = zip(jobs, decoded, strict=True)
-    else:  # a streamed plan: each job carries its paths; the loader reads it a few batches ahead
-        sent: deque[BatchJob] = deque()
+    sent: deque[BatchJob] = deque()
 
-        def feed() -> Iterator[tuple[list[int], list[str]]]:
-            for job in jobs:
-                sent.append(job)
-                yield job.indices, job.paths
+    def feed() -> Iterator[tuple[list[int], list[str]]]:
+        for job in jobs:
+            sent.append(job)
+            yield job.indices, job.paths
 
-        decoded = iter_decoded_batches(feed(), transform, num_workers=num_workers, draft_side=draft_side,
-                                       pin_memory=device.type == "cuda")
-        pairs = ((sent.popleft(), batch) for batch in decoded)  # batches come back in the order sent
+    decoded = iter_decoded_batches(feed(), transform, num_workers=num_workers, draft_side=draft_side,
+                                   pin_memory=device.type == "cuda")
+    pairs = ((sent.popleft(), batch) for batch in decoded)  # batches come back in the order sent
     for job, batch in pairs:
         columns = empty_columns(bank.names)
         predictions, stats = predictor.run(batch.pixels, [batch.shas[p] for p in batch.ok])
@@ -297,6 +306,7 @@ def classify(
     ray_options: Mapping[str, Any] | None = None,
     allow_foreign_files: bool = False,
     monitor: bool = True,
+    claim_lease_s: float = CLAIM_LEASE_S,
 ) -> dict[str, Any]:
     """Classify images with every head of a release into a resumable Parquet folder.
 
@@ -331,14 +341,23 @@ def classify(
             write; they are left untouched either way (the job removes only its own temps).
         monitor: stream monitoring stats (see the module docstring); False for the bare job
             (the cost is measured against it by ``tools.bench``'s ``monitor`` contender).
+        claim_lease_s: how long this run's shard claims stay valid unrenewed (renewed every
+            quarter of it while the run lives); another run on this host takes over a dead
+            run's claims at once, one on another host after this lease.
 
     Returns:
-        The ``_SUCCESS.json`` content: ``release``, ``fingerprint``, ``counts``
-        (``images``, ``ok``, ``errors``, ``shards``), ``errors_by_reason``,
-        ``images_per_s``, ``seconds`` (both for the work the committing call did),
-        ``heads``, ``schema`` (column names), ``settings``, ``backend``,
-        ``shards_reused``, ``shards_written`` and ``monitor`` (:func:`monitor_summary` of
-        ``_MONITOR.safetensors``; None with ``monitor=False``).
+        This call's job summary, which it commits as ``_SUCCESS.json``: ``release``,
+        ``fingerprint``, ``counts`` (``images``, ``ok``, ``errors``, ``shards``),
+        ``errors_by_reason``, ``heads``, ``schema`` (column names), ``settings``, ``monitor``
+        (:func:`monitor_summary` of ``_MONITOR.safetensors``; None with ``monitor=False``),
+        and this call's own work: ``backend``, ``images_per_s``, ``seconds``,
+        ``shards_reused`` (on disk when it started), ``shards_written`` (committed by it),
+        ``shards_by_others`` (committed by another run of the job while it ran; these three
+        add up to ``counts.shards``), ``shards_computed`` (assembled by it: those it wrote,
+        plus any whose commit another run won) and ``shards_taken_over`` (claims of dead
+        runs it took). When a concurrent run committed ``_SUCCESS.json`` first, the file
+        holds that run's summary, equal to this one but for the work fields. A call that
+        finds the job finished returns ``_SUCCESS.json`` as it is.
 
     Raises:
         ValueError: one line, for bad arguments, a release for another trunk, or a
@@ -352,6 +371,8 @@ def classify(
         raise ValueError(f"rows_per_shard must be at least 1, got {rows_per_shard}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not claim_lease_s > 0:
+        raise ValueError(f"claim_lease_s must be positive, got {claim_lease_s}")
     if backend not in BACKENDS:
         raise ValueError(f"backend '{backend}' is not one of: {', '.join(BACKENDS)}")
     if backend == "ray":
@@ -416,13 +437,22 @@ def classify(
             raise _refusal(job_path, on_disk, job)
     remove_stale_temps(out, job_key)
 
+    def rows_of(k: int) -> int:
+        return min(rows_per_shard, n_images - k * rows_per_shard)
+
+    def on_disk(k: int) -> Counter | None:
+        """Shard ``k``'s rows by error reason when it is committed (with its stats, when monitoring); else None."""
+        existing = shard_errors(out / shard_name(k), schema, rows_of(k), fingerprint)
+        if existing is None or (monitor and not (out / shard_monitor_name(k)).is_file()):
+            return None
+        return _reasons(existing)
+
     # Which shards are already on disk, whole and well-formed: per shard, its rows' error reasons.
     errors_of: dict[int, Counter] = {}
     for k in range(n_shards):
-        rows = min(rows_per_shard, n_images - k * rows_per_shard)
         if monitor and (out / shard_monitor_name(k)).exists() and _shard_stats(out, k) is None:
             set_aside(out, shard_monitor_name(k), job=job_key)  # damaged: recomputed with its shard
-        existing = shard_errors(out / shard_name(k), schema, rows, fingerprint)
+        existing = shard_errors(out / shard_name(k), schema, rows_of(k), fingerprint)
         if existing is not None:
             if not monitor or (out / shard_monitor_name(k)).is_file():
                 errors_of[k] = _reasons(existing)
@@ -432,56 +462,120 @@ def classify(
             set_aside(out, shard_name(k), job=job_key)
     reused = len(errors_of)
     pending = [k for k in range(n_shards) if k not in errors_of]
-    if names is not None:
-        jobs: Iterable[BatchJob] = plan_batches(n_images, rows_per_shard, batch_size, pending)
-        expected = Counter(job.shard for job in jobs)
-    else:  # the third pass: planned shard by shard, each checked against the first pass
-        jobs = plan_stream(stream, rows_per_shard, batch_size, pending, digests)
-        expected = {k: math.ceil(min(rows_per_shard, n_images - k * rows_per_shard) / batch_size) for k in pending}
-
+    expected = {k: math.ceil(rows_of(k) / batch_size) for k in pending}  # batches per shard
     transform = eval_transform(trunk.data_config)
-    if backend == "ray":
-        from heads.classify.ray_backend import ray_batches
 
-        batches = ray_batches(trunk, bank, names, jobs, transform, draft_side, device=device, amp=amp,
-                              options=ray_options or {}, monitor=monitor)
-    else:
-        batches = _local_batches(trunk, bank, names, jobs, transform, draft_side, device, num_workers, amp,
-                                 monitor=monitor)
+    by_others: set[int] = set()  # shards another run of this job committed while this one ran
+    held: list[int] = []  # shards of the current round a live run of this job holds
+    computed = written = processed = 0
 
-    written = processed = 0
+    def by_another(k: int, done: Counter) -> None:
+        errors_of[k] = done
+        by_others.add(k)
+        claims.release(k)  # committed: every claim on it is garbage
+        bar.update(rows_of(k))
+
+    def take(k: int) -> bool:
+        """Claim shard ``k`` just before its first batch is planned; False when it is done or a live run holds it."""
+        done = on_disk(k)
+        if done is None:
+            if not claims.take(k):
+                held.append(k)
+                return False
+            done = on_disk(k)  # committed between the look and the claim?
+            if done is None:
+                return True
+        by_another(k, done)
+        return False
+
+    def plan(shards: Sequence[int]) -> Iterator[BatchJob]:
+        """The batches of the shards this run claims, lazily: each shard is claimed as the backend reaches it."""
+        if names is None:  # a stream, read shard by shard, each checked against the first pass
+            yield from plan_stream(stream, rows_per_shard, batch_size, shards, digests, claim=take)
+            return
+        for k in shards:
+            if take(k):
+                for b in plan_batches(n_images, rows_per_shard, batch_size, [k]):
+                    yield BatchJob(b.shard, b.batch, b.indices, [names[i] for i in b.indices])
+
+    def run_batches(shards: Sequence[int]) -> Iterator[tuple[int, int, dict, MonitorStats | None]]:
+        if backend == "ray":
+            from heads.classify.ray_backend import ray_batches
+
+            return ray_batches(trunk, bank, None, plan(shards), transform, draft_side, device=device, amp=amp,
+                               options=ray_options or {}, monitor=monitor)
+        return _local_batches(trunk, bank, plan(shards), transform, draft_side, device, num_workers, amp,
+                              monitor=monitor)
+
+    def commit(k: int, table: pa.Table, blob: bytes | None) -> bool:
+        try:
+            return _commit_shard(out, k, table, blob, job_key)
+        finally:
+            claims.release(k)
+
+    def wait_for_others(shards: Sequence[int]) -> list[int]:
+        """Wait until each shard a live run held is committed, or its owner died and this run took it over.
+
+        Returns the shards to compute next (those taken over, and those still held elsewhere,
+        which the next round looks at again); empty when all are committed.
+        """
+        waiting = list(shards)
+        while waiting:
+            still, mine = [], []
+            for k in waiting:
+                done = on_disk(k)
+                if done is not None:
+                    by_another(k, done)
+                elif claims.take(k):
+                    mine.append(k)
+                else:
+                    still.append(k)
+            if mine:
+                return sorted(mine + still)
+            waiting = still
+            if waiting:
+                time.sleep(CLAIM_POLL_S)
+        return []
+
     assembler = _Assembler(expected, heads)
-    commits: list[tuple[int, Future]] = []
     done_rows = sum(v.total() for v in errors_of.values())
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
+    with ShardClaims(out, job_key, claim_lease_s) as claims, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer") as writer, \
             tqdm(total=n_images, initial=done_rows, unit="img", desc="classify", disable=not progress,
                  dynamic_ncols=True) as bar:
-        for k, j, columns, batch_stats in batches:
-            n = len(columns["path"])
-            processed += n
-            bar.update(n)
-            assembled = assembler.add(k, j, columns, batch_stats)
-            if assembled is None:
-                continue
-            whole, shard_stats = assembled
-            errors_of[k] = _reasons(whole["error"])
-            # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
-            whole["path"] = [path_text(p) for p in whole["path"]]
-            table = pa.Table.from_pydict(whole, schema=shard_schema(schema, provenance, k))
-            blob = shard_stats.to_bytes({"shard": str(k), "fingerprint": fingerprint}) if monitor else None
-            commits.append((k, writer.submit(_commit_shard, out, k, table, blob, job_key)))
-            # Surface a failed write now rather than after the whole input.
-            for _, future in commits:
-                if future.done():
-                    future.result()
-        for k, future in commits:
-            if future.result():
-                written += 1
-            else:  # another job committed it first; its rows are the same by construction
-                rows = min(rows_per_shard, n_images - k * rows_per_shard)
-                theirs = shard_errors(out / shard_name(k), schema, rows, fingerprint)
-                if theirs is not None:
-                    errors_of[k] = _reasons(theirs)
+        todo = pending
+        while todo:  # one round per pass over the shards left; a second only when a run holding some died
+            held.clear()
+            commits: list[tuple[int, Future]] = []
+            for k, j, columns, batch_stats in run_batches(todo):
+                n = len(columns["path"])
+                processed += n
+                bar.update(n)
+                assembled = assembler.add(k, j, columns, batch_stats)
+                if assembled is None:
+                    continue
+                computed += 1
+                whole, shard_stats = assembled
+                errors_of[k] = _reasons(whole["error"])
+                # Parquet strings are UTF-8: a file name that is not gets its lossless escaped form.
+                whole["path"] = [path_text(p) for p in whole["path"]]
+                table = pa.Table.from_pydict(whole, schema=shard_schema(schema, provenance, k))
+                blob = shard_stats.to_bytes({"shard": str(k), "fingerprint": fingerprint}) if monitor else None
+                commits.append((k, writer.submit(commit, k, table, blob)))
+                # Surface a failed write now rather than after the whole input.
+                for _, future in commits:
+                    if future.done():
+                        future.result()
+            for k, future in commits:
+                if future.result():
+                    written += 1
+                else:  # another run committed it first; its rows are the same by construction
+                    by_others.add(k)
+                    theirs = shard_errors(out / shard_name(k), schema, rows_of(k), fingerprint)
+                    if theirs is not None:
+                        errors_of[k] = _reasons(theirs)
+            # What live runs of this job hold: wait for their commits, or take over from one that died.
+            todo = wait_for_others(sorted(held))
     missing = [k for k in range(n_shards) if k not in errors_of]
     if missing:
         raise RuntimeError(f"{out}: shards {missing[:5]} were not produced; rerun the same job to finish them")
@@ -518,10 +612,15 @@ def classify(
         "backend": backend,
         "shards_reused": reused,
         "shards_written": written,
+        "shards_computed": computed,
+        "shards_taken_over": len(claims.taken_over),
+        "shards_by_others": len(by_others),
         "monitor": monitored,
     }
-    if not commit_json(out, SUCCESS_FILE, summary, job=job_key):
-        return read_json(success_path)  # a concurrent run of this job finished first
-    for tmp in job_temps(out, job_key):
-        tmp.unlink(missing_ok=True)  # every shard is committed: this job's leftovers of killed runs are garbage
+    if commit_json(out, SUCCESS_FILE, summary, job=job_key):
+        for tmp in job_temps(out, job_key):
+            tmp.unlink(missing_ok=True)  # every shard is committed: this job's leftovers of killed runs are garbage
+    # else a concurrent run of this job finished first: its _SUCCESS.json differs from ours in the work fields only
+    for claim in claim_files(out, job_key):
+        claim.unlink(missing_ok=True)  # every shard is committed: claims (of killed runs too) are garbage
     return summary

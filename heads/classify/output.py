@@ -8,6 +8,7 @@ The folder is a contract (DESIGN.md, "Bulk classification output")::
     _part-00000.monitor.safetensors  that shard's monitoring stats, committed just before it
     _MONITOR.safetensors the job's monitoring stats: the exact merge of every shard's, before _SUCCESS.json
     _SUCCESS.json        written last: release, counts, errors by reason, throughput
+    .vtp-<job id>.claim-00000.0      a run's claim on shard 0 while it computes it, deleted once committed
 
 Each shard carries its provenance in its Parquet key-value metadata, one JSON document
 under :data:`PROVENANCE_KEY` (``vtp.provenance``): the release, the trunk's version and
@@ -32,6 +33,17 @@ name exists, so two jobs racing on one folder cannot both commit a shard: the lo
 depend only on the job's fingerprint). A reader never sees a partial file. This needs a
 POSIX file system (local disk or a shared mount); object stores have no atomic link.
 
+Claims. Two runs of one job on one folder split the work: before computing shard k a run
+claims it with ``.vtp-<job id>.claim-NNNNN.<generation>`` (:class:`ShardClaims`), created
+whole and exclusively like every commit, holding its owner (a random id, host, pid and that
+pid's start time) and lease; the run renews the lease (the file's mtime) while it works and
+deletes the claim once the shard is committed. Other runs skip a shard under a live claim;
+a claim whose owner died (its pid gone on this host, or its lease expired) is taken over
+by creating the next generation exclusively, so exactly one run takes it. Claims only save
+work: correctness still rests on commit-once, so a mistaken takeover costs a duplicate
+computation, never a duplicate row. As dot files named with the job id, claims are
+invisible to Parquet readers and no foreign file.
+
 The job touches only files it created. Its temp files and set-aside damaged shards start
 with ``.vtp-<job id>.`` (the first 16 hex digits of the job's fingerprint), and only those
 are ever removed; a folder holding any other file the platform does not write is refused
@@ -45,6 +57,8 @@ import json
 import math
 import os
 import re
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,7 +68,7 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from trunk.files import atomic_write, fsync_dir, json_bytes
+from trunk.files import atomic_write, fsync_dir, json_bytes, write_json_atomic
 
 JOB_FILE = "_JOB.json"
 SUCCESS_FILE = "_SUCCESS.json"
@@ -285,6 +299,169 @@ def foreign_files(directory: Path) -> list[str]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted(n for n in names if not _PLATFORM_NAME.fullmatch(n))
+
+
+# -- shard claims ------------------------------------------------------------------------
+CLAIM_LEASE_S = 60.0
+
+
+def claim_name(job: str, k: int, generation: int) -> str:
+    """File name of generation ``generation`` of job ``job``'s claim on shard ``k``."""
+    return f"{temp_prefix(job)}claim-{k:05d}.{generation}"
+
+
+def claim_files(directory: Path, job: str) -> list[Path]:
+    """Every claim file of job ``job`` in ``directory`` (any shard, generation or owner)."""
+    mine = re.compile(rf"{re.escape(temp_prefix(job))}claim-[0-9]{{5,}}\.[0-9]+")
+    try:
+        return [directory / n for n in os.listdir(directory) if mine.fullmatch(n)]
+    except FileNotFoundError:
+        return []
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started (``/proc/<pid>/stat`` field 22); None without ``/proc`` or a live, unreaped process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in (b"Z", b"X"):  # killed, not yet reaped: dead
+        return None
+    return fields[19].decode()
+
+
+def pid_alive(pid: int, start: str | None = None) -> bool:
+    """Whether process ``pid`` of this host is alive (and, given ``start``, is the process that started then)."""
+    if pid <= 0:
+        return False
+    if os.path.isdir("/proc/self"):
+        now = _start_time(pid)
+        return now is not None and (start is None or now == start)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
+class ShardClaims:
+    """One run's claims on the shards of job ``job`` in ``directory`` (see the module docstring).
+
+    Use as a context manager: a daemon thread renews the held claims' leases every quarter
+    lease, and leaving releases whatever is still held (a run that fails frees its shards
+    at once; a killed one leaves them to be taken over).
+
+    Args:
+        directory: the output folder.
+        job: the job's :func:`job_id`.
+        lease_s: how long a claim stays valid without renewal; another host's claim is
+            taken over only after it (same-host claims also when their pid is dead). Hosts
+            sharing a folder need clocks within a fraction of it.
+    """
+
+    def __init__(self, directory: Path, job: str, lease_s: float = CLAIM_LEASE_S) -> None:
+        if not lease_s > 0:
+            raise ValueError(f"claim lease must be positive, got {lease_s}")
+        self.directory, self.job, self.lease_s = Path(directory), job, float(lease_s)
+        self.record = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                       "pid_start": _start_time(os.getpid()), "lease_s": self.lease_s}
+        self.held: dict[int, int] = {}  # shard -> the generation this run holds
+        self.taken_over: set[int] = set()  # shards whose dead owner's claim this run took
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> ShardClaims:
+        self._thread = threading.Thread(target=self._renew, name="shard-claims", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        for k in list(self.held):
+            self.release(k)
+
+    def _path(self, k: int, generation: int) -> Path:
+        return self.directory / claim_name(self.job, k, generation)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            with self._lock:
+                held = list(self.held.items())
+            for k, g in held:
+                try:
+                    os.utime(self._path(k, g))
+                except FileNotFoundError:
+                    pass  # released meanwhile, or swept by a run that finished the job
+
+    def alive(self, path: Path) -> bool | None:
+        """Whether the claim at ``path`` has a live owner; None when the file is gone."""
+        try:
+            mtime = path.stat().st_mtime
+            record = json.loads(path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            record = {}
+        if not isinstance(record, dict):
+            record = {}
+        try:
+            lease = float(record.get("lease_s", self.lease_s))
+        except (TypeError, ValueError):
+            lease = self.lease_s
+        if time.time() - mtime > lease:
+            return False
+        if record.get("host") == self.record["host"] and isinstance(record.get("pid"), int):
+            return pid_alive(record["pid"], record.get("pid_start"))
+        return True
+
+    def take(self, k: int) -> bool:
+        """Claim shard ``k``: True when this run now holds it (new, already held, or taken over from a dead owner);
+        False when a live owner holds it."""
+        with self._lock:
+            if k in self.held:
+                return True
+        g, dead = 0, False
+        while True:
+            path = self._path(k, g)
+            if not path.exists():
+                try:
+                    created = write_json_atomic(path, {**self.record, "shard": k, "claimed_at": time.time()},
+                                                exclusive=True, temp_prefix="")
+                except FileNotFoundError:
+                    created = False  # our temp swept by a run that finished the job: look again
+                if created:
+                    with self._lock:
+                        self.held[k] = g
+                    if dead:
+                        self.taken_over.add(k)
+                    return True
+                continue  # another run created it first: judge it
+            if self._path(k, g + 1).exists():
+                g, dead = g + 1, False
+                continue
+            state = self.alive(path)
+            if state is None:
+                continue  # released meanwhile: try again
+            if state:
+                return False
+            g, dead = g + 1, True
+
+    def release(self, k: int) -> None:
+        """Delete every claim on shard ``k`` (once it is committed, all of them are garbage)."""
+        with self._lock:
+            g = self.held.pop(k, 0)
+        for i in range(g + 1):
+            self._path(k, i).unlink(missing_ok=True)
+        i = g + 1
+        while self._path(k, i).exists():
+            self._path(k, i).unlink(missing_ok=True)
+            i += 1
 
 
 # -- commit-once writes -------------------------------------------------------------------

@@ -18,7 +18,9 @@ in JSON) as JSON: nothing a worker sends is unpickled by this code. Paths cross 
 is not) and are turned back with :func:`trunk.images.path_from_text` on the other side. The driver
 assembles whole shards and commits them exactly as the local backend does, so output
 folder, schema, each shard's provenance metadata and exactly-once guarantees are the
-same (a job may even be started on one backend and finished on the other).
+same (a job may even be started on one backend and finished on the other, or run on
+both at once: the driver claims each window's shards before submitting it, so a local
+run and a Ray run on one folder split the shards).
 
 Ray is imported here only, so the platform runs without it (``pip install
 "vision-trunk-platform[ray]"``).
@@ -187,9 +189,12 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Iterab
         names: the job's input paths or URIs; every Ray worker must be able to open them.
             None when the jobs carry their own paths (a streamed plan).
         jobs: :func:`heads.classify.engine.plan_batches` output, or a stream of batches
-            carrying their paths (:func:`heads.classify.engine.plan_stream`), which is read
-            ``window_batches`` at a time: each window is one Ray Dataset, so the driver never
-            holds more than a window of paths (the actors start again per window).
+            carrying their paths (:func:`heads.classify.engine.plan_stream`, or the
+            engine's claiming plan), which is read ``window_batches`` at a time: each window
+            is one Ray Dataset, so the driver never holds more than a window of paths (the
+            actors start again per window), and a plan that claims each shard as it is read
+            (:class:`heads.classify.output.ShardClaims`) claims a whole window before it is
+            submitted, the next one only once the last is done.
         transform: the trunk's eval transform.
         draft_side: see :func:`trunk.loader.iter_decoded`.
         device: ``cuda`` gives each actor one GPU (unless ``gpus_per_actor`` says

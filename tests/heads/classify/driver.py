@@ -1,10 +1,17 @@
 """A bulk-classification job in its own process, for crash and race tests.
 
     python -m tests.heads.classify.driver <manifest.txt> <output> [--kill POINT:N] [--workers W]
+        [--batch-delay S] [--sync DIR --parties P]
 
 Prints ``ready`` once torch, timm and the models are loaded (so a test can aim its SIGKILL
 at the job itself, not at the imports), then runs :func:`heads.classify.engine.classify` and
-prints one JSON line: this process's commits and the job summary.
+prints one JSON line: this process's commits, the shards it computed (assembled) and the
+job summary.
+
+``--batch-delay S`` sleeps S seconds after each batch (a slow job, so that two overlap).
+``--sync DIR --parties P``: after its first shard claim the process waits (up to two
+minutes) until P processes have claimed one (a file each in DIR), so that each of P jobs
+racing on one folder holds a shard before any computes: each computes some, by construction.
 
 ``--kill POINT:N`` makes the process SIGKILL itself the N-th time it reaches POINT, a
 real kill at a place a timer rarely hits:
@@ -12,7 +19,11 @@ real kill at a place a timer rarely hits:
 - ``write``: halfway through writing a temp file (half a Parquet file on disk);
 - ``link``: temp file written and fsynced, not yet linked to its final name;
 - ``linked``: linked, the folder not yet fsynced;
-- ``batch``: after the N-th batch's rows are assembled.
+- ``batch``: after the N-th batch's rows are assembled;
+- ``claimed``: right after the N-th shard claim, before that shard is computed.
+
+Claim files are written through the same code as commits; ``write``, ``link`` and
+``linked`` count commits only, so they aim at the same files as before claims existed.
 """
 
 from __future__ import annotations
@@ -22,7 +33,9 @@ import json
 import os
 import signal
 import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -52,6 +65,43 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _is_claim(path) -> bool:
+    return ".claim-" in os.path.basename(str(path))
+
+
+def _after_claim(hook) -> None:
+    """Call ``hook(k)`` each time this process newly claims shard k."""
+    from heads.classify.output import ShardClaims
+
+    real_take = ShardClaims.take
+
+    def take(self, k):
+        new = k not in self.held
+        got = real_take(self, k)
+        if got and new:
+            hook(k)
+        return got
+
+    ShardClaims.take = take
+
+
+def _barrier(directory: Path, parties: int) -> None:
+    """After this process's first claim, wait until ``parties`` processes have made one."""
+    first = []
+
+    def arrived(k: int) -> None:
+        if first:
+            return
+        first.append(k)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / str(os.getpid())).write_text(str(k))
+        deadline = time.monotonic() + 120
+        while len(list(directory.iterdir())) < parties and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    _after_claim(arrived)
+
+
 def _arm(point: str, n: int) -> None:
     """Make the process kill itself the n-th time it reaches ``point``."""
     import heads.classify.engine as classify_mod
@@ -69,6 +119,9 @@ def _arm(point: str, n: int) -> None:
 
         def half_written(path, write):
             import io
+
+            if _is_claim(path):
+                return real_write(path, write)
 
             buf = io.BytesIO()
             write(buf)
@@ -90,6 +143,8 @@ def _arm(point: str, n: int) -> None:
 
             @staticmethod
             def link(src, dst):
+                if _is_claim(dst):
+                    return real_link(src, dst)
                 reached("link")
                 real_link(src, dst)
                 reached("linked")
@@ -104,6 +159,8 @@ def _arm(point: str, n: int) -> None:
             return out
 
         classify_mod._Assembler.add = add
+    elif point == "claimed":
+        _after_claim(lambda k: reached("claimed"))
     else:
         raise SystemExit(f"unknown kill point '{point}'")
 
@@ -116,9 +173,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rows-per-shard", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-delay", type=float, default=0.0)
+    parser.add_argument("--sync", default=None)
+    parser.add_argument("--parties", type=int, default=2)
     args = parser.parse_args()
 
     torch.set_num_threads(1)
+    import heads.classify.engine as classify_mod
     import heads.classify.output as shards
     from heads.classify.engine import classify
     from trunk.model import Trunk
@@ -126,6 +187,20 @@ def main() -> None:
     trunk = Trunk("test_resnet", data_config=SMALL)
     bank = make_bank(trunk)
     paths = [line for line in open(args.manifest).read().splitlines() if line]
+    computed: list[int] = []
+    real_add = classify_mod._Assembler.add
+
+    def add(self, shard, *rest, **kwargs):  # records each shard this process assembles
+        whole = real_add(self, shard, *rest, **kwargs)
+        if args.batch_delay:
+            time.sleep(args.batch_delay)
+        if whole is not None:
+            computed.append(shard)
+        return whole
+
+    classify_mod._Assembler.add = add
+    if args.sync:
+        _barrier(Path(args.sync), args.parties)
     if args.kill:
         point, n = args.kill.split(":")
         _arm(point, int(n))
@@ -144,7 +219,7 @@ def main() -> None:
     summary = classify(trunk, bank, paths, args.output, release={**RELEASE, "trunk_id": trunk.trunk_id},
                        batch_size=args.batch_size, num_workers=args.workers, rows_per_shard=args.rows_per_shard,
                        progress=False)
-    print(json.dumps({"committed": committed, "summary": summary}), flush=True)
+    print(json.dumps({"committed": committed, "computed": computed, "summary": summary}), flush=True)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,10 @@
 
 Each job is a real process (:mod:`tests.heads.classify.driver`) killed with a real
 SIGKILL: at random moments while it works, and at the few narrow places a timer rarely
-hits (half-written temp file, fsynced but not linked, linked but the folder not fsynced).
-After every kill the same job is started again; the folder it finally leaves must hold
-exactly the rows a clean run writes.
+hits (half-written temp file, fsynced but not linked, linked but the folder not fsynced,
+a shard claimed but not computed). After every kill the same job is started again; the
+folder it finally leaves must hold exactly the rows a clean run writes. Two jobs on one
+folder split the shards between them through claims, each shard computed once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from heads.classify.output import JOB_FILE, MONITOR_FILE, SUCCESS_FILE, TEMP_GLOB
+from heads.classify.output import JOB_FILE, MONITOR_FILE, SUCCESS_FILE, TEMP_GLOB, claim_files, job_id, pid_alive, shard_name
 from heads.predict import MonitorStats
 from tests.conftest import write_image
 from tests.heads.classify.test_monitoring import same_stats
@@ -29,6 +31,7 @@ from tests.heads.classify.test_monitoring import same_stats
 ROOT = Path(__file__).resolve().parents[3]
 N_IMAGES = 120
 ROWS_PER_SHARD = 10
+N_SHARDS = -(-(N_IMAGES + 2) // ROWS_PER_SHARD)
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,10 @@ def test_clean_run_output(clean, manifest):
                                                  + [p.name for p in out.glob("*part-*")])
 
 
+def _job(out: Path) -> str:
+    return job_id(json.loads((out / JOB_FILE).read_text())["fingerprint"])
+
+
 def _assert_same_as_clean(out: Path, clean_out: Path) -> None:
     assert _rows(out) == _rows(clean_out)
     assert sorted(p.name for p in out.glob("part-*")) == sorted(p.name for p in clean_out.glob("part-*"))
@@ -100,6 +107,7 @@ def _assert_same_as_clean(out: Path, clean_out: Path) -> None:
     for shard in sorted(clean_out.glob("part-*.parquet")):
         assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name
     assert not list(out.glob(TEMP_GLOB)), "temp files left after the job finished"
+    assert not claim_files(out, _job(out)), "claims left after the job finished"
     a, b = json.loads((out / SUCCESS_FILE).read_text()), json.loads((clean_out / SUCCESS_FILE).read_text())
     for key in ("fingerprint", "counts", "errors_by_reason", "release", "schema", "monitor"):
         assert a[key] == b[key], key
@@ -111,7 +119,7 @@ def test_sigkill_anywhere_then_restart_gives_the_clean_rows(manifest, clean, tmp
     clean_out, _ = clean
     out = tmp_path / "out"
     # Aimed kills at the places a timer rarely hits, then kills at random moments.
-    aimed = ["write:1", "link:2", "linked:3", "batch:9", "write:5", "link:1", "linked:1"]
+    aimed = ["write:1", "link:2", "linked:3", "batch:9", "write:5", "link:1", "linked:1", "claimed:4"]
     rng = random.Random(1234)
     kills = 0
     for point in aimed:
@@ -131,8 +139,7 @@ def test_sigkill_anywhere_then_restart_gives_the_clean_rows(manifest, clean, tmp
     # Killed runs left partial work behind: whole shards only, never a partial one.
     for shard in out.glob("part-*.parquet"):
         pq.read_metadata(shard)
-    n_shards = -(-(N_IMAGES + 2) // ROWS_PER_SHARD)
-    assert not (out / SUCCESS_FILE).exists() or len(list(out.glob("part-*"))) == n_shards
+    assert not (out / SUCCESS_FILE).exists() or len(list(out.glob("part-*"))) == N_SHARDS
     final = _finish(_start(manifest, out))
     _assert_same_as_clean(out, clean_out)
     # The restart only computed what the killed runs had not committed.
@@ -159,3 +166,48 @@ def test_two_jobs_on_one_folder_commit_each_shard_once(manifest, clean, tmp_path
                                      + [p.name for p in clean_out.glob("*part-*")])
     _assert_same_as_clean(out, clean_out)
     assert ra["summary"]["fingerprint"] == rb["summary"]["fingerprint"]
+    # However the two overlapped, claims let no shard be computed twice.
+    assert not set(ra["computed"]) & set(rb["computed"]), "a shard was computed by both jobs"
+    assert sorted(ra["computed"] + rb["computed"]) == list(range(N_SHARDS))
+
+
+def test_two_jobs_on_one_folder_split_the_shards(manifest, clean, tmp_path):
+    clean_out, _ = clean
+    out = tmp_path / "out"
+    # Slow batches, and each job holds a claim before either computes: both work, by construction.
+    extra = ("--batch-delay", "0.1", "--sync", str(tmp_path / "sync"), "--parties", "2")
+    a, b = _start(manifest, out, *extra), _start(manifest, out, *extra)
+    ra, rb = _finish(a), _finish(b)
+    ca, cb = ra["computed"], rb["computed"]
+    print(f"shards computed: {len(ca)} + {len(cb)} of {N_SHARDS}")
+    assert len(ca) == len(set(ca)) and len(cb) == len(set(cb))
+    assert not set(ca) & set(cb), "a shard was computed by both jobs"
+    assert sorted(ca + cb) == list(range(N_SHARDS)), "a shard was never computed"
+    assert ca and cb, "one job did all the work"
+    commits = ra["committed"] + rb["committed"]
+    assert sorted(commits) == sorted(set(commits)), "a file was committed twice"
+    for result, mine in ((ra, ca), (rb, cb)):
+        s = result["summary"]
+        assert s["shards_computed"] == s["shards_written"] == len(mine)
+        assert s["shards_by_others"] == N_SHARDS - len(mine)
+        assert s["shards_reused"] == 0 and s["shards_taken_over"] == 0
+    _assert_same_as_clean(out, clean_out)  # each job returned only once the output was whole
+
+
+def test_a_killed_jobs_claim_is_taken_over(manifest, clean, tmp_path):
+    clean_out, _ = clean
+    out = tmp_path / "out"
+    proc = _start(manifest, out, "--kill", "claimed:3")  # killed holding shard 2, not yet computed
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    left = claim_files(out, _job(out))
+    for claim in left:
+        record = json.loads(claim.read_text())
+        assert record["pid"] == proc.pid and not pid_alive(record["pid"], record["pid_start"])
+    shards = {int(re.search(r"claim-([0-9]+)\.", c.name).group(1)) for c in left}
+    orphaned = {k for k in shards if not (out / shard_name(k)).exists()}
+    assert 2 in orphaned
+    final = _finish(_start(manifest, out))["summary"]
+    assert final["shards_taken_over"] == len(orphaned)  # at once: the owner's pid is gone
+    assert final["shards_written"] + final["shards_reused"] == N_SHARDS and final["shards_by_others"] == 0
+    _assert_same_as_clean(out, clean_out)

@@ -217,3 +217,41 @@ def test_another_jobs_shard_is_set_aside_and_recomputed(tmp_path, tiny_trunk, ba
     assert [r["path"] for r in pq.read_table(ours / "part-00000.parquet").to_pylist()] == inputs[:3]
     job = resumed["fingerprint"][:16]
     assert [p.name.startswith(f".vtp-{job}.part-00000.parquet.damaged-") for p in ours.glob(".*")] == [True]
+
+
+def test_a_job_waits_for_the_shards_a_live_run_holds(tmp_path, tiny_trunk, bank, inputs, release):
+    """Another host's live run holds shard 1 and commits it later; another's claim on shard 2 expires.
+
+    The job computes shard 0, takes shard 2 over once its lease is out, and returns only when
+    shard 1 is in, committed by the other run: the output is whole when it returns.
+    """
+    import os
+    import threading
+    import time
+
+    from heads.classify.output import claim_files, claim_name
+
+    clean, out = tmp_path / "clean", tmp_path / "out"
+    run(tiny_trunk, bank, inputs, clean, release)
+    job = job_id(json.loads((clean / JOB_FILE).read_text())["fingerprint"])
+    out.mkdir()
+    for k, lease in ((1, 60.0), (2, 1.0)):
+        record = {"owner": "o" * 32, "host": "another-host", "pid": 1, "pid_start": None, "lease_s": lease}
+        (out / claim_name(job, k, 0)).write_text(json.dumps(record))
+
+    def other_run():  # commits shard 1 (its stats first), then releases its claim
+        time.sleep(2.0)
+        for name in ("_part-00001.monitor.safetensors", "part-00001.parquet"):
+            os.link(clean / name, out / name)
+        (out / claim_name(job, 1, 0)).unlink()
+
+    other = threading.Thread(target=other_run)
+    other.start()
+    summary = run(tiny_trunk, bank, inputs, out, release)
+    other.join()
+    assert summary["shards_written"] == 2 and summary["shards_by_others"] == 1
+    assert summary["shards_computed"] == 2 and summary["shards_taken_over"] == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in clean.iterdir()) and not claim_files(out, job)
+    for k in range(3):
+        assert (out / f"part-{k:05d}.parquet").read_bytes() == (clean / f"part-{k:05d}.parquet").read_bytes()
+    assert summary["counts"] == json.loads((clean / SUCCESS_FILE).read_text())["counts"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 
 import pyarrow as pa
@@ -12,7 +15,7 @@ import pytest
 import pyarrow.parquet as pq
 
 from heads.classify.output import (
-    PROVENANCE_KEY, TEMP_GLOB, commit_json, commit_once, commit_table, foreign_files, job_id, job_provenance,
+    PROVENANCE_KEY, SHARD_GLOB, TEMP_GLOB, ShardClaims, claim_files, claim_name, commit_json, commit_once, commit_table, foreign_files, job_id, job_provenance,
     job_temps, output_schema, read_json, remove_stale_temps, set_aside, shard_errors, shard_provenance,
     shard_schema, temp_prefix,
 )
@@ -200,3 +203,69 @@ def test_shard_provenance_of_a_file_without_it_is_one_line(tmp_path):
     _shard(tmp_path / "bad.parquet", bad, 1)
     with pytest.raises(ValueError, match=r"bad.parquet: metadata 'vtp.provenance' is not valid JSON"):
         shard_provenance(tmp_path / "bad.parquet")
+
+
+# -- shard claims -------------------------------------------------------------------------
+def _dead_pid() -> int:
+    """The pid of a process of this host that has exited and been reaped."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def _fake_claim(directory, k: int, generation: int, *, host: str, pid: int, age_s: float = 0.0,
+                lease_s: float = 60.0) -> None:
+    path = directory / claim_name(JOB, k, generation)
+    path.write_text(json.dumps({"owner": "x" * 32, "host": host, "pid": pid, "pid_start": None, "lease_s": lease_s}))
+    if age_s:
+        _age(path, age_s)
+
+
+def test_a_live_claim_is_respected_and_released_after_commit(tmp_path):
+    with ShardClaims(tmp_path, JOB) as a, ShardClaims(tmp_path, JOB) as b:
+        assert a.take(0) and a.take(0)  # taking what it holds again is a no-op
+        assert not b.take(0)  # a live run (this very process) holds it
+        assert b.take(1) and not a.take(1)
+        assert sorted(p.name for p in claim_files(tmp_path, JOB)) == [claim_name(JOB, 0, 0), claim_name(JOB, 1, 0)]
+        a.release(0)
+        assert b.take(0) and not a.taken_over and not b.taken_over
+    assert claim_files(tmp_path, JOB) == []  # leaving releases what is still held
+    # Readers and the folder check never see claims: dot files named with the job, no temp, no shard.
+    _fake_claim(tmp_path, 3, 0, host="h", pid=1)
+    assert foreign_files(tmp_path) == [] and not list(tmp_path.glob(SHARD_GLOB)) and not list(tmp_path.glob(TEMP_GLOB))
+    assert job_temps(tmp_path, JOB) == []
+
+
+def test_a_dead_owners_claim_is_taken_over_once(tmp_path):
+    with ShardClaims(tmp_path, JOB) as a, ShardClaims(tmp_path, JOB) as b:
+        _fake_claim(tmp_path, 0, 0, host=a.record["host"], pid=_dead_pid())  # this host, pid gone: at once
+        assert a.take(0) and a.taken_over == {0}
+        assert (tmp_path / claim_name(JOB, 0, 1)).is_file()  # the next generation, created exclusively
+        assert not b.take(0)  # the taker is alive: nobody takes it again
+        a.release(0)
+        assert claim_files(tmp_path, JOB) == []  # every generation goes once the shard is committed
+
+
+def test_another_hosts_claim_is_taken_over_only_after_its_lease(tmp_path):
+    with ShardClaims(tmp_path, JOB) as claims:
+        _fake_claim(tmp_path, 0, 0, host="elsewhere", pid=os.getpid(), age_s=30, lease_s=60)
+        _fake_claim(tmp_path, 1, 0, host="elsewhere", pid=os.getpid(), age_s=90, lease_s=60)
+        _fake_claim(tmp_path, 2, 0, host="elsewhere", pid=os.getpid(), age_s=0, lease_s=60)
+        _fake_claim(tmp_path, 2, 1, host="elsewhere", pid=os.getpid(), age_s=90, lease_s=60)  # the newest counts
+        (tmp_path / claim_name(JOB, 3, 0)).write_text("{not json")  # judged by its age and our lease
+        _age(tmp_path / claim_name(JOB, 3, 0), 120)
+        assert [claims.take(k) for k in range(4)] == [False, True, True, True]
+        assert claims.taken_over == {1, 2, 3} and claims.held == {1: 1, 2: 2, 3: 1}
+
+
+def test_held_claims_are_renewed_while_the_run_lives(tmp_path):
+    with ShardClaims(tmp_path, JOB, lease_s=2.0) as claims:
+        assert claims.take(0)
+        path = tmp_path / claim_name(JOB, 0, 0)
+        old = time.time() - 1.9
+        os.utime(path, (old, old))
+        deadline = time.monotonic() + 30
+        while path.stat().st_mtime <= old and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert path.stat().st_mtime > old + 1  # renewed every quarter lease
+    with pytest.raises(ValueError, match="claim lease must be positive"):
+        ShardClaims(tmp_path, JOB, lease_s=0)

@@ -113,8 +113,20 @@ def test_ray_resumes_what_another_run_left(local_ray, tmp_path, tiny_trunk, inpu
     for name in ("part-00001.parquet", "part-00003.parquet", SUCCESS_FILE):
         (out / name).unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    # ... and killed holding claims: on shard 3 (not committed) and shard 0 (committed, not yet released).
+    import subprocess
+    import sys
+
+    from heads.classify.output import ShardClaims, claim_files, claim_name, job_id
+
+    job = job_id(json.loads((out / JOB_FILE).read_text())["fingerprint"])
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    for k in (0, 3):
+        (out / claim_name(job, k, 0)).write_text(json.dumps({**ShardClaims(out, job).record, "pid": dead}))
     resumed = _run(tiny_trunk, bank, inputs, out, "ray")
     assert resumed["shards_written"] == 2 and resumed["shards_reused"] == resumed["counts"]["shards"] - 2
+    assert resumed["shards_taken_over"] == 1 and resumed["shards_by_others"] == 0 and not claim_files(out, job)
     _same_rows(_table(out), clean)
     assert all(out.joinpath(n).stat().st_mtime_ns == t for n, t in kept.items())
     assert json.loads((out / SUCCESS_FILE).read_text())["fingerprint"] == json.loads((out / JOB_FILE).read_text())["fingerprint"]
