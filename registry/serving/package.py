@@ -42,7 +42,6 @@ from registry.serving.runtime import (
     ServingError,
     sha256_file,
 )
-from registry.store.trunks import ARTIFACT_PATH as TRUNK_ARTIFACT
 from registry.store.trunks import get_trunk_version
 from trunk.files import write_json_atomic
 from trunk.model import SPEC_FILE as TRUNK_SPEC_FILE
@@ -56,6 +55,8 @@ HEAD_ARTIFACT = "head"
 # Distributions the model's code imports; the platform itself must be installed where it is served.
 REQUIREMENTS = ("vision-trunk-platform", "mlflow", "torch", "timm", "safetensors", "pillow", "numpy", "pandas",
                 "fsspec")
+# How many bytes of verified head files one client keeps in memory for the next release it builds.
+_FILE_CACHE_BYTES = 256 << 20
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".joblib")
 # Every file MLflow writes for a model, which a head folder must not hold already.
 MODEL_FILES = ("MLmodel", "model.py", "artifacts", "conda.yaml", "python_env.yaml", "requirements.txt",
@@ -122,18 +123,21 @@ def _bundle_dir(model_folder: Path) -> Path:
     return model_folder / flavor["artifacts"][BUNDLE]["path"]
 
 
-def _fetch(client: MlflowClient, run_id: str, artifact: str, dst: Path) -> None:
-    """Download one run artifact file to ``dst`` (its folder is created)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
-        shutil.move(client.download_artifacts(run_id, artifact, tmp), str(dst))
+def _fetch(client: MlflowClient, source: str, file_name: str, dst: Path) -> None:
+    """Download the file ``file_name`` of a version's ``source`` folder to ``dst`` (one request)."""
+    from registry.store.tracking import ArtifactError, fetch_artifact
+
+    try:
+        fetch_artifact(client, f"{source.rstrip('/')}/{file_name}", dst)
+    except ArtifactError as e:
+        raise ServingError(f"cannot download {file_name}: {e}") from None
 
 
 def _stage_trunk(client: MlflowClient, version: int, trunk_id: str, dst: Path) -> dict[str, Any]:
-    run_id = get_trunk_version(client, version).run_id
+    source = get_trunk_version(client, version).source
     files = {}
     for name in (TRUNK_SPEC_FILE, TRUNK_WEIGHTS_FILE):
-        _fetch(client, run_id, f"{TRUNK_ARTIFACT}/{name}", dst / name)
+        _fetch(client, source, name, dst / name)
         files[name] = sha256_file(dst / name)
     spec_id = json.loads((dst / TRUNK_SPEC_FILE).read_text()).get("trunk_id")
     if spec_id != trunk_id:
@@ -142,23 +146,36 @@ def _stage_trunk(client: MlflowClient, version: int, trunk_id: str, dst: Path) -
     return {"version": int(version), "trunk_id": trunk_id, "dir": "trunk", "files": files}
 
 
-def _stage_head(client: MlflowClient, name: str, version: int, dst: Path) -> dict[str, Any]:
-    # Here, not at the top: registry.store.heads calls write_head_model, so it imports this module.
-    from registry.store.heads import get_head_version
+def _stage_head(client: MlflowClient, name: str, mv: Any, dst: Path) -> dict[str, Any]:
+    """Copy one head version's two files into ``dst``, checked against its recorded hashes.
 
-    mv = get_head_version(client, name, version)
-    for file_name in (SPEC_FILE, WEIGHTS_FILE):
-        _fetch(client, mv.run_id, f"{HEAD_ARTIFACT}/{file_name}", dst / file_name)
-    digests = artifact_digests(dst)
+    Files already checked against the same hashes for this client are written from memory
+    (:func:`registry.store.tracking.client_cache`, keyed by the hashes: never stale).
+    """
+    from registry.store.tracking import client_cache
+
+    version = int(mv.version)
     recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
     label = f"head.{name} v{version}"
-    if any(recorded.values()):
+    files = client_cache(client, "verified_head_files")
+    key = tuple(recorded[k] for k in DIGEST_KEYS) if all(recorded.values()) else None
+    dst.mkdir(parents=True, exist_ok=True)
+    if key is not None and key in files:
+        for file_name, data in files[key].items():
+            (dst / file_name).write_bytes(data)
+    else:
+        for file_name in (SPEC_FILE, WEIGHTS_FILE):
+            _fetch(client, mv.source, file_name, dst / file_name)
+    digests = artifact_digests(dst)
+    if key is not None:
         # The same check load_head_version makes: what is packaged is what was registered.
         load_head(dst, expected=recorded, label=label)
+        if key not in files and sum(len(v) for f in files.values() for v in f.values()) < _FILE_CACHE_BYTES:
+            files[key] = {n: (dst / n).read_bytes() for n in (SPEC_FILE, WEIGHTS_FILE)}
     else:
         log.warning("%s: registered without content hashes; packaging its files as they are now", label)
         load_head(dst, expected=digests, label=label)
-    return {"version": int(version), "tap": mv.tags.get("tap"), "trunk_id": mv.tags.get("trunk_id"),
+    return {"version": version, "tap": mv.tags.get("tap"), "trunk_id": mv.tags.get("trunk_id"),
             "dir": f"heads/{name}", **digests}
 
 
@@ -186,8 +203,15 @@ def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path:
         bundle.mkdir()
         trunk = _stage_trunk(client, int(manifest["trunk"]["version"]), manifest["trunk"]["trunk_id"],
                              bundle / "trunk")
-        heads = {name: _stage_head(client, name, int(h["version"]), bundle / "heads" / name)
-                 for name, h in sorted(manifest["heads"].items())}
+        # Every head's version record in one search per 100 heads, not one call per head; those the
+        # caller just checked (registry.store.releases) are not asked again: only their source and
+        # content hashes are used, which never change.
+        from registry.store.heads import head_versions  # here: registry.store.heads imports this module
+
+        versions = head_versions(client, {name: int(h["version"]) for name, h in manifest["heads"].items()},
+                                 fresh=False)
+        heads = {name: _stage_head(client, name, versions[name], bundle / "heads" / name)
+                 for name in sorted(manifest["heads"])}
         serving = {"format": FORMAT_VERSION, "kind": "release", "note": manifest.get("note", ""),
                    "trunk": trunk, "heads": heads}
         write_json_atomic(bundle / MANIFEST_FILE, serving, sort_keys=True)

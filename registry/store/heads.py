@@ -58,6 +58,7 @@ from registry.store.runs import RunLog, tracked_run
 from registry.store.tracking import (
     RegistryError,
     all_pages,
+    client_cache,
     ensure_registered_model,
     is_not_found,
     run_metrics,
@@ -303,6 +304,46 @@ def get_head_version(client: MlflowClient, name: str, version: int):
         if is_not_found(e):
             raise RegistryError(f"{model_name(name)} v{version} does not exist in the registry") from None
         raise
+
+
+# Model names per search_model_versions call: the filter travels in the URL of a GET.
+_NAMES_PER_SEARCH = 100
+
+
+def head_versions(client: MlflowClient, wanted: Mapping[str, int], *, fresh: bool = True) -> dict[str, Any]:
+    """The MLflow ``ModelVersion`` of each ``{head name: version}``, in one search per 100 heads.
+
+    Each version seen with its content hashes is also kept for the client's life; with
+    ``fresh=False`` those are returned without asking the store again. Only what never
+    changes may be read from such a copy: its source, run and content hashes (its files are
+    checked against them wherever they are read). Tags (``trunk_id``, ``gate``, monitoring's
+    ``drift``) are read fresh: a check of a release asks with ``fresh=True`` (the default).
+
+    Raises:
+        RegistryError: a version does not exist.
+    """
+    cache = client_cache(client, "head_versions")
+    wanted = {str(n): int(v) for n, v in wanted.items()}
+    found = {} if fresh else {n: cache[(n, v)] for n, v in wanted.items() if (n, v) in cache}
+    missing = sorted(n for n in wanted if n not in found)
+    for i in range(0, len(missing), _NAMES_PER_SEARCH):
+        names = missing[i:i + _NAMES_PER_SEARCH]
+        listed = ", ".join(f"'{model_name(n)}'" for n in names)
+        try:
+            versions = all_pages(client.search_model_versions, f"name IN ({listed})")
+        except MlflowException as e:
+            if not is_not_found(e):
+                raise
+            versions = []
+        by_key = {(mv.name, int(mv.version)): mv for mv in versions}
+        for n in names:
+            mv = by_key.get((model_name(n), wanted[n]))
+            if mv is None:
+                raise RegistryError(f"{model_name(n)} v{wanted[n]} does not exist in the registry")
+            found[n] = mv
+            if all(_SHA256.match(mv.tags.get(k) or "") for k in DIGEST_KEYS):
+                cache[(n, wanted[n])] = mv
+    return found
 
 
 def head_tags(client: MlflowClient, name: str, version: int) -> dict[str, str]:

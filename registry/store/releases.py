@@ -69,9 +69,17 @@ from mlflow.exceptions import MlflowException
 from heads.store import HeadArtifactError, LoadedHead
 from registry.serving.package import build_release_model
 from registry.serving.runtime import ServingError
-from registry.store.heads import get_head_version, load_head_version, model_name
+from registry.store.heads import head_versions, load_head_version, model_name
 from registry.store.lease import Lease, LeaseError, hold
-from registry.store.tracking import RegistryError, all_pages, ensure_registered_model, experiment_id, is_not_found
+from registry.store.tracking import (
+    RegistryError,
+    all_pages,
+    client_cache,
+    ensure_registered_model,
+    experiment_id,
+    fetch_artifact,
+    is_not_found,
+)
 from registry.store.trunks import TRUNK_MODEL, get_trunk_version, load_trunk
 from trunk.model import Trunk
 
@@ -115,6 +123,8 @@ class Release:
     trunk_id: str
     heads: dict[str, int] = field(default_factory=dict)
     note: str = ""
+    # release.json as read (its per-head entries: version, tap, trunk_id); not part of equality.
+    manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": self.version, "trunk_version": self.trunk_version, "trunk_id": self.trunk_id,
@@ -149,18 +159,45 @@ def read_release(client: MlflowClient, version: int) -> Release:
         if is_not_found(e):
             raise ReleaseError(f"release v{version} does not exist in the registry") from None
         raise
-    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
-        manifest = json.loads(Path(client.download_artifacts(mv.run_id, MANIFEST, tmp)).read_text())
+    manifest = _read_manifest(client, mv)
     return Release(version=int(mv.version), trunk_version=int(manifest["trunk"]["version"]),
                    trunk_id=manifest["trunk"]["trunk_id"],
                    heads={name: int(h["version"]) for name, h in manifest["heads"].items()},
-                   note=manifest.get("note", ""))
+                   note=manifest.get("note", ""), manifest=manifest)
+
+
+def _read_manifest(client: MlflowClient, mv: Any) -> dict[str, Any]:
+    """A release version's ``release.json``: one request, then kept for the client's life.
+
+    The manifest is logged before its version is created and never rewritten, so the copy
+    kept per run cannot go stale. It is fetched by URI beside the version's source
+    (``<run>/model`` or ``<run>/release.json``).
+    """
+    cache = client_cache(client, "release_manifests")
+    if mv.run_id in cache:
+        return cache[mv.run_id]
+    source = str(mv.source or "").rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="release-") as tmp:
+        if source.endswith(f"/{MANIFEST}") or source.endswith(f"/{MODEL_ARTIFACT}"):
+            uri = f"{source.rpartition('/')[0]}/{MANIFEST}"
+            local = fetch_artifact(client, uri, Path(tmp) / MANIFEST)
+        else:  # a source this platform did not write: MLflow's own look-up
+            local = Path(client.download_artifacts(mv.run_id, MANIFEST, tmp))
+        manifest = json.loads(local.read_text())
+    cache[mv.run_id] = manifest
+    return manifest
 
 
 def get_release(client: MlflowClient, alias: str = PRODUCTION) -> Release | None:
     """The release an alias points at (default ``production``), or None."""
     version = _alias_version(client, alias)
     return None if version is None else read_release(client, version)
+
+
+def production_head_version(client: MlflowClient, name: str) -> int | None:
+    """The version of ``head.<name>`` that release@production serves, or None (not in it, or no production)."""
+    release = get_release(client, PRODUCTION)
+    return None if release is None else release.heads.get(name)
 
 
 @contextlib.contextmanager
@@ -199,11 +236,13 @@ def _moved(expected: int | None, current: int | None, alias: str) -> ReleaseErro
 def _manifest(client: MlflowClient, trunk_version: int, heads: Mapping[str, int]) -> dict[str, Any]:
     trunk_id = get_trunk_version(client, trunk_version).tags.get("trunk_id")
     entries: dict[str, Any] = {}
+    try:
+        # One search per 100 heads (versions seen before by this client: none), not a call per head.
+        versions = head_versions(client, heads)
+    except RegistryError as e:
+        raise ReleaseError(str(e)) from None
     for name, version in sorted(heads.items()):
-        try:
-            tags = get_head_version(client, name, version).tags
-        except RegistryError as e:
-            raise ReleaseError(str(e)) from None
+        tags = versions[name].tags
         if tags.get("trunk_id") != trunk_id:
             raise ReleaseError(f"{model_name(name)} v{version} was trained on trunk_id {tags.get('trunk_id')} but "
                                f"the release's trunk is {trunk_id}; retrain it on trunk v{trunk_version}")
@@ -350,7 +389,7 @@ def sync_serving_aliases(client: MlflowClient) -> list[str]:
 
 
 def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], *, expected: int | None,
-                  note: str, alias: str, extra: Mapping[str, str]) -> Release:
+                  note: str, alias: str, extra: Mapping[str, str], before: Release | None = None) -> Release:
     """Create the release version and move ``alias`` to it; the caller holds the lock and has
     checked that the alias points at ``expected``.
 
@@ -386,7 +425,7 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
                 lease.renew()
                 try:
                     build_release_model(client, manifest, Path(tmp) / MODEL_ARTIFACT)
-                except (ServingError, HeadArtifactError) as e:
+                except (ServingError, HeadArtifactError, RegistryError) as e:
                     raise ReleaseError(f"the release's pyfunc model cannot be built: {e}") from None
                 client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
                 source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
@@ -407,9 +446,12 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
         raise
     client.set_terminated(run_id, "FINISHED")
     made = Release(version=int(mv.version), trunk_version=trunk_version, trunk_id=tags["trunk_id"],
-                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note)
+                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note, manifest=manifest)
+    client_cache(client, "release_manifests")[run_id] = manifest
     if alias == PRODUCTION:
-        mark_serving(client, made, previous=expected)
+        # ``before`` is release v<expected>, read under the lock: no second read of it.
+        mark_serving(client, made, previous=before if before is not None and before.version == expected
+                     else expected)
     return made
 
 
@@ -510,7 +552,7 @@ def promote_head(client: MlflowClient, name: str, version: int, *, started_from:
             log.info("production moved from v%s to v%s since %s started; building on top of it", base.version,
                      current.version, note)
         return _make_release(client, lease, manifest, expected=current.version, note=note, alias=PRODUCTION,
-                             extra={})
+                             extra={}, before=current)
 
 
 def bootstrap_release(client: MlflowClient, trunk_version: int) -> Release:

@@ -18,6 +18,7 @@ import logging
 import os
 import sqlite3
 import tempfile
+import weakref
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -296,6 +297,56 @@ def download_artifact(client: MlflowClient, run_id: str, path: str, dest: str | 
         return Path(client.download_artifacts(run_id, path, str(dest)))
     except MlflowException as e:
         raise ArtifactError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
+
+_CLIENT_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def client_cache(client: MlflowClient, kind: str) -> dict[Any, Any]:
+    """A dict that lives as long as ``client``, for one kind of record that never changes once written.
+
+    Only what MLflow keeps immutable goes here (a version's source and run, the tags written
+    at its registration, a release's manifest, files checked against a recorded sha256), so a
+    cached value can never be stale; a new client starts empty.
+    """
+    caches = _CLIENT_CACHES.setdefault(client, {})
+    return caches.setdefault(kind, {})
+
+
+def fetch_artifact(client: MlflowClient, uri: str, dest: str | Path) -> Path:
+    """Download the one artifact file at ``uri`` (a version's source plus a path) to the file ``dest``.
+
+    One request through a tracking server: the file is fetched by its URI, without the run
+    look-ups and the listing :meth:`MlflowClient.download_artifacts` makes first.
+
+    Raises:
+        ArtifactError: MLflow cannot give it; the message is the first line of MLflow's own.
+    """
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    try:
+        repo = get_artifact_repository(parent, tracking_uri=client.tracking_uri)
+        download = getattr(repo, "_download_file", None)
+        if download is None:  # an MLflow without it: the public, chattier way
+            import shutil
+
+            import mlflow
+
+            with tempfile.TemporaryDirectory(prefix="fetch-") as tmp:
+                got = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp,
+                                                          tracking_uri=client.tracking_uri)
+                shutil.move(got, dest)
+        else:
+            download(name, str(dest))
+    except Exception as e:  # noqa: BLE001 - any store, any transport: one line saying what failed
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{uri}: {first}") from None
+    if not dest.is_file():
+        raise ArtifactError(f"{uri}: not a file")
+    return dest
 
 
 def all_pages(search: Callable[..., Any], filter_string: str) -> list[Any]:
