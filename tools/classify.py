@@ -25,7 +25,7 @@ def main(cfg) -> None:
                            rows_per_shard=cfg.rows_per_shard, release=cfg.release, backend=cfg.backend,
                            draft=cfg.draft, ray_options=ray_options,
                            allow_foreign_files=cfg.allow_foreign_files, labels=cfg.labels, monitor=cfg.monitor,
-                           workspace=ws)
+                           workspace=ws, head_weights=cfg.head_weights, claim_lease_s=cfg.claim_lease_s)
     lines = classify_lines(success, str(cfg.output))
     if cfg.monitor:
         lines += monitor_lines(success.get("drift"))

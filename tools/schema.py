@@ -164,10 +164,18 @@ class ClassifyConfig(TrackedConfig):
     labels: Optional[str] = None
     # Stream monitoring stats and assess drift (registry.jobs.monitor); false: the bare job.
     monitor: bool = True
+    # The head bank's weight precision: null (the heads' float32), bfloat16 or float16.
+    head_weights: Optional[str] = None
+    # Seconds a run's shard claims hold unrenewed (runs on other hosts take over after it).
+    claim_lease_s: float = 60.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("backend", self.backend, ("local", "ray"))
+        if self.head_weights is not None:
+            one_of("head_weights", self.head_weights, ("float32", "bfloat16", "float16"))
+        if not self.claim_lease_s > 0:
+            raise ValueError(f"field 'claim_lease_s': must be positive, got {self.claim_lease_s}")
 
 
 @dataclass

@@ -401,6 +401,8 @@ def classify(
     draft_side = decode_side(trunk.data_config) if draft else None
     # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
     settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
+    if bank.weight_dtype is not None:  # reduced-precision head weights change the scores: part of the job
+        settings["head_weights"] = str(bank.weight_dtype).removeprefix("torch.")
     if names is not None:
         fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
     else:

@@ -23,7 +23,7 @@ from mlflow import MlflowClient
 from heads.bank import HeadBank
 from heads.checks.heldout import LabelsFile, read_labels_file, score_classified
 from heads.classify.engine import classify as classify_paths
-from heads.classify.output import JOB_FILE, read_json
+from heads.classify.output import CLAIM_LEASE_S, JOB_FILE, read_json
 from heads.monitor.drift import DriftThresholds
 from heads.monitor.reference import HeadReference
 from registry.jobs.monitor import monitor_output
@@ -89,7 +89,8 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
                  labels: str | Path | None = None, monitor: bool = True,
                  references: Mapping[str, HeadReference | None] | None = None,
                  thresholds: Mapping[str, DriftThresholds] | None = None,
-                 workspace: Workspace | None = None) -> dict[str, Any]:
+                 workspace: Workspace | None = None, head_weights: str | None = None,
+                 claim_lease_s: float = CLAIM_LEASE_S) -> dict[str, Any]:
     """Classify a folder, manifest or fsspec URI with every head of one release.
 
     The release is resolved once, here (see :func:`release_for_output`), and its trunk and
@@ -102,6 +103,11 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
         references: ``{head: reference}`` to assess against; None: the registered ones.
         thresholds: ``{head: drift thresholds}``; None: the registered configs'.
         workspace: the drift report goes into its ``runs/monitor/`` (None: beside the output).
+        head_weights: the head bank's weight precision (``bfloat16`` / ``float16``; None:
+            the heads' own float32). Hundreds of 1000-class heads are bound by reading their
+            weights each batch; bf16 halves that (see :mod:`heads.bank`). Part of the job's settings.
+        claim_lease_s: how long this run's shard claims hold unrenewed (runs sharing one output
+            on several hosts take over a dead host's shards after it).
 
     Returns:
         The ``_SUCCESS.json`` content plus ``drift`` (:func:`registry.jobs.monitor.monitor_output`;
@@ -118,10 +124,10 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     labelled = read_labels_file(labels, {n: h.classes for n, h in heads.items()}) if labels is not None else None
     # Streamed: a folder walk or manifest of tens of millions of entries is never held as a list.
     paths = InputStream(input)
-    success = classify_paths(trunk, HeadBank(heads), paths, output, release=chosen.as_dict(), batch_size=batch_size,
+    success = classify_paths(trunk, HeadBank(heads, weight_dtype=None if head_weights == "float32" else head_weights), paths, output, release=chosen.as_dict(), batch_size=batch_size,
                              num_workers=num_workers, device=device, rows_per_shard=rows_per_shard,
                              progress=progress, draft=draft, backend=backend, ray_options=ray_options,
-                             allow_foreign_files=allow_foreign_files, monitor=monitor)
+                             allow_foreign_files=allow_foreign_files, monitor=monitor, claim_lease_s=claim_lease_s)
     drift = monitor_output(client, chosen, output, success, references=references, thresholds=thresholds,
                            workspace=workspace) if monitor else None
     success = {**success, "drift": drift}

@@ -70,7 +70,8 @@ def classify_lines(success: dict[str, Any], output: str) -> list[str]:
         + ", ".join(f"{name} v{version}" for name, version in sorted(heads.items())),
         f"  {success.get('images_per_s', 0):.1f} images/s over {success.get('seconds', 0):.1f} s "
         f"({success.get('backend', 'local')}); shards {c.get('shards')}: "
-        f"{success.get('shards_written', 0)} written, {success.get('shards_reused', 0)} already there",
+        f"{success.get('shards_written', 0)} written, {success.get('shards_reused', 0)} already there"
+        + (f", {success['shards_by_others']} by another run" if success.get("shards_by_others") else ""),
     ]
     for reason, n in sorted(success.get("errors_by_reason", {}).items(), key=lambda kv: (-kv[1], kv[0])):
         lines.append(f"  error {reason}: {n}")

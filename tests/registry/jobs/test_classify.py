@@ -162,3 +162,20 @@ def test_a_label_that_is_not_a_class_is_one_line_before_any_image_is_classified(
     assert str(err.value) == (f"{labels}: row 2: column 'shape': 'oval' is not one of the head's classes "
                               f"(circle, square)")
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_head_weights_are_part_of_the_job_and_keep_the_labels(client, production, tmp_path):
+    folder, _ = production
+    fp32 = classify_job(client, folder, tmp_path / "fp32", monitor=False, **RUN)
+    bf16 = classify_job(client, folder, tmp_path / "bf16", monitor=False, head_weights="bfloat16", **RUN)
+    assert "head_weights" not in fp32["settings"] and bf16["settings"]["head_weights"] == "bfloat16"
+    assert bf16["fingerprint"] != fp32["fingerprint"]  # different scores: never resumed into each other
+    assert shard_provenance(sorted((tmp_path / "bf16").glob("part-*.parquet"))[0])["job"]["settings"] == \
+        bf16["settings"]
+    a, b = (pq.read_table(sorted((tmp_path / d).glob("part-*.parquet"))).to_pydict() for d in ("fp32", "bf16"))
+    assert a["path"] == b["path"] and a["colour_label"] == b["colour_label"] and a["shape_label"] == b["shape_label"]
+    ok = [i for i, e in enumerate(a["error"]) if e is None]
+    assert max(abs(a["colour_score"][i] - b["colour_score"][i]) for i in ok) < 0.02
+    # float32 named explicitly is the default job, not a new one
+    again = classify_job(client, folder, tmp_path / "fp32", monitor=False, head_weights="float32", **RUN)
+    assert again["fingerprint"] == fp32["fingerprint"]
