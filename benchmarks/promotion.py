@@ -13,7 +13,7 @@ rebuilt promotions (lost a race, joined the newer production), promotions per se
 seconds per promotion (the wall time over the promotions: they are serialized by the lock),
 so the growth with the heads already in production shows.
 
-    python -m benchmarks.promotion --processes 16 --heads-per-process 4 --preload 0 100 300
+    python -m tools.bench suite=promotion promotion.processes=16 promotion.heads_per_process=4 promotion.preload=[0,100,300]
 """
 
 from __future__ import annotations
@@ -188,24 +188,3 @@ def format_promotion_table(result: Mapping[str, Any]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     title = f"{result['processes']} processes x {result['heads_per_process']} heads, real mlflow server"
     return "\n".join([title, *("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in [header, *rows])])
-
-
-def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--processes", type=int, default=16)
-    parser.add_argument("--heads-per-process", type=int, default=4)
-    parser.add_argument("--preload", type=int, nargs="+", default=[0, 100, 300])
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args()
-    result = run_promotion_benchmark(args.processes, args.heads_per_process, args.preload)
-    print(format_promotion_table(result))
-    if args.json:
-        from trunk.files import write_json_atomic
-
-        write_json_atomic(args.json, result)
-
-
-if __name__ == "__main__":
-    main()

@@ -18,7 +18,7 @@ Requests are split into ``api`` (registry and tracking REST calls) and ``artifac
 the goal; what stays proportional to it is one file transfer per head file (MLflow has no
 batch upload or download).
 
-    python -m benchmarks.roundtrips            # 10 and 300 heads
+    python -m tools.bench suite=roundtrips roundtrips.head_counts=[10,300]
 """
 
 from __future__ import annotations
@@ -247,23 +247,3 @@ def format_roundtrip_table(result: Mapping[str, Any]) -> str:
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in [header, *rows])
-
-
-def main() -> None:
-    import argparse
-
-
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--heads", type=int, nargs="+", default=[10, 300])
-    parser.add_argument("--json", help="also write the result here")
-    args = parser.parse_args()
-    result = run_roundtrip_benchmark(args.heads)
-    print(format_roundtrip_table(result))
-    if args.json:
-        from trunk.files import write_json_atomic
-
-        write_json_atomic(args.json, result)
-
-
-if __name__ == "__main__":
-    main()

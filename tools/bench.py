@@ -4,6 +4,11 @@
     python -m tools.bench model=resnet50 device=cuda batch_size=64 repeats=20
     python -m tools.bench suite=pipeline
     python -m tools.bench suite=streaming   (streamed inputs against the input list: peak RSS, images/s)
+    python -m tools.bench suite=bank model=resnet50   (trunk + 256 heads of 1000 classes vs multiply-adds)
+    python -m tools.bench suite=cache        (training on 1M cached rows: peak RSS; hashing cold vs warm)
+    python -m tools.bench suite=roundtrips   (tracking-server requests per registry operation, 10 vs 300 heads)
+    python -m tools.bench suite=promotion    (16 processes x 4 heads promoting through a real mlflow server)
+    python -m tools.bench suite=cascade      (the refresh cascade over N heads, one at a time vs in parallel)
 """
 
 from __future__ import annotations
@@ -22,10 +27,8 @@ def run(cfg: DictConfig) -> dict:
 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if cfg.suite == "pipeline":  # the schema allows heads, pipeline or streaming
-        return run_pipeline(cfg)
-    if cfg.suite == "streaming":
-        return run_streaming(cfg)
+    if cfg.suite in SUITES:  # the schema allows heads or one of these
+        return SUITES[cfg.suite](cfg)
     from benchmarks.heads import HeadMix, format_table, run_benchmark
 
     mix = HeadMix(counts=list(cfg.head_counts), linear_only=list(cfg.linear_only), mlp_every=cfg.mlp_every,
@@ -68,6 +71,52 @@ def run_streaming(cfg: DictConfig) -> dict:
     result = run_streaming_benchmark(list(s.images), list(s.lines), batch_size=s.batch_size,
                                      num_workers=s.num_workers, workdir=s.workdir)
     return _publish(cfg, result, format_streaming_table(result), "cpu-streaming.json")
+
+
+def run_bank(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.bank.run_bank_benchmark` with the settings under ``bank``."""
+    from benchmarks.bank import format_bank_table, run_bank_benchmark
+
+    b = cfg.bank
+    result = run_bank_benchmark(bench_trunk(cfg), n_heads=b.n_heads, num_classes=b.num_classes,
+                                batch_sizes=list(b.batch_sizes), weight_dtypes=list(b.weight_dtypes), n_mlp=b.n_mlp,
+                                mlp_hidden=b.mlp_hidden, warmup=cfg.warmup, repeats=b.repeats)
+    return _publish(cfg, result, format_bank_table(result), f"{result['device']}-bank.json")
+
+
+def run_cache(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.cache.run_cache_benchmark` and :func:`~benchmarks.cache.run_hash_benchmark`."""
+    from benchmarks.cache import format_cache_table, run_cache_benchmark, run_hash_benchmark
+
+    c = cfg.cache
+    result = run_cache_benchmark(tuple(c.rows), dim=c.dim, epochs=c.epochs, batch_size=c.batch_size,
+                                 dtype=c.dtype, threads=cfg.threads, workdir=c.workdir)
+    result["hashing"] = run_hash_benchmark(c.hash_files, workdir=c.workdir and str(Path(c.workdir) / "hashing"))
+    h = result["hashing"]
+    table = (format_cache_table(result) + f"\ncontent hashes of {h['files']} files: cold {h['cold']['seconds']} s "
+             f"({h['cold']['hashed']} read), warm {h['warm']['seconds']} s ({h['warm']['hashed']} read)")
+    return _publish(cfg, result, table, "cpu-cache.json")
+
+
+def run_roundtrips(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.roundtrips.run_roundtrip_benchmark` for ``roundtrips.head_counts``."""
+    from benchmarks.roundtrips import format_roundtrip_table, run_roundtrip_benchmark
+
+    result = run_roundtrip_benchmark(list(cfg.roundtrips.head_counts), root=cfg.roundtrips.workdir)
+    return _publish(cfg, result, format_roundtrip_table(result), "roundtrips.json")
+
+
+def run_promotion(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.promotion.run_promotion_benchmark` with the settings under ``promotion``."""
+    from benchmarks.promotion import format_promotion_table, run_promotion_benchmark
+
+    p = cfg.promotion
+    result = run_promotion_benchmark(p.processes, p.heads_per_process, list(p.preload), root=p.workdir)
+    return _publish(cfg, result, format_promotion_table(result), "promotion.json")
+
+
+SUITES = {"pipeline": run_pipeline, "streaming": run_streaming, "bank": run_bank, "cache": run_cache,
+          "roundtrips": run_roundtrips, "promotion": run_promotion}
 
 
 def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:

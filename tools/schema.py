@@ -292,6 +292,50 @@ class StreamingBench:
 
 
 @dataclass
+class BankBench:
+    """``suite=bank``: :func:`benchmarks.bank.run_bank_benchmark`'s own settings."""
+
+    n_heads: int = 256
+    num_classes: int = 1000
+    batch_sizes: list[int] = field(default_factory=lambda: [8, 64])
+    weight_dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    n_mlp: int = 64
+    mlp_hidden: int = 256
+    repeats: int = 5
+
+
+@dataclass
+class CacheBench:
+    """``suite=cache``: :func:`benchmarks.cache.run_cache_benchmark`'s own settings."""
+
+    rows: list[int] = field(default_factory=lambda: [100000, 1000000])
+    dim: int = 2048
+    epochs: int = 1
+    batch_size: int = 1024
+    dtype: str = "float16"
+    hash_files: int = 20000
+    workdir: Optional[str] = None
+
+
+@dataclass
+class RoundtripBench:
+    """``suite=roundtrips``: head counts of :func:`benchmarks.roundtrips.run_roundtrip_benchmark`."""
+
+    head_counts: list[int] = field(default_factory=lambda: [10, 300])
+    workdir: Optional[str] = None
+
+
+@dataclass
+class PromotionBench:
+    """``suite=promotion``: :func:`benchmarks.promotion.run_promotion_benchmark`'s own settings."""
+
+    processes: int = 16
+    heads_per_process: int = 4
+    preload: list[int] = field(default_factory=lambda: [0, 100, 300])
+    workdir: Optional[str] = None
+
+
+@dataclass
 class BenchConfig(BaseConfig):
     suite: str = "heads"
     model: str = "resnet18"
@@ -314,10 +358,14 @@ class BenchConfig(BaseConfig):
     output: Optional[str] = None
     pipeline: PipelineBench = field(default_factory=PipelineBench)
     streaming: StreamingBench = field(default_factory=StreamingBench)
+    bank: BankBench = field(default_factory=BankBench)
+    cache: CacheBench = field(default_factory=CacheBench)
+    roundtrips: RoundtripBench = field(default_factory=RoundtripBench)
+    promotion: PromotionBench = field(default_factory=PromotionBench)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("suite", self.suite, ("heads", "pipeline", "streaming"))
+        one_of("suite", self.suite, ("heads", "pipeline", "streaming", "bank", "cache", "roundtrips", "promotion"))
 
 
 @dataclass
