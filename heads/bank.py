@@ -136,7 +136,11 @@ class _GroupedMLP(_Reduced):
         self.hidden = firsts[0].out_features
         self.approximate = approximate
         self.sizes = [layer.out_features for layer in seconds]
-        self.register_buffer("w1", torch.cat([f.weight.detach() for f in firsts], dim=0).clone())
+        # Layer 1 stored (D, G*H): in float32 a small batch reads that layout about 1.6x faster
+        # than the (G*H, D) rows nn.Linear keeps (bandwidth-bound; measured on x86 with MKL);
+        # reduce() lays bf16/fp16 weights back as rows, which oneDNN reads faster.
+        self.register_buffer("w1", torch.cat([f.weight.detach() for f in firsts], dim=0).t().contiguous())
+        self.w1_columns = True
         self.register_buffer("b1", torch.cat([_bias(f) for f in firsts]).clone())
         # buckets: (first head, end head, padded class count); weights w2_<k> (g, H, C), b2_<k> (g, 1, C).
         self.buckets: list[tuple[int, int, int]] = []
@@ -154,9 +158,20 @@ class _GroupedMLP(_Reduced):
                 self.buckets.append((start, i, width))
                 start = i
 
+    def reduce(self, dtype: torch.dtype | None) -> _Reduced:
+        super().reduce(dtype)
+        if dtype is not None and dtype != torch.float32 and self.w1_columns:
+            self.w1 = self.w1.t().contiguous()
+            self.w1_columns = False
+        return self
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         xin = self._in(x, self.w1)
-        hidden = nn.functional.gelu(nn.functional.linear(xin, self.w1, self.b1), approximate=self.approximate)
+        if self.w1_columns:
+            first = torch.addmm(self.b1, xin.reshape(-1, xin.shape[-1]), self.w1).reshape(*xin.shape[:-1], -1)
+        else:
+            first = nn.functional.linear(xin, self.w1, self.b1)
+        hidden = nn.functional.gelu(first, approximate=self.approximate)
         batch = hidden.shape[:-1]
         # (..., G*H) -> (G, N, H): one batch entry per head.
         per_head = hidden.reshape(-1, len(self.names), self.hidden).transpose(0, 1)

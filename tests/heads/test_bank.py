@@ -173,7 +173,7 @@ def test_mixed_bank_equals_each_head_alone(tiny_trunk, mixed_heads):
     assert [g.names for g in bank.grouped.values()] == [["mlp_extra"], ["mlp_h6_0", "mlp_h6_1"],
                                                         [f"mlp_h8_{i}" for i in range(5)]]
     assert bank.grouped["group_2"].buckets == [(0, 2, 3), (2, 4, 9), (4, 5, 40)]
-    assert tuple(bank.grouped["group_2"].w1.shape) == (5 * 8, 96)
+    assert tuple(bank.grouped["group_2"].w1.shape) == (96, 5 * 8)  # stored (D, G*H) in float32
     # layer2 tree: entry is shared by all four, layer3 by the three whose copies are equal.
     tree = bank.branches["tap_1"]
     assert bank.branch_taps == ["layer1", "layer2"] and tree.names == ["br_f0", "br_f1_a", "br_f1_b", "br_f2",
