@@ -29,10 +29,10 @@ from mlflow import MlflowClient
 
 from heads.training.cost import format_ms
 from registry.reports.summary import attention_lines, summary_lines
-from registry.store.heads import get_head_version, head_model_versions
+from registry.store.heads import head_model_versions, head_versions
 from registry.store.releases import PRODUCTION, ReleaseError, get_release, reap_leftovers
 from registry.store.runs import tracked_run
-from registry.store.tracking import run_metrics
+from registry.store.tracking import runs_metrics
 from registry.store.trunks import trunk_alias_versions, trunk_metrics, trunk_versions
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,11 @@ def production_table(client: MlflowClient, alias: str = PRODUCTION) -> list[dict
     if release is None:
         return []
     rows = []
+    versions = head_versions(client, release.heads)  # one search per 100 heads, and one for their runs
+    metrics_of = runs_metrics(client, [mv.run_id for mv in versions.values()])
     for name, version in sorted(release.heads.items()):
-        mv = get_head_version(client, name, version)
-        metrics = run_metrics(client, mv.run_id)
+        mv = versions[name]
+        metrics = metrics_of.get(mv.run_id, {})
         rows.append({"head": name, "version": int(version), "owner": mv.tags.get("owner", ""),
                      "tap": mv.tags.get("tap", ""),
                      **{m: metrics.get(m) for m in ("val_accuracy", "added_gflops", "added_ms_per_image", "params",
@@ -354,14 +356,14 @@ def accuracy_drops(client: MlflowClient, rows: Sequence[dict[str, Any]],
         drop}`` rows, largest drop first (ties by head name).
     """
     serving = {r["head"]: r for r in rows}
+    newer = [dep for dep in dependencies
+             if (row := serving.get(dep["head"])) is not None and row.get("val_accuracy") is not None
+             and dep.get("latest_run_id") is not None and dep.get("latest_version") not in (None, row["version"])]
+    metrics_of = runs_metrics(client, [dep["latest_run_id"] for dep in newer])
     out = []
-    for dep in dependencies:
-        row = serving.get(dep["head"])
-        if row is None or row.get("val_accuracy") is None or dep.get("latest_run_id") is None:
-            continue
-        if dep.get("latest_version") in (None, row["version"]):
-            continue
-        latest = run_metrics(client, dep["latest_run_id"]).get("val_accuracy")
+    for dep in newer:
+        row = serving[dep["head"]]
+        latest = metrics_of.get(dep["latest_run_id"], {}).get("val_accuracy")
         if latest is not None and latest < row["val_accuracy"]:
             out.append({"head": dep["head"], "production_version": row["version"],
                         "latest_version": dep["latest_version"], "production_accuracy": row["val_accuracy"],

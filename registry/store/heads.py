@@ -479,11 +479,13 @@ def find_head_version_by_tags(client: MlflowClient, name: str, tags: Mapping[str
 def head_model_versions(client: MlflowClient) -> dict[str, list[Any]]:
     """``{head name: its MLflow model versions, oldest first}`` for every registered ``head.<name>``."""
     prefix = model_name("")
+    # Two paged searches whatever the number of heads: the models (a head may have no version
+    # yet), then every head version at once.
     models = all_pages(client.search_registered_models, f"name LIKE '{prefix}%'")
-    out: dict[str, list[Any]] = {}
-    for model in sorted(models, key=lambda m: m.name):
-        if not model.name.startswith(prefix):  # SQL LIKE ignores case
-            continue
-        versions = all_pages(client.search_model_versions, f"name='{model.name}'")
-        out[model.name[len(prefix):]] = sorted(versions, key=lambda mv: int(mv.version))
-    return out
+    out: dict[str, list[Any]] = {m.name[len(prefix):]: [] for m in sorted(models, key=lambda m: m.name)
+                                 if m.name.startswith(prefix)}  # SQL LIKE ignores case
+    for mv in all_pages(client.search_model_versions, f"name LIKE '{prefix}%'"):
+        name = mv.name[len(prefix):]
+        if mv.name.startswith(prefix) and name in out:
+            out[name].append(mv)
+    return {name: sorted(versions, key=lambda mv: int(mv.version)) for name, versions in out.items()}
