@@ -115,8 +115,19 @@ def run_promotion(cfg: DictConfig) -> dict:
     return _publish(cfg, result, format_promotion_table(result), "promotion.json")
 
 
+def run_cascade(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.cascade.run_cascade_benchmark` with the settings under ``cascade``."""
+    from benchmarks.cascade import format_cascade_table, run_cascade_benchmark
+
+    c = cfg.cascade
+    result = run_cascade_benchmark(c.n_heads, list(c.workers), root=c.root, backend=c.backend, n_images=c.n_images,
+                                   image_size=c.image_size, head_epochs=c.head_epochs, mlp_every=c.mlp_every,
+                                   branch_every=c.branch_every, seed=cfg.seed, progress=cfg.progress)
+    return _publish(cfg, result, format_cascade_table(result), "cpu-cascade.json")
+
+
 SUITES = {"pipeline": run_pipeline, "streaming": run_streaming, "bank": run_bank, "cache": run_cache,
-          "roundtrips": run_roundtrips, "promotion": run_promotion}
+          "roundtrips": run_roundtrips, "promotion": run_promotion, "cascade": run_cascade}
 
 
 def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:

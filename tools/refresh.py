@@ -5,6 +5,7 @@
     python -m tools.refresh candidate=timm trunk=local_weights trunk.model_name=resnet18 trunk.weights=/w.safetensors
     python -m tools.refresh                      # the trunk aliased `candidate`
     python -m tools.refresh candidate=3          # trunk version 3 (= candidate=version candidate.version=3)
+    python -m tools.refresh parallel.backend=process parallel.workers=4   # heads retrained 4 at a time
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def numbered_candidate(args: list[str]) -> list[str]:
 @tool("refresh", rewrite_args=numbered_candidate)
 def main(cfg) -> None:
     from heads.checks.contract import Tolerances
+    from registry.jobs.cascade import Parallel
     from registry.jobs.refresh import refresh_job
 
     ws = workspace(cfg)
@@ -40,11 +42,11 @@ def main(cfg) -> None:
     dev, workers = device(cfg), num_workers(cfg)
     candidate = build_candidate(cfg)  # the `candidate` config group's option, instantiated
     build = candidate.builder(Context(cfg, mlflow_client, ws, dev, workers))
-    c = cfg.contract
+    c, p = cfg.contract, cfg.parallel
     built, result = refresh_job(
         mlflow_client, ws, build=build, candidate=candidate.name, tolerances=Tolerances(c.tolerance, c.slice_tolerance, c.min_slice_size),
         batch_size=cfg.batch_size, num_workers=workers, device=dev, progress=cfg.progress, promote=cfg.promote,
-        cascade=cfg.cascade, echo=print)
+        cascade=cfg.cascade, parallel=Parallel(p.backend, p.workers, p.threads, p.address), echo=print)
     if built is not None and built.how == "distill":
         f = built.figures
         from trunk.timing import times_faster

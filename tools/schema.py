@@ -252,6 +252,22 @@ class DistillSettings(TrainSettings):
 
 
 @dataclass
+class ParallelConfig:
+    """How the refresh cascade spreads its heads (:class:`registry.jobs.cascade.Parallel` checks the values)."""
+
+    backend: str = "serial"
+    # `auto` or a count (Any: OmegaConf has no Union).
+    workers: Any = "auto"
+    threads: Any = "auto"
+    address: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        from registry.jobs.cascade import Parallel
+
+        Parallel(self.backend, self.workers, self.threads, self.address)
+
+
+@dataclass
 class RefreshConfig(TrackedConfig):
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -262,6 +278,7 @@ class RefreshConfig(TrackedConfig):
     contract: ContractConfig = field(default_factory=ContractConfig)
     multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 @dataclass
@@ -336,6 +353,21 @@ class PromotionBench:
 
 
 @dataclass
+class CascadeBench:
+    """``suite=cascade``: :func:`benchmarks.cascade.run_cascade_benchmark`'s own settings."""
+
+    n_heads: int = 100
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    backend: str = "process"
+    n_images: int = 600
+    image_size: int = 64
+    head_epochs: int = 5
+    mlp_every: int = 10
+    branch_every: int = 100
+    root: Optional[str] = None
+
+
+@dataclass
 class BenchConfig(BaseConfig):
     suite: str = "heads"
     model: str = "resnet18"
@@ -362,10 +394,12 @@ class BenchConfig(BaseConfig):
     cache: CacheBench = field(default_factory=CacheBench)
     roundtrips: RoundtripBench = field(default_factory=RoundtripBench)
     promotion: PromotionBench = field(default_factory=PromotionBench)
+    cascade: CascadeBench = field(default_factory=CascadeBench)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        one_of("suite", self.suite, ("heads", "pipeline", "streaming", "bank", "cache", "roundtrips", "promotion"))
+        one_of("suite", self.suite, ("heads", "pipeline", "streaming", "bank", "cache", "roundtrips", "promotion",
+                                       "cascade"))
 
 
 @dataclass

@@ -23,15 +23,35 @@ the same); the
 release a cascade creates carries the tag ``cascade=<id>`` (``id``: the candidate's
 ``trunk_id`` and the production version it started from), so a cascade killed after
 creating it but before moving production moves production to that same release.
+
+Heads are independent until the promotion, so they can be retrained in parallel
+(:class:`Parallel`): ``serial`` runs them one after another in this process; ``process``
+spreads them over a pool of worker processes on this machine (``spawn`` start method:
+torch and ``fork`` do not mix); ``ray`` sends each head to a Ray task. A worker gets only
+plain data (:class:`HeadTask`: tracking URI, workspace, head, candidate version,
+settings), opens its own ``MlflowClient`` and loads the candidate trunk itself, and sends
+its :class:`HeadOutcome` back as JSON; this process gathers the outcomes and promotes all
+or nothing exactly as the serial cascade does. Before fanning out, the candidate's
+features for every head's images are extracted here, once per tap, so workers read them
+from the cache instead of each computing the same rows. Resuming is per head as above: a
+killed parallel cascade leaves the heads that finished registered, and the next run reuses
+them; workers end when the process that started them dies.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import multiprocessing
+import os
 import tempfile
+import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -39,7 +59,7 @@ from mlflow import MlflowClient
 
 from heads.checks.contract import CommonUnseen, GoldenResult, HeldoutPair, Tolerances, check_contract
 from heads.checks.heldout import heldout_metrics
-from heads.checks.gate import GateReport
+from heads.checks.gate import Check, GateReport
 from heads.checks.golden import check_golden, read_golden
 from heads.spec import HeadConfigError, HeadSpec, read_config_file, validate
 from heads.store import HeadArtifactError, LoadedHead
@@ -68,7 +88,7 @@ from registry.store.releases import (
     move_alias,
 )
 from registry.store.runs import RunLog
-from registry.store.tracking import ArtifactError, RegistryError, download_artifact
+from registry.store.tracking import ArtifactError, RegistryError, client_uri, connect, download_artifact
 from registry.store.trunks import (
     clear_trunk_alias,
     get_trunk_version,
@@ -336,7 +356,7 @@ def _retrain(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: int, cid: s
              batch_size: int, num_workers: int, device: str, progress: bool
              ) -> tuple[int, str, GoldenResult | None, GateReport, CommonUnseen]:
     # Split as train_head_on would on this trunk, so a resumed cascade finds the same data_sha.
-    data = load_labelled_data(spec, avoid=trunk_trained_on(client, tv))
+    data = load_labelled_data(spec, avoid=trunk_trained_on(client, tv), hashes=workspace.content_hashes())
     done = _existing_version(client, spec.name, trunk.trunk_id, spec.config_sha, data.data_sha)
     if done is not None:
         tags = get_head_version(client, spec.name, done).tags
@@ -380,10 +400,263 @@ def _train_and_register(client: MlflowClient, spec: HeadSpec, trunk: Trunk, tv: 
     return version, "trained", golden, contract, unseen
 
 
+BACKENDS = ("serial", "process", "ray")
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def _count(field_name: str, value: Any) -> int | str:
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"field '{field_name}': '{value}' is not 'auto' or a count of at least 1")
+    return value
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """How the cascade spreads its heads (``parallel`` in ``conf/refresh.yaml``).
+
+    Attributes:
+        backend: ``serial`` (one head after another, in this process), ``process`` (a
+            pool of worker processes on this machine) or ``ray`` (one Ray task per head).
+        workers: ``process``: the pool's size, ``auto`` = the cores this process may use
+            (never more than there are heads); ``ray``: the most heads in flight at once,
+            ``auto`` = no cap (Ray schedules them by ``threads`` CPUs each).
+        threads: torch intra-op threads per worker, ``auto`` = cores // workers (at least
+            1) for ``process`` and 1 for ``ray``, where it is also each task's ``num_cpus``.
+        address: ``ray`` only: None starts a private Ray on this machine (stopped at the
+            end), ``auto`` joins the cluster this machine is part of, ``ray://<head>:10001``
+            a remote one (:func:`heads.classify.ray_backend` connects alike). On a cluster
+            the tracking URI must be a server and the workspace a shared mount.
+    """
+
+    backend: str = "serial"
+    workers: int | str = "auto"
+    threads: int | str = "auto"
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"field 'parallel.backend': '{self.backend}' is not one of: {', '.join(BACKENDS)}")
+        _count("parallel.workers", self.workers)
+        _count("parallel.threads", self.threads)
+
+    def pool_size(self, n_heads: int) -> int:
+        """Worker processes (``process``) or heads in flight (``ray``) for ``n_heads`` heads."""
+        if self.workers != "auto":
+            return max(1, min(int(self.workers), n_heads))
+        return max(1, min(available_cores() if self.backend == "process" else n_heads, n_heads))
+
+    def torch_threads(self, workers: int) -> int:
+        if self.threads != "auto":
+            return int(self.threads)
+        return max(1, available_cores() // workers) if self.backend == "process" else 1
+
+
+@dataclass(frozen=True)
+class HeadSettings:
+    """What every head's retraining and checks take besides the head and the trunk (plain data).
+
+    Attributes:
+        tolerances: platform defaults of the contract; a head's gate block overrides them.
+        batch_size, num_workers, device, progress: as for head training.
+    """
+
+    tolerances: Tolerances
+    batch_size: int
+    num_workers: int
+    device: str
+    progress: bool
+
+
+@dataclass(frozen=True)
+class HeadTask:
+    """One head's work for a worker: only plain data, so it can cross to another process or machine.
+
+    Attributes:
+        tracking_uri: the registry the worker opens its own ``MlflowClient`` on.
+        workspace: the workspace folder (feature cache, run folders).
+        name: the head.
+        production: the release the cascade started from (its head versions and trunk).
+        candidate_version: the candidate ``trunk`` version the worker loads.
+        cascade_id: the cascade's id (tag of every head version it trains).
+        settings: training and contract settings.
+        threads: torch intra-op threads for the worker.
+    """
+
+    tracking_uri: str
+    workspace: str
+    name: str
+    production: Release
+    candidate_version: int
+    cascade_id: str
+    settings: HeadSettings
+    threads: int
+
+
+def _head_outcome(client: MlflowClient, workspace: Workspace, name: str, production: Release, trunk: Trunk,
+                  tv: int, cid: str, scorer: CommonUnseenScorer, settings: HeadSettings) -> HeadOutcome:
+    """One production head retrained on the candidate, evaluated, golden set run and contract checked."""
+    pv = production.heads[name]
+    prod_metrics = head_metrics(client, name, pv)
+    try:
+        spec = stored_spec(client, name, pv, {"workspace": str(workspace.root)})
+        tol = Tolerances.for_head(spec.gate, settings.tolerances)
+        version, status, golden, contract, unseen = _retrain(
+            client, spec, trunk, tv, cid, workspace=workspace, production_metrics=prod_metrics, tolerances=tol,
+            scorer=scorer, batch_size=settings.batch_size, num_workers=settings.num_workers, device=settings.device,
+            progress=settings.progress)
+        return HeadOutcome(name, pv, version, status, contract, prod_metrics, head_metrics(client, name, version),
+                           golden, unseen=unseen)
+    except HEAD_ERRORS as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        log.warning("%s: retraining on trunk v%s failed: %s", model_name(name), tv, reason)
+        return HeadOutcome(name, pv, None, "failed",
+                           check_contract(prod_metrics, None, tolerances=settings.tolerances, missing_reason=reason),
+                           prod_metrics, reason=reason)
+
+
+def outcome_json(outcome: HeadOutcome) -> str:
+    """A head's outcome as JSON (what a worker sends back; floats round-trip exactly)."""
+    return json.dumps(asdict(outcome))
+
+
+def outcome_from_json(text: str) -> HeadOutcome:
+    """The inverse of :func:`outcome_json`."""
+    d = json.loads(text)
+    contract = d.pop("contract")
+    golden, unseen = d.pop("golden"), d.pop("unseen")
+    return HeadOutcome(
+        **d, contract=GateReport(contract["passed"], [Check(**c) for c in contract["checks"]]),
+        golden=None if golden is None else GoldenResult(golden["source"], golden["total"],
+                                                        [tuple(w) for w in golden["wrong"]]),
+        unseen=None if unseen is None else CommonUnseen(**unseen))
+
+
+# One worker's registry, candidate trunk and scorer, kept across the heads it is given (a Ray
+# worker may serve several cascades: the key says which one they belong to).
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_state(task: HeadTask) -> tuple[MlflowClient, Workspace, Trunk, CommonUnseenScorer]:
+    key = (task.tracking_uri, task.workspace, task.production.version, task.candidate_version, task.settings)
+    if _WORKER.get("key") != key:
+        _WORKER.clear()
+        workspace = Workspace.at(task.workspace)
+        client = connect(workspace.root, task.tracking_uri)
+        s = task.settings
+        scorer = CommonUnseenScorer.for_cascade(client, workspace, task.production, task.candidate_version,
+                                                batch_size=s.batch_size, num_workers=s.num_workers, device=s.device)
+        _WORKER.update(key=key, state=(client, workspace, load_trunk(client, task.candidate_version), scorer))
+    return _WORKER["state"]
+
+
+def retrain_head(task: HeadTask) -> str:
+    """A worker's entry point: one head retrained and checked on the candidate; its outcome as JSON.
+
+    Opens its own registry client and loads the candidate trunk itself (once per worker).
+    """
+    torch.set_num_threads(task.threads)
+    client, workspace, trunk, scorer = _worker_state(task)
+    return outcome_json(_head_outcome(client, workspace, task.name, task.production, trunk, task.candidate_version,
+                                      task.cascade_id, scorer, task.settings))
+
+
+def _end_with_parent(parent: int) -> None:
+    # A worker of a killed cascade stops too (its head unregistered, as in a killed serial
+    # cascade), rather than racing the rerun that resumes the cascade.
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="cascade-parent-watch").start()
+
+
+def _pool_worker_init(parent: int) -> None:
+    from registry.store.tracking import quiet_libraries
+
+    quiet_libraries()
+    _end_with_parent(parent)
+
+
+def _run_process_pool(tasks: list[HeadTask], workers: int, done: Callable[[HeadOutcome], None]) -> None:
+    # spawn, not fork: a forked child of a process that has run torch (its thread pools,
+    # OpenMP state) can hang or crash.
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_pool_worker_init,
+                               initargs=(os.getpid(),))
+    try:
+        pending = {pool.submit(retrain_head, t) for t in tasks}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                done(outcome_from_json(f.result()))
+    except BrokenProcessPool as e:
+        raise CascadeError(f"a cascade worker process died ({e}); run the cascade again to resume: the heads "
+                           f"that finished are reused") from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_ray(tasks: list[HeadTask], parallel: Parallel, in_flight: int, done: Callable[[HeadOutcome], None]) -> None:
+    import ray
+
+    from heads.classify.ray_backend import _connect
+
+    started = _connect(parallel.address)
+    try:
+        remote = ray.remote(retrain_head)
+        queue, pending = list(tasks), []
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                task = queue.pop(0)
+                pending.append(remote.options(num_cpus=task.threads).remote(task))
+            finished, pending = ray.wait(pending, num_returns=1)
+            done(outcome_from_json(ray.get(finished[0])))
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def prefetch_features(client: MlflowClient, workspace: Workspace, trunk: Trunk, tv: int, production: Release,
+                      settings: HeadSettings) -> int:
+    """Extract the candidate's features for every production head's images, once per tap; rows computed.
+
+    Parallel workers then find them in the cache, instead of several computing the same
+    rows at once (which the cache tolerates, but which wastes the trunk passes). A head
+    whose config or data cannot be read is skipped here: its own worker reports why.
+    """
+    avoid = trunk_trained_on(client, tv)
+    by_tap: dict[str, dict[str, None]] = {}
+    context = {"workspace": str(workspace.root)}
+    for name, pv in sorted(production.heads.items()):
+        try:
+            spec = stored_spec(client, name, pv, context)
+            data = load_labelled_data(spec, avoid=avoid, hashes=workspace.content_hashes())
+        except HEAD_ERRORS:
+            continue
+        if spec.tap in trunk.taps:
+            by_tap.setdefault(spec.tap, {}).update(dict.fromkeys(s.path for s in data.train + data.val))
+    rows = 0
+    for tap, paths in sorted(by_tap.items()):
+        got = extract_job(trunk, list(paths), workspace=workspace, taps=(tap,), batch_size=settings.batch_size,
+                          num_workers=settings.num_workers, device=settings.device, progress=settings.progress)
+        rows += int(got.summary.get("new_rows", 0))
+    return rows
+
+
 def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | int = CANDIDATE,
                 tolerances: Tolerances = Tolerances(), batch_size: int = 64, num_workers: int = 0,
                 device: str = "cpu", progress: bool = True, promote: bool = True,
-                echo: Callable[[str], None] | None = None) -> CascadeResult:
+                parallel: Parallel = Parallel(), echo: Callable[[str], None] | None = None) -> CascadeResult:
     """Retrain and gate every production head on a candidate trunk; promote everything or nothing.
 
     Args:
@@ -391,15 +664,19 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
         workspace: feature cache and run folders.
         candidate: ``candidate`` (the trunk alias) or a ``trunk`` version.
         tolerances: platform defaults; each head's ``gate`` block may override them.
-        batch_size, num_workers, device, progress: as for head training.
+        batch_size, num_workers, device, progress: as for head training (workers of a
+            parallel cascade train without progress bars).
         promote: move production when every head passes (False: gate and report only).
+        parallel: serial, a process pool or Ray tasks (:class:`Parallel`); the outcomes and
+            the promotion are the same.
         echo: also receives each step's line (every line is logged); the tool passes ``print``.
 
     Returns:
         The outcome per head, the promotion (or why not) and the report's locations.
 
     Raises:
-        CascadeError: no production release, no candidate, or the candidate already serves.
+        CascadeError: no production release, no candidate, the candidate already serves,
+            or a worker process died (rerun to resume).
     """
     production = get_release(client, PRODUCTION)
     if production is None:
@@ -415,33 +692,41 @@ def run_cascade(client: MlflowClient, workspace: Workspace, *, candidate: str | 
     say = narrator(log, echo)
     say(f"cascade {cid}: candidate trunk v{tv} ({trunk.model_name}, trunk_id {trunk.trunk_id}) against "
          f"release v{production.version} (trunk v{production.trunk_version}, {len(production.heads)} heads)")
-    context = {"workspace": str(workspace.root)}
+    settings = HeadSettings(tolerances, batch_size, num_workers, device, progress)
     scorer = CommonUnseenScorer.for_cascade(client, workspace, production, tv, batch_size=batch_size,
                                             num_workers=num_workers, device=device)
     if scorer.excluded is None:
         say(f"  validation images neither trunk trained on: unknown ({scorer.note}); heads are compared on "
             f"their full validation split")
-    for i, (name, pv) in enumerate(sorted(production.heads.items()), start=1):
-        prod_metrics = head_metrics(client, name, pv)
-        try:
-            spec = stored_spec(client, name, pv, context)
-            tol = Tolerances.for_head(spec.gate, tolerances)
-            version, status, golden, contract, unseen = _retrain(
-                client, spec, trunk, tv, cid, workspace=workspace, production_metrics=prod_metrics, tolerances=tol,
-                scorer=scorer, batch_size=batch_size, num_workers=num_workers, device=device, progress=progress)
-            outcome = HeadOutcome(name, pv, version, status, contract, prod_metrics,
-                                  head_metrics(client, name, version), golden, unseen=unseen)
-        except HEAD_ERRORS as e:
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            log.warning("%s: retraining on trunk v%s failed: %s", model_name(name), tv, reason)
-            outcome = HeadOutcome(name, pv, None, "failed", check_contract(prod_metrics, None, tolerances=tolerances,
-                                                                           missing_reason=reason),
-                                  prod_metrics, reason=reason)
-        result.outcomes[name] = outcome
+    names = sorted(production.heads)
+    start = time.perf_counter()
+
+    def finished(outcome: HeadOutcome) -> None:
+        result.outcomes[outcome.name] = outcome
         got = "-" if outcome.candidate_version is None else f"v{outcome.candidate_version}"
         compared = "" if outcome.unseen is None else f"{outcome.unseen.describe()}; "
-        say(f"  [{i}/{len(production.heads)}] {name}: v{pv} -> {got} ({outcome.status}) {compared}"
-             f"{'PASS' if outcome.passed else 'FAIL: ' + outcome.blocking()}")
+        say(f"  [{len(result.outcomes)}/{len(names)}] {outcome.name}: v{outcome.production_version} -> {got} "
+            f"({outcome.status}) {compared}{'PASS' if outcome.passed else 'FAIL: ' + outcome.blocking()}")
+
+    if parallel.backend == "serial" or not names:
+        for name in names:
+            finished(_head_outcome(client, workspace, name, production, trunk, tv, cid, scorer, settings))
+    else:
+        workers = parallel.pool_size(len(names))
+        threads = parallel.torch_threads(workers)
+        rows = prefetch_features(client, workspace, trunk, tv, production, settings)
+        say(f"  candidate features extracted once for every head ({rows} new rows); {len(names)} heads on "
+            f"{workers} {'worker processes' if parallel.backend == 'process' else 'Ray tasks at a time'}, "
+            f"{threads} torch thread{'s' if threads > 1 else ''} each")
+        worker_settings = HeadSettings(tolerances, batch_size, num_workers, device, progress=False)
+        tasks = [HeadTask(client_uri(client), str(workspace.root), n, production, tv, cid, worker_settings, threads)
+                 for n in names]
+        if parallel.backend == "process":
+            _run_process_pool(tasks, workers, finished)
+        else:
+            _run_ray(tasks, parallel, workers, finished)
+    result.outcomes = {n: result.outcomes[n] for n in names}  # by name, however they finished
+    say(f"  {len(names)} heads in {time.perf_counter() - start:.1f} s ({parallel.backend})")
     if result.passed and promote:
         result.promoted, result.refused = _promote(client, result, say)
     result.report = log_cascade_report(client, workspace, result, device=device)

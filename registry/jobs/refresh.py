@@ -41,6 +41,7 @@ from registry.jobs.cascade import (
     CANDIDATE,
     CascadeError,
     CascadeResult,
+    Parallel,
     run_cascade,
     stored_spec,
 )
@@ -297,8 +298,12 @@ def distilled_on(client: MlflowClient, teacher_version: int, paths: Sequence[str
 def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[], Candidate] | None,
                 candidate: str | int = CANDIDATE, tolerances: Tolerances, batch_size: int, num_workers: int,
                 device: str, progress: bool, promote: bool = True, cascade: bool = True,
+                parallel: Parallel = Parallel(),
                 echo: Callable[[str], None] | None = None) -> tuple[Candidate | None, CascadeResult | None]:
-    """Build a candidate (unless ``build`` is None: use ``candidate``), then run the cascade on it."""
+    """Build a candidate (unless ``build`` is None: use ``candidate``), then run the cascade on it.
+
+    ``parallel``: how the cascade spreads the heads (:class:`registry.jobs.cascade.Parallel`).
+    """
     built = None
     if build is not None:
         built = build()
@@ -311,4 +316,5 @@ def refresh_job(client: MlflowClient, workspace: Workspace, *, build: Callable[[
     if not cascade:
         return built, None
     return built, run_cascade(client, workspace, candidate=candidate, tolerances=tolerances, batch_size=batch_size,
-                              num_workers=num_workers, device=device, progress=progress, promote=promote, echo=echo)
+                              num_workers=num_workers, device=device, progress=progress, promote=promote,
+                              parallel=parallel, echo=echo)

@@ -95,7 +95,10 @@ def test_every_tool_config_is_typed():
     assert refusal("classify", "input=/x").startswith("field 'output': ") and "missing mandatory value" in \
         refusal("classify", "input=/x")
     assert "field 'to'" in refusal("rollback", "to=latest")
-    assert "field 'suite': 'nope' is not one of: heads, pipeline, streaming" == refusal("bench", "suite=nope")
+    assert "field 'suite': 'nope' is not one of: heads, pipeline, streaming, bank, cache, roundtrips, promotion, " \
+           "cascade" == refusal("bench", "suite=nope")
+    assert refusal("classify", "input=/x", "output=/y", "head_weights=int4") == \
+        "field 'head_weights': 'int4' is not one of: float32, bfloat16, float16"
     assert refusal("extract") == "field 'input': give exactly one of input=<folder or manifest> or head=<name>"
     assert refusal("refresh", "multitask.base=nope") == "field 'multitask.base': 'nope' is not one of: production, config"
     assert num_workers(compose_tool("classify", "num_workers=auto")) >= 1

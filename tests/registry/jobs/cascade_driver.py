@@ -1,11 +1,12 @@
 """Run the refresh cascade on a workspace and SIGKILL this process at a chosen point.
 
-    python -m tests.registry.jobs.cascade_driver <workspace> head:1|release-version|alias
+    python -m tests.registry.jobs.cascade_driver <workspace> head:1|release-version|alias|pool:1
 
 ``head:N``: right after the N-th retrained head version is registered; ``release-version``:
 right after the new ``release`` version exists, before production moves; ``alias``: right
-after production moved, before the cascade cleans up. Each line the cascade echoes is
-printed and flushed, so the parent sees how far it got.
+after production moved, before the cascade cleans up; ``pool:N``: a cascade on a pool of two
+worker processes, killed as soon as N heads have finished (the others still in flight).
+Each line the cascade echoes is printed and flushed, so the parent sees how far it got.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import sys
 
 def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def print_line(line: str) -> None:
+    print(line, flush=True)
 
 
 def main(ws: str, point: str) -> None:
@@ -57,9 +62,21 @@ def main(ws: str, point: str) -> None:
                 die()
 
         MlflowClient.set_registered_model_alias = set_then_die
-    else:
+    elif not point.startswith("pool:"):
         raise SystemExit(f"unknown kill point {point}")
-    cascade.run_cascade(connect(ws), Workspace.at(ws), progress=False, echo=lambda line: print(line, flush=True))
+    parallel = cascade.Parallel()
+    echo = print_line
+    if point.startswith("pool:"):
+        # The workers are other processes: the kill comes from the parent's progress lines.
+        parallel = cascade.Parallel("process", workers=2, threads=1)
+        finished = f"  [{int(point.split(':')[1])}/"
+
+        def echo(line: str) -> None:
+            print_line(line)
+            if line.startswith(finished):
+                die()
+
+    cascade.run_cascade(connect(ws), Workspace.at(ws), progress=False, parallel=parallel, echo=echo)
     print("finished without being killed", flush=True)
 
 

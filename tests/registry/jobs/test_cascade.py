@@ -224,3 +224,105 @@ def test_a_head_that_cannot_be_retrained_on_the_candidate_blocks_by_name(world, 
     assert "count_branch" in result.blocked and result.verdict == "blocked"
     assert {result.outcomes[n].status for n in ("shape", "colour")} == {"trained"}  # the others still ran
     assert get_release(client) == start
+
+
+# Figures that time something: they differ between any two runs, serial or not.
+TIMED = ("ms_per_image", "seconds", "_ms", "per_second")
+
+
+def untimed(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if not any(t in k for t in TIMED)}
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_a_process_pool_or_ray_gives_exactly_the_serial_outcomes(world, tmp_path, one_thread, backend):
+    import shutil
+
+    if backend == "ray":
+        pytest.importorskip("ray")
+
+    from registry.jobs.cascade import Parallel, run_cascade
+    from registry.store.heads import get_head_version
+    from registry.store.releases import get_release
+    from registry.store.tracking import connect
+    from registry.store.workspace import Workspace
+
+    client, ws, start = build(world, tmp_path, world["t0"], world["t1"])
+    # The same store twice (a copied workspace is adopted where it lies): each cascade trains its own versions.
+    shutil.copytree(ws.root, tmp_path / "copy", symlinks=True)
+    other = Workspace.at(tmp_path / "copy")
+    other_client = connect(other.root)
+
+    serial = run_cascade(client, ws, progress=False, promote=False, echo=lambda _: None)
+    lines: list[str] = []
+    # One torch thread on both sides: the same arithmetic, so the same bits (see the README).
+    pooled = run_cascade(other_client, other, progress=False, promote=False,
+                         parallel=Parallel(backend, workers=2, threads=1), echo=lines.append)
+    assert get_release(other_client).version == start.version
+    assert list(pooled.outcomes) == list(serial.outcomes) == sorted(cs.HEADS)
+    for name, s in serial.outcomes.items():
+        p = pooled.outcomes[name]
+        assert (s.status, p.status) == ("trained", "trained")
+        # Bit-identical weights: the content hash recorded at registration.
+        assert get_head_version(other_client, name, p.candidate_version).tags["weights_sha256"] == \
+            get_head_version(client, name, s.candidate_version).tags["weights_sha256"], name
+        assert untimed(p.candidate_metrics) == untimed(s.candidate_metrics), name
+        assert p.unseen == s.unseen and p.golden == s.golden
+        assert [c for c in p.contract.checks if not any(t in c.name for t in TIMED)] == \
+            [c for c in s.contract.checks if not any(t in c.name for t in TIMED)]
+    assert pooled.passed == serial.passed
+    # One line per finished head, counted, and how the work was spread.
+    assert sorted(line.split("]")[0] for line in lines if line.startswith("  [")) == \
+        [f"  [{i}/3" for i in range(1, 4)]
+    spread = "worker processes" if backend == "process" else "Ray tasks at a time"
+    assert any(f"3 heads on 2 {spread}, 1 torch thread each" in line for line in lines)
+
+
+def _alive_in_group(pgid: int) -> list[int]:
+    """Processes of a process group that are still running (zombies left unreaped do not count)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def head_versions(client, cid):
+    """The head versions a cascade trained (its release carries the same tag)."""
+    return [mv for mv in client.search_model_versions(f"tags.cascade='{cid}'") if mv.name.startswith("head.")]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc")
+def test_a_killed_process_pool_cascade_resumes_with_the_heads_that_finished(world, tmp_path):
+    import time
+
+    from registry.jobs.cascade import cascade_id, run_cascade
+    from registry.store.releases import get_release
+
+    client, ws, start = build(world, tmp_path, world["t0"], world["t1"])
+    cid = cascade_id(world["t1"].trunk_id, start.version)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.registry.jobs.cascade_driver", str(ws.root), "pool:1"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: the driver and its workers
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == -9, out + err
+    assert "[1/3]" in out and "[2/3]" not in out
+    # Its workers notice and end (a head in flight stays unregistered), so nothing races the rerun.
+    deadline = time.monotonic() + 60
+    while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive_in_group(proc.pid)
+    assert get_release(client).version == start.version
+    finished = len(head_versions(client, cid))
+    assert 1 <= finished <= 2  # the one reported, perhaps the other worker's too, never a third
+
+    result = run_cascade(client, ws, progress=False, echo=lambda _: None)
+    statuses = sorted(o.status for o in result.outcomes.values())
+    assert statuses.count("reused") == finished and statuses.count("trained") == 3 - finished
+    assert len(head_versions(client, cid)) == 3  # no head trained twice
+    assert result.verdict == "promoted"
