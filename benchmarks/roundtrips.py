@@ -8,6 +8,8 @@ still goes to the server. Counted per operation:
 
 - ``promote``: :func:`registry.store.releases.promote_head` of a new version of one head;
 - ``load_release``: :func:`registry.serving.load_release` of ``production`` (download and load);
+- ``job_load``: what a classification job loads: :func:`registry.store.releases.load_release`
+  of :func:`registry.store.releases.get_release` (the trunk and every head, verified);
 - ``report``: :func:`registry.reports.report.log_report`, and its parts ``production_table``
   and ``head_dependencies``;
 - ``resolve_head``: the production version of one head
@@ -15,8 +17,12 @@ still goes to the server. Counted per operation:
 
 Requests are split into ``api`` (registry and tracking REST calls) and ``artifacts``
 (``mlflow-artifacts`` downloads, uploads and listings). A count independent of ``n`` is
-the goal; what stays proportional to it is one file transfer per head file (MLflow has no
-batch upload or download).
+the goal. A release model keeps every head in one pack (:mod:`registry.serving.pack`), so
+a promotion downloads production's pack and the promoted head's two files and uploads the
+new model's files, and loading a release downloads one pack, whatever ``n``. What stays
+proportional to ``n`` is a release built with no earlier release holding its heads (the
+first one, or a refresh cascade's, whose heads are all new versions): each head's two files
+are downloaded once (MLflow has no batch download), outside these operations.
 
     python -m tools.bench suite=roundtrips roundtrips.head_counts=[10,300]
 """
@@ -36,7 +42,8 @@ from typing import Any
 import requests.adapters
 import torch
 
-OPERATIONS = ("promote", "load_release", "report", "production_table", "head_dependencies", "resolve_head")
+OPERATIONS = ("promote", "load_release", "job_load", "report", "production_table", "head_dependencies",
+              "resolve_head")
 SMALL_TRUNK = {"input_size": [3, 32, 32], "crop_pct": 1.0}
 
 
@@ -176,7 +183,8 @@ def count_operations(url: str, workspace: str | Path, world: Mapping[str, Any]) 
     """
     from registry.reports.report import head_dependencies, log_report, production_table
     from registry.serving import load_release
-    from registry.store.releases import production_head_version, promote_head
+    from registry.store.releases import get_release, production_head_version, promote_head
+    from registry.store.releases import load_release as load_release_components
     from registry.store.tracking import connect
 
     first = sorted(world["heads"])[0] if world["heads"] else "extra"
@@ -186,6 +194,7 @@ def count_operations(url: str, workspace: str | Path, world: Mapping[str, Any]) 
     ops: dict[str, Callable[[Any], Any]] = {
         "promote": lambda c: promote_head(c, first, new_version),
         "load_release": lambda c: load_release("production", tracking_uri=url),
+        "job_load": lambda c: load_release_components(c, get_release(c)),
         "report": lambda c: log_report(c, workspace),
         "production_table": lambda c: production_table(c),
         "head_dependencies": lambda c: head_dependencies(c),

@@ -1,9 +1,10 @@
 """Releases and heads as MLflow pyfunc models, and a small API to predict with them in-process.
 
-Every ``release`` version is a self-contained MLflow pyfunc model (run artifact ``model/``)
-and every ``head.<name>`` version one that runs on its trunk from the registry; both are
-models from code (:mod:`registry.serving.model`), safetensors weights checked against
-their recorded hashes, nothing pickled. ``mlflow.pyfunc.load_model("models:/release@production")``
+Every ``release`` version is a self-contained MLflow pyfunc model (run artifact ``model/``:
+the trunk's files and every head in one pack, ``heads.safetensors`` + ``heads.json``,
+:mod:`registry.serving.pack`) and every ``head.<name>`` version one that runs on its trunk
+from the registry; both are models from code (:mod:`registry.serving.model`), safetensors
+weights checked against their recorded hashes, nothing pickled. ``mlflow.pyfunc.load_model("models:/release@production")``
 and ``mlflow models serve`` work on them directly; in Python::
 
     from registry.serving import load_release
@@ -134,8 +135,9 @@ def load_release(release: str | int = "production", *, tracking_uri: str | None 
         model_config: overrides of ``batch_size``, ``device``, ``draft``.
 
     Raises:
-        ServingError: no such version or alias, or the version predates pyfunc releases.
-        heads.store.HeadArtifactError: a head file does not match its recorded hash.
+        ServingError: no such version or alias, the version predates pyfunc releases, or
+            a trunk or pack file does not match the sha256 in its ``serving.json``.
+        heads.store.HeadArtifactError: a head's file does not match its recorded hash.
     """
     return _load(RELEASE_MODEL, release, tracking_uri, model_config, workspace)
 

@@ -2,8 +2,9 @@
 
 MLflow copies this file into each model folder and runs it at load; it ends with
 ``mlflow.models.set_model``, so no Python object is ever pickled or unpickled. The model's
-weights are safetensors and its manifest ``serving.json`` (the artifact ``bundle``) holds
-the sha256 of every file; :mod:`registry.serving.runtime` checks them before parsing
+weights are safetensors (a release's heads in one pack, :mod:`registry.serving.pack`) and
+its manifest ``serving.json`` (the artifact ``bundle``) holds the sha256 of every file, and
+of every head's two files as registered; :mod:`registry.serving.runtime` checks them before parsing
 anything and runs bulk classification's own per-batch code.
 """
 

@@ -8,9 +8,11 @@ infers them by loading the model nor pickles anything) and the model settings
 overridden at load, or by ``MLFLOW_PYFUNC_INFERENCE_CONFIG`` for ``mlflow models serve``).
 
 A release folder (:func:`build_release_model`) holds, as the artifact ``bundle``, the
-manifest ``serving.json``, the trunk's files under ``trunk/`` and each head's under
-``heads/<name>/``, copied from the versions' artifacts after checking them against the
-hashes the registry recorded. A head folder (:func:`write_head_model`) gets the model
+manifest ``serving.json``, the trunk's files under ``trunk/`` and every head in one pack,
+``heads.safetensors`` + ``heads.json`` (:mod:`registry.serving.pack`: each head's two files
+byte for byte as its version registered them), checked against the hashes the registry
+recorded. Release folders written before packs hold each head under ``heads/<name>/``;
+they still load. A head folder (:func:`write_head_model`) gets the model
 files next to its ``head.json`` and ``head.safetensors``, which it serves in place.
 """
 
@@ -33,13 +35,16 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from heads.store import DIGEST_KEYS, SPEC_FILE, WEIGHTS_FILE, artifact_digests, load_head
+from registry.serving.pack import PACK_FILES, PackedHead, PackError, PackSource, read_pack, write_pack
 from registry.serving.runtime import (
     DEFAULT_CONFIG,
     FORMAT_VERSION,
     IMAGE_COLUMN,
     MANIFEST_FILE,
+    PACK_FORMAT_VERSION,
     PATH_COLUMN,
     ServingError,
+    read_manifest,
     sha256_file,
 )
 from registry.store.trunks import get_trunk_version
@@ -146,50 +151,123 @@ def _stage_trunk(client: MlflowClient, version: int, trunk_id: str, dst: Path) -
     return {"version": int(version), "trunk_id": trunk_id, "dir": "trunk", "files": files}
 
 
-def _stage_head(client: MlflowClient, name: str, mv: Any, dst: Path) -> dict[str, Any]:
-    """Copy one head version's two files into ``dst``, checked against its recorded hashes.
+def _from_registry(name: str, mv: Any, weights: bytes, spec: bytes) -> PackedHead:
+    return PackedHead(name=name, version=int(mv.version), tap=mv.tags.get("tap"), trunk_id=mv.tags.get("trunk_id"),
+                      weights=weights, spec=spec)
 
-    Files already checked against the same hashes for this client are written from memory
-    (:func:`registry.store.tracking.client_cache`, keyed by the hashes: never stale).
+
+def _recorded(mv: Any) -> dict[str, str] | None:
+    """A head version's content hashes as registered, or None when it was registered without them."""
+    recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
+    return recorded if all(recorded.values()) else None
+
+
+def _download_head(client: MlflowClient, name: str, mv: Any, dst: Path) -> PackedHead:
+    """One head version's two files (two requests), checked against its recorded hashes."""
+    label = f"head.{name} v{int(mv.version)}"
+    for file_name in (SPEC_FILE, WEIGHTS_FILE):
+        _fetch(client, mv.source, file_name, dst / file_name)
+    recorded = _recorded(mv)
+    if recorded is None:
+        log.warning("%s: registered without content hashes; packaging its files as they are now", label)
+    # The same check load_head_version makes: what is packaged is what was registered.
+    load_head(dst, expected=recorded or artifact_digests(dst), label=label)
+    return _from_registry(name, mv, (dst / WEIGHTS_FILE).read_bytes(), (dst / SPEC_FILE).read_bytes())
+
+
+def fetch_pack(client: MlflowClient, source: PackSource, dst: str | Path) -> dict[str, PackedHead]:
+    """Download a release's pack (two requests) into ``dst`` and read it, checked against ``source.files``.
+
+    Raises:
+        ServingError: a file cannot be downloaded, or the pack does not match its sha256
+            or cannot be read (one line naming the release and the file).
     """
+    dst = Path(dst)
+    for file_name in PACK_FILES:
+        _fetch(client, source.uri, file_name, dst / file_name)
+    try:
+        return read_pack(dst, expected=source.files, recorded_in=source.recorded_in, label=f"{source.label} pack")
+    except PackError as e:
+        raise ServingError(str(e)) from None
+
+
+def _gather_heads(client: MlflowClient, manifest: Mapping[str, Any], base: PackSource | None,
+                  tmp: Path) -> dict[str, PackedHead]:
+    """Every head of ``manifest`` as registered, each checked against its version's recorded hashes.
+
+    A head comes from this client's memory of files it already checked (keyed by their
+    hashes: never stale), else from ``base``'s pack when that holds the same version (one
+    download of the pack for all of them), else from its version's own artifacts (two
+    downloads). A pack head whose bytes do not hash to its version's tags is not used: it
+    is downloaded instead, and that copy must match.
+    """
+    from registry.store.heads import head_versions  # here: registry.store.heads imports this module
     from registry.store.tracking import client_cache
 
-    version = int(mv.version)
-    recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
-    label = f"head.{name} v{version}"
-    files = client_cache(client, "verified_head_files")
-    key = tuple(recorded[k] for k in DIGEST_KEYS) if all(recorded.values()) else None
-    dst.mkdir(parents=True, exist_ok=True)
-    if key is not None and key in files:
-        for file_name, data in files[key].items():
-            (dst / file_name).write_bytes(data)
-    else:
-        for file_name in (SPEC_FILE, WEIGHTS_FILE):
-            _fetch(client, mv.source, file_name, dst / file_name)
-    digests = artifact_digests(dst)
-    if key is not None:
-        # The same check load_head_version makes: what is packaged is what was registered.
-        load_head(dst, expected=recorded, label=label)
-        if key not in files and sum(len(v) for f in files.values() for v in f.values()) < _FILE_CACHE_BYTES:
-            files[key] = {n: (dst / n).read_bytes() for n in (SPEC_FILE, WEIGHTS_FILE)}
-    else:
-        log.warning("%s: registered without content hashes; packaging its files as they are now", label)
-        load_head(dst, expected=digests, label=label)
-    return {"version": version, "tap": mv.tags.get("tap"), "trunk_id": mv.tags.get("trunk_id"),
-            "dir": f"heads/{name}", **digests}
+    wanted = {name: int(h["version"]) for name, h in manifest["heads"].items()}
+    # Every head's version record in one search per 100 heads, not one call per head; those the
+    # caller just checked (registry.store.releases) are not asked again: only their source and
+    # content hashes are used, which never change.
+    versions = head_versions(client, wanted, fresh=False)
+    cache = client_cache(client, "verified_head_files")
+    out: dict[str, PackedHead] = {}
+
+    def take(name: str, weights: bytes, spec: bytes) -> bool:
+        packed = _from_registry(name, versions[name], weights, spec)
+        if packed.digests() != _recorded(versions[name]):
+            return False
+        out[name] = packed
+        return True
+
+    for name in sorted(wanted):
+        key = tuple((_recorded(versions[name]) or {}).values()) or None
+        if key in cache:
+            take(name, *cache[key])
+    todo = [n for n in sorted(wanted) if n not in out and _recorded(versions[n]) is not None]
+    if base is not None and any(base.heads.get(n) == wanted[n] for n in todo):
+        try:
+            packed = fetch_pack(client, base, tmp / "base")
+        except ServingError as e:
+            log.warning("the new release's heads are downloaded one by one: %s", e)
+            packed = {}
+        for name in todo:
+            p = packed.get(name)
+            if p is not None and p.version == wanted[name] and not take(name, p.weights, p.spec):
+                log.warning("head.%s v%s in %s pack does not match its recorded hashes; downloading it",
+                            name, wanted[name], base.label)
+    for name in sorted(wanted):
+        if name not in out:
+            out[name] = _download_head(client, name, versions[name], tmp / "heads" / name)
+    held = sum(len(w) + len(s) for w, s in cache.values())
+    for name, p in sorted(out.items()):
+        key = tuple((_recorded(versions[name]) or {}).values()) or None
+        if key is not None and key not in cache and held + len(p.weights) + len(p.spec) < _FILE_CACHE_BYTES:
+            cache[key] = (p.weights, p.spec)
+            held += len(p.weights) + len(p.spec)
+    return out
 
 
-def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path: str | Path) -> Path:
+def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path: str | Path, *,
+                        base: PackSource | None = None) -> Path:
     """Write a self-contained release model folder for a release manifest.
+
+    The heads go into one pack (:mod:`registry.serving.pack`), each head's files as its
+    version registered them, checked against the hashes recorded then. Heads ``base`` (an
+    earlier release's pack, e.g. the production a promotion builds on) holds in the same
+    version are taken from it: a release that changes one head downloads the base's pack
+    and that head's files, whatever the head count.
 
     Args:
         client: the registry holding the manifest's trunk and head versions.
         manifest: a release manifest (``release.json``'s content: ``trunk`` ``{version,
             trunk_id}``, ``heads`` ``{name: {version, ...}}``, ``note``).
         path: the folder to write (must not exist, or be empty).
+        base: an earlier release's pack to take unchanged heads from (None: every head is
+            downloaded from its version, unless this client checked its files already).
 
     Returns:
-        ``path``, loadable with ``mlflow.pyfunc.load_model``.
+        ``path``, loadable with ``mlflow.pyfunc.load_model``; :func:`release_pack` says
+        where its pack is.
 
     Raises:
         ServingError: the release has no heads, or a trunk file disagrees with its tag.
@@ -203,19 +281,29 @@ def build_release_model(client: MlflowClient, manifest: Mapping[str, Any], path:
         bundle.mkdir()
         trunk = _stage_trunk(client, int(manifest["trunk"]["version"]), manifest["trunk"]["trunk_id"],
                              bundle / "trunk")
-        # Every head's version record in one search per 100 heads, not one call per head; those the
-        # caller just checked (registry.store.releases) are not asked again: only their source and
-        # content hashes are used, which never change.
-        from registry.store.heads import head_versions  # here: registry.store.heads imports this module
-
-        versions = head_versions(client, {name: int(h["version"]) for name, h in manifest["heads"].items()},
-                                 fresh=False)
-        heads = {name: _stage_head(client, name, versions[name], bundle / "heads" / name)
-                 for name in sorted(manifest["heads"])}
-        serving = {"format": FORMAT_VERSION, "kind": "release", "note": manifest.get("note", ""),
-                   "trunk": trunk, "heads": heads}
+        heads = _gather_heads(client, manifest, base, Path(tmp) / "staging")
+        pack = write_pack(bundle, heads)
+        entries = {name: {"version": h.version, "tap": h.tap, "trunk_id": h.trunk_id, **h.digests()}
+                   for name, h in sorted(heads.items())}
+        serving = {"format": PACK_FORMAT_VERSION, "kind": "release", "note": manifest.get("note", ""),
+                   "trunk": trunk, "pack": pack, "heads": entries}
         write_json_atomic(bundle / MANIFEST_FILE, serving, sort_keys=True)
         return save_platform_model(path, bundle, list(heads))
+
+
+def release_pack(model_folder: str | Path) -> dict[str, Any]:
+    """Where a release model folder keeps its heads pack: ``{"dir": <folder relative to the
+    model folder>, "files": {file name: sha256}}``, as its ``serving.json`` records them.
+
+    Raises:
+        ServingError: the folder's model has no pack (a release model written before packs).
+    """
+    model_folder = Path(model_folder)
+    bundle = _bundle_dir(model_folder)
+    serving = read_manifest(bundle / MANIFEST_FILE)
+    if "pack" not in serving:
+        raise ServingError(f"{bundle / MANIFEST_FILE}: this release model has no heads pack")
+    return {"dir": bundle.relative_to(model_folder).as_posix(), "files": dict(serving["pack"])}
 
 
 def write_head_model(folder: str | Path, *, trunk_version: int) -> Path:

@@ -5,7 +5,10 @@ Both kinds of platform pyfunc model (:mod:`registry.serving.model`) run this cod
 - a **release** model carries everything: its folder's ``serving.json`` names the trunk
   version, its ``trunk_id`` and the sha256 of its two files, and per head its version,
   tap, ``trunk_id`` and the two content hashes recorded when the head was registered;
-  the trunk files are under ``trunk/`` and each head's under ``heads/<name>/``, beside it;
+  the trunk files are under ``trunk/`` beside it, and every head is in one pack,
+  ``heads.safetensors`` + ``heads.json`` (:mod:`registry.serving.pack`), whose own sha256
+  ``serving.json`` records too (format 2; a release written before packs, format 1, has
+  each head's two files under ``heads/<name>/`` instead, and loads the same way);
 - a **head** model (the ``head/`` folder of a ``head.<name>`` version) carries that one
   head; its trunk is fetched from the registry (``models:/trunk/<version>``, through the
   tracking URI the caller set) and must have the head's ``trunk_id``.
@@ -38,6 +41,7 @@ import pandas as pd
 from heads.bank import HeadBank
 from heads.predict import BatchPredictor, batch_rows, empty_columns
 from heads.store import SPEC_SHA256, WEIGHTS_SHA256, LoadedHead, load_head
+from registry.serving.pack import PACK_FILES, PACK_INDEX, PACK_WEIGHTS, PackError, read_pack
 from trunk.device import resolve_device
 from trunk.loader import decode_batch
 from trunk.model import SPEC_FILE as TRUNK_SPEC_FILE
@@ -48,7 +52,11 @@ from trunk.preprocess import decode_side, eval_transform
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "serving.json"
+# 1: a head model, or a release whose heads lie under heads/<name>/ (written before packs);
+# 2: a release whose heads are one pack (registry.serving.pack).
 FORMAT_VERSION = 1
+PACK_FORMAT_VERSION = 2
+FORMATS = (FORMAT_VERSION, PACK_FORMAT_VERSION)
 KINDS = ("release", "head")
 PATH_COLUMN = "path"
 IMAGE_COLUMN = "image"
@@ -84,10 +92,18 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ServingError(f"{path}: not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(manifest, dict):
         raise ServingError(f"{path}: must be a JSON object")
-    if manifest.get("format") != FORMAT_VERSION:
-        raise ServingError(f"{path}: field 'format' is {manifest.get('format')!r}, not {FORMAT_VERSION}")
+    if manifest.get("format") not in FORMATS:
+        raise ServingError(f"{path}: field 'format' is {manifest.get('format')!r}, not one of "
+                           f"{', '.join(map(str, FORMATS))} (written by a newer platform?)")
     if manifest.get("kind") not in KINDS:
         raise ServingError(f"{path}: field 'kind' is {manifest.get('kind')!r}, not one of {', '.join(KINDS)}")
+    packed = manifest["format"] == PACK_FORMAT_VERSION
+    if packed:
+        pack = manifest.get("pack")
+        if manifest["kind"] != "release" or not isinstance(pack, dict) \
+                or not all(isinstance(pack.get(f), str) for f in PACK_FILES):
+            raise ServingError(f"{path}: field 'pack' must hold the sha256 of {' and '.join(PACK_FILES)} "
+                               f"(format {PACK_FORMAT_VERSION} is a release with a heads pack)")
     trunk = manifest.get("trunk")
     if not isinstance(trunk, dict) or not isinstance(trunk.get("trunk_id"), str) \
             or not isinstance(trunk.get("version"), int):
@@ -96,7 +112,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not isinstance(heads, dict) or not heads:
         raise ServingError(f"{path}: field 'heads' must name at least one head")
     for name, entry in heads.items():
-        for key in ("dir", WEIGHTS_SHA256, SPEC_SHA256):
+        for key in ((WEIGHTS_SHA256, SPEC_SHA256) if packed else ("dir", WEIGHTS_SHA256, SPEC_SHA256)):
             if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
                 raise ServingError(f"{path}: field 'heads.{name}.{key}' is missing")
     return manifest
@@ -159,14 +175,16 @@ def load_components(manifest_path: str | Path, *, tracking_uri: str | None = Non
     """The verified trunk and heads a model's manifest describes.
 
     Args:
-        manifest_path: the model's ``serving.json``; head folders are relative to its folder.
+        manifest_path: the model's ``serving.json``; its pack (or, before packs, its head
+            folders) is relative to its folder.
         tracking_uri: for a head model, where to fetch its trunk (None: MLflow's current URI).
 
     Returns:
         ``(trunk, {head name: LoadedHead}, manifest)``.
 
     Raises:
-        ServingError: a file is missing or does not match its hash, or a trunk_id differs.
+        ServingError: a file is missing or does not match its hash, the pack does not hold
+            exactly the heads listed, or a trunk_id differs.
         heads.store.HeadArtifactError: a head file does not match the hash recorded at its
             registration, or is not what the platform writes (one line naming it).
     """
@@ -181,12 +199,28 @@ def load_components(manifest_path: str | Path, *, tracking_uri: str | None = Non
     if trunk.trunk_id != entry["trunk_id"]:
         raise ServingError(f"trunk v{entry['version']} has trunk_id {trunk.trunk_id} but {MANIFEST_FILE} "
                            f"records {entry['trunk_id']}; this model's heads were trained on that one")
+    packed = None
+    if "pack" in manifest:
+        try:
+            packed = read_pack(base, expected=manifest["pack"], recorded_in=MANIFEST_FILE)
+        except PackError as e:
+            raise ServingError(str(e)) from None
+        extra = sorted(set(packed) - set(manifest["heads"]))
+        if extra:
+            raise ServingError(f"{base / PACK_INDEX}: holds head '{extra[0]}', which {MANIFEST_FILE} does not list")
     heads: dict[str, LoadedHead] = {}
     for name, h in sorted(manifest["heads"].items()):
         version = f" v{h['version']}" if h.get("version") is not None else ""
-        folder = (base / h["dir"]).resolve()
-        head = load_head(folder, expected={WEIGHTS_SHA256: h[WEIGHTS_SHA256], SPEC_SHA256: h[SPEC_SHA256]},
-                         label=f"head.{name}{version} ({folder})")
+        expected = {WEIGHTS_SHA256: h[WEIGHTS_SHA256], SPEC_SHA256: h[SPEC_SHA256]}
+        if packed is None:
+            folder = (base / h["dir"]).resolve()
+            head = load_head(folder, expected=expected, label=f"head.{name}{version} ({folder})")
+        else:
+            p = packed.get(name)
+            if p is None or p.version != h.get("version"):
+                raise ServingError(f"{base / PACK_INDEX}: does not hold head.{name}{version}, which "
+                                   f"{MANIFEST_FILE} lists")
+            head = p.load(expected=expected, label=f"head.{name}{version} (in {base / PACK_WEIGHTS})")
         if head.meta.get("trunk_id") != trunk.trunk_id:
             raise ServingError(f"head.{name}{version} was trained on trunk_id {head.meta.get('trunk_id')} but "
                                f"its trunk is {trunk.trunk_id}")

@@ -355,7 +355,7 @@ def _label(name: str, version: int) -> str:
     return f"{model_name(name)} v{int(version)}"
 
 
-def _recorded_digests(mv, label: str, allow_unverified: bool) -> dict[str, str] | None:
+def recorded_digests(mv, label: str, allow_unverified: bool) -> dict[str, str] | None:
     """The version's hash tags; None (after a warning) for an unhashed version the caller accepts."""
     recorded = {k: mv.tags.get(k) for k in DIGEST_KEYS}
     present = [k for k, v in recorded.items() if v]
@@ -396,7 +396,7 @@ def load_head_version(client: MlflowClient, name: str, version: int, *, allow_un
     """
     mv = get_head_version(client, name, version)
     label = _label(name, version)
-    expected = _recorded_digests(mv, label, allow_unverified)
+    expected = recorded_digests(mv, label, allow_unverified)
     with tempfile.TemporaryDirectory(prefix="head-") as tmp:
         local = client.download_artifacts(mv.run_id, ARTIFACT_PATH, tmp)
         head = load_head(Path(local), expected=expected, label=label)

@@ -7,10 +7,15 @@ A release version is a version of the registered model ``release`` whose run (ex
      "heads": {"colour": {"version": 2, "tap": "pooled", "trunk_id": "..."}}, "note": "..."}
 
 and, for a release with heads, the artifact ``model/``: the release as a self-contained
-MLflow pyfunc model (:mod:`registry.serving`: the trunk's and every head's files, checked
-against their recorded hashes, plus a manifest of their sha256), which is the version's
-``source``, so ``mlflow.pyfunc.load_model("models:/release@production")`` and
-``mlflow models serve`` run it. Releases made before this (source ``release.json``) and a
+MLflow pyfunc model (:mod:`registry.serving`: the trunk's files and every head in one
+pack, ``heads.safetensors`` + ``heads.json``, checked against their recorded hashes, plus a
+manifest of their sha256), which is the version's ``source``, so
+``mlflow.pyfunc.load_model("models:/release@production")`` and ``mlflow models serve`` run
+it. ``release.json`` then also says where that pack is and its sha256: ``"pack": {"dir":
+"model/artifacts/bundle", "files": {"heads.json": ..., "heads.safetensors": ...}}``. A new
+release takes the heads it keeps from the pack of the release it replaces, and
+:func:`load_release` reads a release's heads from its pack: a constant number of requests
+whatever the head count (each head still checked against the hashes its version recorded). Releases made before this (source ``release.json``) and a
 bootstrap release with no heads have no model; :func:`read_release` reads every one.
 
 What the registry UI shows: a release version's description names why it was made, its
@@ -67,9 +72,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from heads.store import HeadArtifactError, LoadedHead
-from registry.serving.package import build_release_model
+from registry.serving.pack import PackSource
+from registry.serving.package import build_release_model, fetch_pack, release_pack
 from registry.serving.runtime import ServingError
-from registry.store.heads import head_versions, load_head_version, model_name
+from registry.store.heads import recorded_digests, head_versions, load_head_version, model_name
 from registry.store.lease import Lease, LeaseError, hold
 from registry.store.tracking import (
     RegistryError,
@@ -89,6 +95,8 @@ RELEASE_MODEL = "release"
 MANIFEST = "release.json"
 # The run artifact holding the release as an MLflow pyfunc model (registry.serving); the version's source.
 MODEL_ARTIFACT = "model"
+# release.json's key for where that model keeps its heads pack: {"dir": <run artifact path>, "files": {name: sha256}}.
+PACK = "pack"
 PRODUCTION = "production"
 CANDIDATE = "candidate"
 # Version tags: where production pointed before it moved to this release ("none" for the
@@ -125,6 +133,8 @@ class Release:
     note: str = ""
     # release.json as read (its per-head entries: version, tap, trunk_id); not part of equality.
     manifest: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    # The version's source (``<run>/model`` or ``<run>/release.json``); "" when not known.
+    source: str = field(default="", repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
         return {"version": self.version, "trunk_version": self.trunk_version, "trunk_id": self.trunk_id,
@@ -163,7 +173,7 @@ def read_release(client: MlflowClient, version: int) -> Release:
     return Release(version=int(mv.version), trunk_version=int(manifest["trunk"]["version"]),
                    trunk_id=manifest["trunk"]["trunk_id"],
                    heads={name: int(h["version"]) for name, h in manifest["heads"].items()},
-                   note=manifest.get("note", ""), manifest=manifest)
+                   note=manifest.get("note", ""), manifest=manifest, source=str(mv.source or ""))
 
 
 def _read_manifest(client: MlflowClient, mv: Any) -> dict[str, Any]:
@@ -216,6 +226,33 @@ def _alias_lock(client: MlflowClient, purpose: str) -> Iterator[Lease]:
 
 class ProductionMoved(ReleaseError):
     """The alias no longer points where the caller expected; nothing changed."""
+
+
+def _base_release(client: MlflowClient, version: int | None) -> Release | None:
+    """``release`` v<version> to build the next release on, or None (no version, or it cannot be read:
+    the next release is then built from its heads' own files)."""
+    if version is None:
+        return None
+    try:
+        return read_release(client, version)
+    except (MlflowException, OSError, KeyError, TypeError, ValueError) as e:
+        log.warning("release v%s cannot be read (%s); the new release is built from its heads' own files", version,
+                    str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return None
+
+
+def _pack_source(client: MlflowClient, release: Release) -> PackSource | None:
+    """Where ``release`` keeps its heads pack, as its ``release.json`` records it; None for a
+    release made before packs (its model holds each head's files) or one with no model."""
+    pack = release.manifest.get(PACK)
+    if not isinstance(pack, dict) or not isinstance(pack.get("dir"), str) or not isinstance(pack.get("files"), dict):
+        return None
+    source = release.source or str(client.get_model_version(RELEASE_MODEL, str(release.version)).source or "")
+    root, _, tail = source.rstrip("/").rpartition("/")
+    if tail != MODEL_ARTIFACT:
+        return None
+    return PackSource(uri=f"{root}/{pack['dir']}", files=dict(pack["files"]), heads=dict(release.heads),
+                      label=f"release v{release.version}")
 
 
 def _require_alias(client: MlflowClient, alias: str, expected: int | None) -> None:
@@ -396,7 +433,9 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
     A release with heads is also written as an MLflow pyfunc model (run artifact ``model/``,
     the version's source; :func:`registry.serving.build_release_model`), from the trunk's
     and heads' files checked against their recorded hashes; a file that fails the check
-    refuses the release (:class:`ReleaseError`).
+    refuses the release (:class:`ReleaseError`). Its heads are one pack; those ``before``
+    (the release the alias pointed at) holds in the same version are taken from its pack,
+    so a promotion downloads that pack and the promoted head's files, not every head's.
 
     If anything fails before the alias moves (the lease is lost, the store errs, a file
     fails its check), the version and its run are withdrawn: nothing is left behind.
@@ -415,20 +454,26 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
     run_id, mv = run.info.run_id, None
     try:
         with tempfile.TemporaryDirectory(prefix="release-") as tmp:
-            (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            client.log_artifact(run_id, str(Path(tmp) / MANIFEST))
             source = f"{run.info.artifact_uri}/{MANIFEST}"
             if manifest["heads"]:
-                # The release as an MLflow pyfunc model: trunk and heads copied in, verified.
+                # The release as an MLflow pyfunc model: trunk and heads copied in, verified;
+                # heads that ``before`` holds in the same version come from its pack.
                 # Copying the weights takes a while: start it on a full lease (VTP_PROMOTION_LEASE_S).
                 lease.check()
                 lease.renew()
+                model = Path(tmp) / MODEL_ARTIFACT
                 try:
-                    build_release_model(client, manifest, Path(tmp) / MODEL_ARTIFACT)
+                    build_release_model(client, manifest, model,
+                                        base=None if before is None else _pack_source(client, before))
+                    pack = release_pack(model)
                 except (ServingError, HeadArtifactError, RegistryError) as e:
                     raise ReleaseError(f"the release's pyfunc model cannot be built: {e}") from None
-                client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
+                manifest = {**manifest, PACK: {"dir": f"{MODEL_ARTIFACT}/{pack['dir']}", "files": pack["files"]}}
                 source = f"{run.info.artifact_uri}/{MODEL_ARTIFACT}"
+            (Path(tmp) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            client.log_artifact(run_id, str(Path(tmp) / MANIFEST))
+            if manifest["heads"]:
+                client.log_artifacts(run_id, str(Path(tmp) / MODEL_ARTIFACT), MODEL_ARTIFACT)
         mv = client.create_model_version(RELEASE_MODEL, source=source, run_id=run_id,
                                          tags={**version_tags, **contents_tags(manifest)},
                                          description=release_description(manifest, note))
@@ -446,7 +491,8 @@ def _make_release(client: MlflowClient, lease: Lease, manifest: dict[str, Any], 
         raise
     client.set_terminated(run_id, "FINISHED")
     made = Release(version=int(mv.version), trunk_version=trunk_version, trunk_id=tags["trunk_id"],
-                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note, manifest=manifest)
+                   heads={n: h["version"] for n, h in manifest["heads"].items()}, note=note, manifest=manifest,
+                   source=source)
     client_cache(client, "release_manifests")[run_id] = manifest
     if alias == PRODUCTION:
         # ``before`` is release v<expected>, read under the lock: no second read of it.
@@ -493,8 +539,11 @@ def create_release(client: MlflowClient, trunk_version: int, heads: Mapping[str,
     _require_alias(client, alias, expected_production)
     with _alias_lock(client, f"create release ({note or alias})") as lease:
         _require_alias(client, alias, expected_production)
+        # What the alias points at now: its pack holds the heads this release keeps (and,
+        # for production, it is what mark_serving compares against).
+        before = _base_release(client, expected_production) if manifest["heads"] or alias == PRODUCTION else None
         return _make_release(client, lease, manifest, expected=expected_production, note=note, alias=alias,
-                             extra=extra)
+                             extra=extra, before=before)
 
 
 def promote_head(client: MlflowClient, name: str, version: int, *, started_from: Release | None = None) -> Release:
@@ -814,8 +863,11 @@ def load_release(client: MlflowClient, release: Release, *,
                  allow_unverified: bool = False) -> tuple[Trunk, dict[str, LoadedHead]]:
     """The trunk and every head of a release, ready to run.
 
-    Every head is checked against the content hashes recorded when it was registered
-    (see :func:`registry.store.heads.load_head_version`).
+    The heads are read from the release model's pack (two downloads, whatever the head
+    count; a release made before packs reads each head version's own files), and every
+    head is checked against the content hashes recorded when its version was registered
+    (read in one search per 100 heads), as :func:`registry.store.heads.load_head_version`
+    checks them.
 
     Args:
         client: from :func:`registry.store.tracking.connect`.
@@ -826,15 +878,40 @@ def load_release(client: MlflowClient, release: Release, *,
     Raises:
         ReleaseError: a loaded head's trunk_id differs from the loaded trunk's.
         HeadArtifactError: a head's files do not match their recorded hashes, have none
-            (unless allowed), or are not what the platform writes; one line naming the
-            head and version.
+            (unless allowed), or are not what the platform writes, or the release's pack
+            does not match the sha256 in its ``release.json``; one line naming the head
+            and version (or the release and the file).
     """
     trunk = load_trunk(client, release.trunk_version)
+    pack = _pack_source(client, release)
+    if pack is None:
+        heads = {name: load_head_version(client, name, version, allow_unverified=allow_unverified)
+                 for name, version in sorted(release.heads.items())}
+    else:
+        heads = _packed_heads(client, release, pack, allow_unverified)
+    for name, head in heads.items():
+        if head.meta.get("trunk_id") != trunk.trunk_id:
+            raise ReleaseError(f"{model_name(name)} v{release.heads[name]} was trained on trunk_id "
+                               f"{head.meta.get('trunk_id')} but release v{release.version}'s trunk is {trunk.trunk_id}")
+    return trunk, heads
+
+
+def _packed_heads(client: MlflowClient, release: Release, pack: PackSource,
+                  allow_unverified: bool) -> dict[str, LoadedHead]:
+    """Every head of ``release`` from its pack, each checked against its version's recorded hashes."""
+    versions = head_versions(client, release.heads)
+    with tempfile.TemporaryDirectory(prefix="release-pack-") as tmp:
+        try:
+            packed = fetch_pack(client, pack, tmp)
+        except ServingError as e:
+            raise HeadArtifactError(str(e)) from None
     heads: dict[str, LoadedHead] = {}
     for name, version in sorted(release.heads.items()):
-        head = load_head_version(client, name, version, allow_unverified=allow_unverified)
-        if head.meta.get("trunk_id") != trunk.trunk_id:
-            raise ReleaseError(f"{model_name(name)} v{version} was trained on trunk_id {head.meta.get('trunk_id')} "
-                               f"but release v{release.version}'s trunk is {trunk.trunk_id}")
-        heads[name] = head
-    return trunk, heads
+        label = f"{model_name(name)} v{version}"
+        expected = recorded_digests(versions[name], label, allow_unverified)
+        p = packed.get(name)
+        if p is None or p.version != version:
+            raise HeadArtifactError(f"{label}: not in release v{release.version}'s pack, which its release.json "
+                                    f"lists (tampered or corrupt)")
+        heads[name] = p.load(expected=expected, label=label)
+    return heads

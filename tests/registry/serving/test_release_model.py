@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ from PIL import Image
 from heads.store import DIGEST_KEYS, HeadArtifactError, load_head
 from registry.jobs.classify import classify_job
 from registry.serving import ServingError, check_no_pickle, load_head_model, load_release, write_head_model
+from registry.serving.pack import PACK_FILES, read_pack, write_pack
 from registry.store.heads import get_head_version, register_head
 from registry.store.releases import (
     MODEL_ARTIFACT,
@@ -34,6 +36,7 @@ from registry.store.releases import (
 )
 from registry.store.trunks import register_trunk
 from tests.mlflow_server import free_port, stop_group, wait_healthy
+from trunk.files import write_json_atomic
 from trunk.preprocess import eval_transform
 
 COLOURS = ("red", "green", "blue")
@@ -157,21 +160,41 @@ def test_release_model_folder_holds_no_pickle_and_refuses_a_tampered_file(client
     check_no_pickle(folder)
     names = {p.name for p in folder.rglob("*") if p.is_file()}
     assert not [n for n in names if n.endswith((".pkl", ".pickle"))]
-    assert {"MLmodel", "model.py", "serving.json", "trunk.safetensors", "head.safetensors"} <= names
+    # Every head is in one pack (heads.safetensors + heads.json), not a folder per head.
+    assert {"MLmodel", "model.py", "serving.json", "trunk.safetensors", "heads.safetensors", "heads.json"} <= names
+    assert "head.safetensors" not in names and "head.json" not in names
     assert "python_model" not in (folder / "MLmodel").read_text()
 
-    weights = next(folder.rglob("heads/colour/head.safetensors"))
+    weights = next(folder.rglob("heads.safetensors"))
     blob = bytearray(weights.read_bytes())
     blob[-1] ^= 0xFF
     weights.write_bytes(bytes(blob))
+    with pytest.raises(ServingError, match=r"heads\.safetensors does not match the sha256 in serving\.json"):
+        mlflow.pyfunc.load_model(str(folder))
+    weights.write_bytes(bytes(blob[:-1]) + bytes([blob[-1] ^ 0xFF]))  # restored: it loads again
+    mlflow.pyfunc.load_model(str(folder))
+
+    # A pack rewritten together with serving.json's record of it: each head's own recorded hash refuses it.
+    serving_path = weights.parent / "serving.json"
+    serving = json.loads(serving_path.read_text())
+    original = {f: (weights.parent / f).read_bytes() for f in PACK_FILES}
+    heads = read_pack(weights.parent, expected=serving["pack"])
+    assert sorted(heads) == ["colour", "shape"] and heads["colour"].version == 1
+    assert heads["colour"].digests() == {k: client.get_model_version("head.colour", "1").tags[k] for k in DIGEST_KEYS}
+    colour = heads["colour"]
+    swapped = dataclasses.replace(colour, weights=colour.weights[:-1] + bytes([colour.weights[-1] ^ 0xFF]))
+    write_json_atomic(serving_path, {**serving, "pack": write_pack(weights.parent, {**heads, "colour": swapped})},
+                      sort_keys=True)
     with pytest.raises(HeadArtifactError) as err:
         mlflow.pyfunc.load_model(str(folder))
     message = str(err.value)
     assert "\n" not in message and "head.colour v1" in message and "head.safetensors" in message
     assert "tampered" in message
 
-    weights.write_bytes(bytes(blob[:-1]) + bytes([blob[-1] ^ 0xFF]))  # restored: it loads again
-    mlflow.pyfunc.load_model(str(folder))
+    for f, data in original.items():
+        (weights.parent / f).write_bytes(data)
+    write_json_atomic(serving_path, serving, sort_keys=True)
+    mlflow.pyfunc.load_model(str(folder))  # restored: it loads again
     trunk_weights = next(folder.rglob("trunk/trunk.safetensors"))
     trunk_weights.write_bytes(trunk_weights.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ServingError, match=r"trunk\.safetensors does not match the sha256 in serving\.json"):
@@ -243,3 +266,27 @@ def test_a_head_whose_files_fail_their_hash_refuses_the_release_and_leaves_nothi
                        note="again")
     assert production_version(client) == release.version
     assert {mv.version for mv in client.search_model_versions(f"name='{RELEASE_MODEL}'")} == versions
+
+
+def test_a_release_model_written_before_packs_still_loads_and_predicts_the_same(client, production, tmp_path):
+    paths, release, _ = production
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{RELEASE_MODEL}/{release.version}",
+                                                      dst_path=str(tmp_path / "dl")))
+    frame = pd.DataFrame({"path": [str(p) for p in paths]})
+    want = mlflow.pyfunc.load_model(str(folder), model_config=CONFIG).predict(frame)
+    # The layout releases had before packs: serving.json format 1, each head's two files under heads/<name>/.
+    bundle = next(folder.rglob("serving.json")).parent
+    serving = json.loads((bundle / "serving.json").read_text())
+    heads = read_pack(bundle, expected=serving.pop("pack"))
+    for name, head in heads.items():
+        (bundle / "heads" / name).mkdir(parents=True)
+        (bundle / "heads" / name / "head.safetensors").write_bytes(head.weights)
+        (bundle / "heads" / name / "head.json").write_bytes(head.spec)
+        serving["heads"][name]["dir"] = f"heads/{name}"
+    for f in PACK_FILES:
+        (bundle / f).unlink()
+    write_json_atomic(bundle / "serving.json", {**serving, "format": 1}, sort_keys=True)
+    assert_same_rows(mlflow.pyfunc.load_model(str(folder), model_config=CONFIG).predict(frame), want)
+    (bundle / "heads" / "shape" / "head.json").write_text(heads["shape"].spec.decode().replace("circle", "CIRCLE"))
+    with pytest.raises(HeadArtifactError, match=r"head\.shape v1 .*head\.json does not match the sha256"):
+        mlflow.pyfunc.load_model(str(folder))

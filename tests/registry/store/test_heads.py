@@ -165,7 +165,7 @@ def test_tampered_files_in_the_store_are_refused(client, trunk_a, make_result, t
                             "(tampered or corrupt)")
 
 
-def test_load_release_refuses_a_tampered_head(client, trunk_a, make_result):
+def test_a_release_loads_its_own_copy_and_a_tampered_head_version_is_refused(client, trunk_a, make_result):
     tv = register_trunk(client, trunk_a)
     register_head(client, make_result(trunk_a, "colour"), trunk_version=tv)
     register_head(client, make_result(trunk_a, "shape"), trunk_version=tv)
@@ -175,8 +175,12 @@ def test_load_release_refuses_a_tampered_head(client, trunk_a, make_result):
     spec = json.loads((stored / "head.json").read_text())
     spec["classes"] = spec["classes"][::-1]
     (stored / "head.json").write_text(json.dumps(spec))
+    # The release carries its own checked copy of its heads (its pack): the version's files,
+    # changed later, are not what it loads...
+    assert load_release(client, release)[1]["shape"].classes == list(reversed(spec["classes"]))
+    # ...while the version itself is refused.
     with pytest.raises(HeadArtifactError, match=r"^head.shape v1: head.json does not match the sha256"):
-        load_release(client, release)
+        load_head_version(client, "shape", 1)
 
 
 class _Bomb:

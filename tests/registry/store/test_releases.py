@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
+from heads.store import HeadArtifactError
+from registry.serving.pack import PACK_FILES, PACK_INDEX, read_pack, write_pack
 from registry.store.heads import register_head
 from registry.store.releases import (
     ReleaseError, bootstrap_release, create_release, find_releases_by_tag, get_release, load_release, move_alias,
@@ -374,3 +380,65 @@ def test_long_head_lists_are_cut_below_mlflow_limits():
     assert len(description) < 5000 and len(tags["heads"]) < 5000 and tags["head_count"] == "400"
     assert description.splitlines()[-1].startswith("400 heads: head_000 v12 (pooled), head_001 v12")
     assert "more (release.json lists them all)" in description and "more (release.json" in tags["heads"]
+
+
+def run_dir(client, model: str, version: int) -> Path:
+    """The artifact store's own copy of a model version's run artifacts (the local store is a folder)."""
+    uri = client.get_run(client.get_model_version(model, str(version)).run_id).info.artifact_uri
+    return Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else Path(uri)
+
+
+def test_load_release_reads_the_heads_pack_and_refuses_a_tampered_one(client, registered):
+    ta, _ = registered
+    release = create_release(client, ta, {"colour": 1, "shape": 1}, expected_production=None, alias="candidate")
+    pack = release.manifest["pack"]
+    folder = run_dir(client, "release", release.version)
+    assert json.loads((folder / "release.json").read_text())["pack"] == pack
+    assert pack["dir"].startswith("model/") and {f: pack["files"][f] for f in PACK_FILES} == pack["files"]
+    stored = read_pack(folder / pack["dir"], expected=pack["files"], recorded_in="release.json")
+    assert {n: h.version for n, h in stored.items()} == {"colour": 1, "shape": 1}
+    for name, head in stored.items():  # byte for byte the files the version registered, by the registry's hashes
+        tags = client.get_model_version(f"head.{name}", "1").tags
+        assert head.digests() == {k: tags[k] for k in ("weights_sha256", "spec_sha256")}
+    _, heads = load_release(client, release)
+    assert heads["shape"].classes == ["circle", "square"]
+
+    # The pack's heads.json rewritten: refused against the sha256 release.json records.
+    spec = json.loads(stored["shape"].spec)
+    spec["classes"] = spec["classes"][::-1]
+    swapped = {**stored, "shape": dataclasses.replace(stored["shape"], spec=json.dumps(spec).encode())}
+    files = write_pack(folder / pack["dir"], swapped)
+    assert files[PACK_INDEX] != pack["files"][PACK_INDEX]
+    fresh = MlflowClient(client.tracking_uri)  # release.json is kept per client: read it again
+    with pytest.raises(HeadArtifactError, match=r"^release v1 pack: heads\.json does not match the sha256 in "
+                                                r"release\.json \(tampered or corrupt\)$"):
+        load_release(fresh, read_release(fresh, release.version))
+    # ... and with release.json rewritten to match: the head's own hash recorded at registration refuses it.
+    manifest = json.loads((folder / "release.json").read_text())
+    (folder / "release.json").write_text(json.dumps({**manifest, "pack": {**pack, "files": files}}))
+    fresh = MlflowClient(client.tracking_uri)
+    with pytest.raises(HeadArtifactError, match=r"^head\.shape v1: head\.json does not match the sha256 recorded"):
+        load_release(fresh, read_release(fresh, release.version))
+
+
+def test_a_promotion_takes_unchanged_heads_from_the_production_pack(client, registered, trunk_a, make_result):
+    ta, _ = registered
+    bootstrap_release(client, ta)
+    promote_head(client, "colour", 1)
+    promote_head(client, "shape", 1)
+    v2 = register_head(client, make_result(trunk_a, "shape", classes=("circle", "square"), seed=3), trunk_version=ta)
+    # A fresh client has checked no file yet: what it does not download comes from production's pack.
+    fresh = MlflowClient(client.tracking_uri)
+    # The version's own stored files for colour are gone: a promotion of shape must not need them.
+    colour_files = run_dir(client, "head.colour", 1) / "head"
+    saved = {p.name: p.read_bytes() for p in colour_files.iterdir() if p.is_file()}
+    for name in ("head.json", "head.safetensors"):
+        (colour_files / name).unlink()
+    try:
+        release = promote_head(fresh, "shape", v2)
+    finally:
+        for name, data in saved.items():
+            (colour_files / name).write_bytes(data)
+    assert release.heads == {"colour": 1, "shape": v2}
+    _, heads = load_release(MlflowClient(client.tracking_uri), get_release(client))
+    assert sorted(heads) == ["colour", "shape"]
