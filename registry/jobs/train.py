@@ -31,7 +31,6 @@ from registry.jobs.extract import extract_job
 from registry.store.heads import (
     epoch_curve_logger,
     head_run,
-    load_head_version,
     log_head_datasets,
     register_head,
 )
@@ -40,6 +39,7 @@ from registry.store.releases import (
     Release,
     ReleaseError,
     get_release,
+    load_release_heads,
     promote_head,
 )
 from registry.store.trunks import (
@@ -339,7 +339,8 @@ def measure_in_release(client: MlflowClient, trunk: Trunk, trunk_version: int, r
     heads: dict[str, LoadedHead] = {}
     release = get_release(client, PRODUCTION)
     if release is not None and release.trunk_version == trunk_version:
-        heads = {n: load_head_version(client, n, v) for n, v in release.heads.items() if n != result.name}
+        # The release's own pack: constant tracking requests however many heads it holds.
+        heads = {n: h for n, h in load_release_heads(client, release).items() if n != result.name}
     heads[result.name] = LoadedHead(result.module, result.meta())
     batch = next(iter_decoded(list(paths)[:n_images], eval_transform(trunk.data_config), batch_size=n_images))
     trunk.to(device)

@@ -883,17 +883,25 @@ def load_release(client: MlflowClient, release: Release, *,
             and version (or the release and the file).
     """
     trunk = load_trunk(client, release.trunk_version)
-    pack = _pack_source(client, release)
-    if pack is None:
-        heads = {name: load_head_version(client, name, version, allow_unverified=allow_unverified)
-                 for name, version in sorted(release.heads.items())}
-    else:
-        heads = _packed_heads(client, release, pack, allow_unverified)
+    heads = load_release_heads(client, release, allow_unverified=allow_unverified)
     for name, head in heads.items():
         if head.meta.get("trunk_id") != trunk.trunk_id:
             raise ReleaseError(f"{model_name(name)} v{release.heads[name]} was trained on trunk_id "
                                f"{head.meta.get('trunk_id')} but release v{release.version}'s trunk is {trunk.trunk_id}")
     return trunk, heads
+
+
+def load_release_heads(client: MlflowClient, release: Release, *,
+                       allow_unverified: bool = False) -> dict[str, LoadedHead]:
+    """Every head of a release, without its trunk: from its pack (constant requests), each hash-checked.
+
+    What :func:`load_release` reads for the heads; see there for the checks and errors.
+    """
+    pack = _pack_source(client, release)
+    if pack is None:
+        return {name: load_head_version(client, name, version, allow_unverified=allow_unverified)
+                for name, version in sorted(release.heads.items())}
+    return _packed_heads(client, release, pack, allow_unverified)
 
 
 def _packed_heads(client: MlflowClient, release: Release, pack: PackSource,
