@@ -1,8 +1,8 @@
-"""A real ``mlflow server`` for the registry benchmarks: on 127.0.0.1, in its own process group, stopped as one.
+"""A real ``mlflow server`` for the registry benchmarks and tests: on 127.0.0.1, in its own process group, stopped as one.
 
-The benchmarks' own copy of what ``tests/mlflow_server.py`` does for the tests (benchmarks
-do not import tests): a migrated SQLite database is made first (a faster start), the server
-runs with one worker, and the whole process group is killed at the end.
+A migrated SQLite database is made first (a faster start), the server runs with one worker
+by default, and the whole process group is killed at the end. ``tests/mlflow_server.py``
+wraps the same functions for the tests (benchmarks do not import tests).
 """
 
 from __future__ import annotations
@@ -45,7 +45,26 @@ def _migrate(db: Path) -> None:
     MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments()
 
 
-def _stop(proc: subprocess.Popen) -> None:
+def wait_healthy(url: str, proc: subprocess.Popen, log, *, path: str = "/health", what: str = "mlflow server",
+                 timeout_s: float = STARTUP_S) -> None:
+    """Return once ``url + path`` answers 200; :class:`ServerError` with the log's end if the server exits or never does."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            log.seek(0)
+            raise ServerError(f"{what} at {url} exited with {proc.returncode}:\n"
+                              f"{log.read().decode(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise ServerError(f"{what} at {url} not answering {path} after {timeout_s}s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM a server's process group, SIGKILL what outlives it (workers included)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
@@ -59,6 +78,29 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def serve_store(root: str | Path, *, workers: int = 1, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Serve ``root/mlflow.db`` (artifacts in ``root/artifacts``, log ``root/server.log``); yield its URL.
+
+    Args:
+        env: the server's environment (None: this process's).
+    """
+    root = Path(root)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with open(root / "server.log", "w+b") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+             "--workers", str(int(workers))],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root, env=env)
+        try:
+            wait_healthy(url, proc, log)
+            yield url
+        finally:
+            stop_group(proc)
+
+
+@contextlib.contextmanager
 def mlflow_server(root: str | Path, *, workers: int = 1) -> Iterator[str]:
     """Serve a fresh store from ``root`` (database, artifacts, ``server.log``); yield its URL."""
     from registry.store.tracking import quiet_libraries
@@ -67,27 +109,5 @@ def mlflow_server(root: str | Path, *, workers: int = 1) -> Iterator[str]:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _migrate(root / "mlflow.db")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with open(root / "server.log", "w+b") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-             "--workers", str(int(workers))],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=root, env=server_env())
-        try:
-            deadline = time.monotonic() + STARTUP_S
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise ServerError(f"mlflow server at {url} did not start (exit {proc.poll()}):\n"
-                                      f"{log.read().decode(errors='replace')[-2000:]}")
-                try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    time.sleep(0.3)
-            yield url
-        finally:
-            _stop(proc)
+    with serve_store(root, workers=workers, env=server_env()) as url:
+        yield url
