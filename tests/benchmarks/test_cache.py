@@ -6,10 +6,11 @@ from benchmarks.cache import format_cache_table, run_cache_benchmark, run_hash_b
 
 
 def test_cache_benchmark_reports_each_size(tmp_path):
-    report = run_cache_benchmark(rows=(300, 600), dim=32, epochs=1, batch_size=64, classes=3, threads=1,
+    # One size: each runs in its own process (a torch import), and the sizes only repeat the path.
+    report = run_cache_benchmark(rows=(600,), dim=32, epochs=1, batch_size=64, classes=3, threads=1,
                                  workdir=tmp_path)
     assert (report["dim"], report["dtype"], report["epochs"]) == (32, "float16", 1)
-    assert [r["rows"] for r in report["results"]] == [300, 600]
+    assert [r["rows"] for r in report["results"]] == [600]
     for r in report["results"]:
         assert r["peak_rss_mb"] > 0 and r["rows_per_s"] > 0 and 0.0 <= r["val_accuracy"] <= 1.0
         assert r["disk_mb"] > 0

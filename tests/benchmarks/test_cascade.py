@@ -16,28 +16,26 @@ def _clean_env(monkeypatch):
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
 
 
-def test_serial_and_pool_runs_each_train_every_head_on_a_fresh_candidate(tmp_path, one_thread):
-    result = run_cascade_benchmark(3, (1, 2), root=tmp_path / "ws", n_images=60, image_size=32, head_epochs=1,
-                                   mlp_every=2, branch_every=3, progress=False)
-    assert result["settings"]["n_heads"] == 3 and result["cores"] >= 1
+def test_each_run_trains_every_head_on_a_fresh_candidate(tmp_path):
+    # Serial runs only: a pool's outcomes equal serial's (tests/registry/jobs/test_cascade.py);
+    # here the benchmark's own bookkeeping is what is checked.
+    result = run_cascade_benchmark(2, (1, 1), root=tmp_path / "ws", n_images=60, image_size=32, head_epochs=1,
+                                   mlp_every=2, branch_every=0, progress=False)
+    assert result["settings"]["n_heads"] == 2 and result["cores"] >= 1
     n = result["heads_in_release"]
-    assert 1 <= n <= 3
-    serial, pool = result["runs"]
-    assert (serial["workers"], serial["backend"], serial["threads"]) == (1, "serial", None)
-    assert (pool["workers"], pool["backend"]) == (2, "process") and pool["threads"] >= 1
+    assert 1 <= n <= 2
+    first, second = result["runs"]
+    assert (first["workers"], first["backend"], first["threads"]) == (1, "serial", None)
     for run in result["runs"]:
         # Nothing reused: each run's candidate is a new trunk, so every head is trained for it.
         assert (run["heads"], run["trained"], run["reused"], run["failed"]) == (n, n, 0, 0)
         assert math.isfinite(run["seconds"]) and run["seconds"] > 0
         assert run["seconds_per_head"] == pytest.approx(run["seconds"] / n)
-    assert serial["candidate_version"] != pool["candidate_version"]
-    assert set(result["speedup"]) == {2}
-    assert result["speedup"][2] == pytest.approx(serial["seconds"] / pool["seconds"])
+    assert first["candidate_version"] != second["candidate_version"]
     json.dumps(result)  # tools.bench writes it as JSON
     table = format_cascade_table(result).splitlines()
     assert table[0].startswith(f"cascade over {n} heads")
-    assert table[2].split()[0] == "serial" and table[3].split()[:2] == ["process", "x2"]
-    assert table[3].split()[-1] == f"{result['speedup'][2]:.2f}x"
+    assert table[2].split()[0] == "serial"
 
 
 def test_bad_settings_are_one_line_errors_before_any_work(tmp_path):
