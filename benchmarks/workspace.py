@@ -226,19 +226,21 @@ def build_workspace(root: str | Path, n_heads: int, *, mlp_every: int = 10, bran
     if trunk_epochs <= 0:
         quiet.setLevel(logging.ERROR)
     bar = tqdm(specs, desc="heads", unit="head", disable=not progress, file=sys.stderr)
-    for spec in bar:
-        if spec.name in versions:
-            mv = client.get_model_version(f"head.{spec.name}", str(versions[spec.name]))
-            if mv.tags.get("gate") == "passed":
-                passed[spec.name] = versions[spec.name]
-            continue
-        job = train_head_job(client, spec, workspace=ws, trunk_version=tv, batch_size=256, num_workers=0,
-                             device=device, progress=False, promote=False)
-        trained += 1
-        if job.gate.passed:
-            passed[spec.name] = job.version
-        bar.set_postfix_str(f"{spec.name} val_accuracy {job.result.metrics['val_accuracy']:.3f}")
-    quiet.setLevel(level)
+    try:
+        for spec in bar:
+            if spec.name in versions:
+                mv = client.get_model_version(f"head.{spec.name}", str(versions[spec.name]))
+                if mv.tags.get("gate") == "passed":
+                    passed[spec.name] = versions[spec.name]
+                continue
+            job = train_head_job(client, spec, workspace=ws, trunk_version=tv, batch_size=256, num_workers=0,
+                                 device=device, progress=False, promote=False)
+            trained += 1
+            if job.gate.passed:
+                passed[spec.name] = job.version
+            bar.set_postfix_str(f"{spec.name} val_accuracy {job.result.metrics['val_accuracy']:.3f}")
+    finally:
+        quiet.setLevel(level)
     seconds["heads"] = time.perf_counter() - t
     seconds["per_head"] = seconds["heads"] / trained if trained else 0.0
     seconds["heads_trained"] = float(trained)
