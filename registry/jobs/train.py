@@ -277,6 +277,10 @@ def head_reference_for(result: HeadResult, train_stats: FeatureStats | None, sou
     return ref
 
 
+# trunk_ids whose missing training-image record was already said in this process.
+_SAID_NO_RECORD: set[str] = set()
+
+
 def check_val_overlap(result: HeadResult, trained_on: SeenImages | None, trunk_version: int,
                       val_shas: Sequence[str]) -> None:
     """Record how many of a head's validation images its trunk trained on, and accuracy on the rest.
@@ -295,8 +299,11 @@ def check_val_overlap(result: HeadResult, trained_on: SeenImages | None, trunk_v
     """
     if trained_on is None:
         result.tags[TRUNK_TRAINED_ON_TAG] = UNKNOWN
-        log.warning("head.%s: trunk v%s has no record of the images it trained on, so whether its validation "
-                    "images were among them is unknown", result.name, trunk_version)
+        if result.trunk_id not in _SAID_NO_RECORD:  # once per trunk and process: a cascade trains hundreds of heads
+            _SAID_NO_RECORD.add(result.trunk_id)
+            log.warning("head.%s: trunk v%s has no record of the images it trained on, so whether its validation "
+                        "images were among them is unknown (every head trained on it is tagged %s=%s; said once "
+                        "per trunk)", result.name, trunk_version, TRUNK_TRAINED_ON_TAG, UNKNOWN)
         return
     result.tags[TRUNK_TRAINED_ON_TAG] = trained_on.digest
     figures = seen_split_metrics(result.val_predictions, result.val_labels, result.classes,
