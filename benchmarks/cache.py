@@ -29,6 +29,7 @@ import json, resource, sys, time
 import torch
 import torch.nn.functional as F
 from heads.training.train import TrainSettings, train_on_features
+from safetensors.torch import load_file
 from trunk.cache import FeatureCache
 a = json.loads(sys.argv[1])
 if a["threads"]:
@@ -36,7 +37,7 @@ if a["threads"]:
 cache = FeatureCache(a["root"], "bench", "pooled", "p", dtype=a["dtype"])
 started = time.perf_counter()
 shas = [line for line in open(a["shas"]).read().split()]
-labels = torch.load(a["labels"])
+labels = load_file(a["labels"])["labels"]  # safetensors: nothing is unpickled
 n_val = a["val_rows"]
 train_x, val_x = cache.rows(shas[n_val:]), cache.rows(shas[:n_val])
 train_y, val_y = labels[n_val:], labels[:n_val]
@@ -102,7 +103,7 @@ def run_cache_benchmark(rows: tuple[int, ...] = (100_000, 1_000_000), dim: int =
         ``{"dim", "dtype", "epochs", "batch_size", "results": [{rows, disk_mb, write_seconds,
         peak_rss_mb, train_seconds, rows_per_s, index_seconds, val_accuracy}]}``.
     """
-    import torch
+    from safetensors.torch import save_file
 
     base = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="cache-bench-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -118,10 +119,10 @@ def run_cache_benchmark(rows: tuple[int, ...] = (100_000, 1_000_000), dim: int =
             shas, labels = write_synthetic_cache(root, n, dim, classes, dtype=dtype)
             written = time.perf_counter() - started
             (root / "shas.txt").write_text("\n".join(shas))
-            torch.save(labels, root / "labels.pt")
+            save_file({"labels": labels.contiguous()}, root / "labels.safetensors")
             disk = sum(p.stat().st_size for p in root.rglob("shard-*"))
             del shas, labels
-            args = {"root": str(root), "shas": str(root / "shas.txt"), "labels": str(root / "labels.pt"),
+            args = {"root": str(root), "shas": str(root / "shas.txt"), "labels": str(root / "labels.safetensors"),
                     "dim": dim, "classes": classes, "epochs": epochs, "batch_size": batch_size, "dtype": dtype,
                     "val_rows": max(1, int(n * val_fraction)), "threads": threads}
             out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(args)], capture_output=True, text=True,
