@@ -13,7 +13,7 @@ still goes to the server. Counted per operation:
 - ``report``: :func:`registry.reports.report.log_report`, and its parts ``production_table``
   and ``head_dependencies``;
 - ``resolve_head``: the production version of one head
-  (:func:`registry.store.releases.production_head_version`).
+  (``get_release(client).heads[name]``, as the tools resolve it).
 
 Requests are split into ``api`` (registry and tracking REST calls) and ``artifacts``
 (``mlflow-artifacts`` downloads, uploads and listings). A count independent of ``n`` is
@@ -183,7 +183,7 @@ def count_operations(url: str, workspace: str | Path, world: Mapping[str, Any]) 
     """
     from registry.reports.report import head_dependencies, log_report, production_table
     from registry.serving import load_release
-    from registry.store.releases import get_release, production_head_version, promote_head
+    from registry.store.releases import get_release, promote_head
     from registry.store.releases import load_release as load_release_components
     from registry.store.tracking import connect
 
@@ -198,7 +198,7 @@ def count_operations(url: str, workspace: str | Path, world: Mapping[str, Any]) 
         "report": lambda c: log_report(c, workspace),
         "production_table": lambda c: production_table(c),
         "head_dependencies": lambda c: head_dependencies(c),
-        "resolve_head": lambda c: production_head_version(c, first),
+        "resolve_head": lambda c: get_release(c).heads.get(first),
     }
     out: dict[str, dict[str, Any]] = {}
     for name, op in ops.items():

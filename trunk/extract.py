@@ -138,8 +138,8 @@ class _Plan:
         path = self.names[i]
         if self.hashes is not None:
             try:
-                sha = self.hashes.lookup(path)
-                st = os.stat(path)
+                st = os.stat(path)  # before any read: a change after it is seen next time
+                sha = self.hashes.lookup(path, st)
             except OSError:
                 sha = st = None  # read_bytes below says why, in the platform's words
             if sha is not None:

@@ -129,12 +129,13 @@ class ContentHashes:
         folder, name = os.path.split(os.path.realpath(path))
         return folder, name
 
-    def lookup(self, path: str | Path) -> str | None:
+    def lookup(self, path: str | Path, st: os.stat_result | None = None) -> str | None:
         """The file's hash if the index holds it for its current size and mtime, else None (nothing read).
 
+        ``st``: the file's stat, when the caller took it already (one ``os.stat`` per file).
         Always None with ``verify``. Raises ``OSError`` (e.g. ``FileNotFoundError``) from ``os.stat``.
         """
-        st = os.stat(path)
+        st = os.stat(path) if st is None else st
         if self.verify:
             return None
         folder, name = self._key(path)

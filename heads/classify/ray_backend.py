@@ -114,7 +114,7 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _connect(address: str | None) -> bool:
+def connect_ray(address: str | None) -> bool:
     """Join or start Ray; True when this call started it (and so should shut it down)."""
     import ray
 
@@ -224,7 +224,7 @@ def ray_batches(trunk, bank: HeadBank, names: Sequence[str] | None, jobs: Iterab
     gpus = opts["gpus_per_actor"]
     if gpus is None:
         gpus = 1 if device.type == "cuda" else 0
-    started = _connect(opts["address"])
+    started = connect_ray(opts["address"])
     try:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ctx = ray.data.DataContext.get_current()

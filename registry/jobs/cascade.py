@@ -609,9 +609,9 @@ def _run_process_pool(tasks: list[HeadTask], workers: int, done: Callable[[HeadO
 def _run_ray(tasks: list[HeadTask], parallel: Parallel, in_flight: int, done: Callable[[HeadOutcome], None]) -> None:
     import ray
 
-    from heads.classify.ray_backend import _connect
+    from heads.classify.ray_backend import connect_ray
 
-    started = _connect(parallel.address)
+    started = connect_ray(parallel.address)
     try:
         remote = ray.remote(retrain_head)
         queue, pending = list(tasks), []

@@ -204,12 +204,6 @@ def get_release(client: MlflowClient, alias: str = PRODUCTION) -> Release | None
     return None if version is None else read_release(client, version)
 
 
-def production_head_version(client: MlflowClient, name: str) -> int | None:
-    """The version of ``head.<name>`` that release@production serves, or None (not in it, or no production)."""
-    release = get_release(client, PRODUCTION)
-    return None if release is None else release.heads.get(name)
-
-
 @contextlib.contextmanager
 def _alias_lock(client: MlflowClient, purpose: str) -> Iterator[Lease]:
     """Hold the promotion lock (:func:`registry.store.lease.hold`); mark what dead holders left behind."""
