@@ -126,6 +126,13 @@ class TrainTrunkConfig(TrackedConfig):
     train: TrainSettings = field(default_factory=TrainSettings)
     adopt: bool = True
     retrain: bool = False
+    # Under torchrun: how long a rank waits in a collective for its peers before the job fails.
+    distributed_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"field 'distributed_timeout_s': must be positive, got {self.distributed_timeout_s}")
 
 
 @dataclass

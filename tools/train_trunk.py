@@ -2,6 +2,12 @@
 
     python -m tools.train_trunk tasks=[shape,colour] train.epochs=10
     python -m tools.train_trunk tasks=[shape] trunk=local_weights trunk.model_name=resnet18 trunk.weights=/w.safetensors
+
+Data-parallel: the same command under torchrun, one process per GPU (NCCL) or per group of
+CPU cores (gloo); the launcher decides how many. Rank 0 registers and prints; the trunk is
+the one a single process trains, up to float summation order (trunk.distributed).
+
+    torchrun --nproc_per_node=2 -m tools.train_trunk tasks=[shape,colour] device=cpu
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from tools.common import build_trunk, client, device, named_head, num_workers, tool, workspace
+from trunk import distributed
 
 
 @tool("train_trunk")
@@ -18,11 +25,16 @@ def main(cfg) -> None:
     ws = workspace(cfg)
     specs = [named_head(name, ws) for name in cfg.tasks]
     t = cfg.train
-    job = train_trunk_job(client(cfg, ws), build_trunk(cfg.trunk), specs, workspace=ws, epochs=t.epochs,
-                          batch_size=t.batch_size, lr=t.lr, weight_decay=t.weight_decay,
-                          augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), seed=t.seed,
-                          device=device(cfg), num_workers=num_workers(cfg), progress=cfg.progress, adopt=cfg.adopt,
-                          retrain=cfg.retrain)
+    with distributed.launched(device(cfg), timeout_s=cfg.distributed_timeout_s) as dev:
+        # Only rank 0 opens the store: N processes must not race to create or migrate it.
+        job = train_trunk_job(client(cfg, ws) if distributed.is_main() else None, build_trunk(cfg.trunk), specs,
+                              workspace=ws, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                              weight_decay=t.weight_decay,
+                              augment_ops=OmegaConf.to_container(cfg.augment.ops, resolve=True), seed=t.seed,
+                              device=dev, num_workers=num_workers(cfg), progress=cfg.progress, adopt=cfg.adopt,
+                              retrain=cfg.retrain)
+    if job is None:  # another rank of a data-parallel run: rank 0 reports
+        return
     metrics = "  ".join(f"{k} {v:.4g}" for k, v in sorted(job.metrics.items()))
     print(f"trunk v{job.version} ({job.trunk.model_name}, trunk_id {job.trunk.trunk_id}): {job.status}")
     print(f"  {metrics}")

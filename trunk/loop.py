@@ -15,6 +15,10 @@ Reproducible on CPU: with ``seed`` the loop runs inside :func:`seeded_rng`, so d
 draws from a stream that depends only on the seed and the caller's random state is left
 as found; shuffling draws from generators of its own (:class:`EpochPermutation`,
 :func:`shuffled_loader`), so the order does not depend on the device either.
+
+Data-parallel (torchrun): a loop over one rank's shares of global batches combines the
+ranks' gradients, batch-norm statistics and figures so that the step is one process's;
+the plumbing is :mod:`trunk.distributed`, and :func:`fit` says what a caller must do.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 
+from trunk import distributed
 from trunk.dataset import reseed_worker
 
 logger = logging.getLogger(__name__)
@@ -238,21 +243,35 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim
 
 
 def _train_pass(model: nn.Module, batches: Iterable, loss_fn: Callable, optimizer: torch.optim.Optimizer,
-                scheduler: Any, device: torch.device, mixed_precision: bool, bar: Any) -> tuple[float, int, int]:
-    """One pass over ``batches``: ``(weighted loss sum, count, steps)``."""
+                scheduler: Any, device: torch.device, mixed_precision: bool, bar: Any,
+                ranks: distributed.Ranks | None = None) -> tuple[float, int, int]:
+    """One pass over ``batches``: ``(weighted loss sum, count, steps)``, summed over the ranks of a run."""
     model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]] if ranks is not None else []
     # Losses stay on the device until the epoch ends: reading one per step would wait for
     # the GPU at every step.
     losses: list[Tensor] = []
     counts: list[int] = []
     for batch in batches:
+        # Every rank takes every step: a rank whose share of a global batch is unreadable
+        # would leave the others waiting in a collective, so the whole global batch is skipped.
+        if ranks is not None and not distributed.everyone(batch is not None, ranks):
+            logger.warning("rank %d: a global batch with no readable image on some rank is skipped", ranks.rank)
+            continue
         with autocast(device) if mixed_precision else contextlib.nullcontext():
             step = loss_fn(batch)
         if step is None:
+            if ranks is not None:
+                raise RuntimeError(f"rank {ranks.rank}: loss_fn skipped a batch in a data-parallel run; every "
+                                   f"rank must take every step")
             continue
         loss, count = step
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if ranks is None:
+            loss.backward()
+        else:  # weighted before the backward: see combine_gradients
+            (loss * float(count)).backward()
+            distributed.combine_gradients(params, count, ranks)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -264,7 +283,11 @@ def _train_pass(model: nn.Module, batches: Iterable, loss_fn: Callable, optimize
     # Summed in Python floats, in step order: the same figure as adding loss.item() each step.
     for value, count in zip(torch.stack(losses).tolist() if losses else [], counts):
         total += value * count
-    return total, sum(counts), len(counts)
+    seen = sum(counts)
+    if ranks is not None:
+        summed = distributed.reduce_sums({"total": total, "seen": float(seen)}, ranks)
+        total, seen = summed["total"], int(round(summed["seen"]))
+    return total, seen, len(counts)
 
 
 def fit(
@@ -321,10 +344,26 @@ def fit(
         on_epoch: called with each epoch's history row as soon as it is made (a job logs
             its training curves live through it); it must not change the row.
 
+    Data-parallel: when ``batches`` are one rank's shares of global batches
+    (:func:`trunk.distributed.ranks_of`; :func:`trunk.train.training_loader` under torchrun),
+    every rank calls ``loss_fn`` on its share, and the global batch's loss is the
+    count-weighted mean of the ranks' losses: each rank's gradients are combined so
+    (:func:`trunk.distributed.combine_gradients`), which is the single-process step for a
+    loss that is the mean over the share with ``count`` its size. A loss normalised
+    otherwise scales itself (trunk training's per-task means, :func:`trunk.train.train_trunk`).
+    Rank 0's state is broadcast first, batch norm uses the global batch's statistics
+    (:func:`trunk.distributed.synced_batch_norm`), ``train_loss`` and ``seen`` are the run's,
+    and only rank 0 shows progress bars and logs epochs. ``epoch_row`` runs on every rank
+    and must reduce its own figures (:func:`trunk.distributed.reduce_sums`).
+
     Returns:
         The best (or last) epoch, the epochs run and the history.
     """
     device = torch.device(device)
+    ranks = distributed.ranks_of(batches)
+    if ranks is not None:
+        progress = progress and ranks.rank == 0
+        distributed.broadcast_state(model, ranks)
     epoch_row = epoch_row or _default_row
     history: list[dict[str, Any]] = []
     best, best_epoch, best_state = None, 0, None
@@ -333,14 +372,15 @@ def fit(
         from tqdm import tqdm
 
         bar = tqdm(total=epochs, desc=desc, unit="epoch")
-    with seeded_rng(seed, device) if seed is not None else contextlib.nullcontext():
+    with (seeded_rng(seed, device) if seed is not None else contextlib.nullcontext(),
+          distributed.synced_batch_norm(model, ranks)):
         for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             inner = None
             if bar is not None:
                 inner = tqdm(batches, desc=f"{desc} epoch {epoch}/{epochs}", unit="batch", leave=False)
             total, seen, steps = _train_pass(model, inner if inner is not None else batches, loss_fn, optimizer,
-                                             scheduler, device, mixed_precision, inner)
+                                             scheduler, device, mixed_precision, inner, ranks)
             if inner is not None:
                 inner.close()
             row = epoch_row(EpochStats(epoch=epoch, train_loss=total / max(seen, 1), seen=seen, steps=steps,
@@ -354,7 +394,8 @@ def fit(
             elif best is None or current > best:
                 best, best_epoch = current, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            if logger.isEnabledFor(logging.INFO):  # a timed caller (the benchmark) pays nothing for it
+            # A timed caller (the benchmark) pays nothing for the line; one rank of a run logs it.
+            if (ranks is None or ranks.rank == 0) and logger.isEnabledFor(logging.INFO):
                 logger.info("%s epoch %d/%d: %s", desc, epoch, epochs, _format_row(row))
             if bar is not None:
                 bar.update(1)

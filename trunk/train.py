@@ -10,6 +10,10 @@ one bad file never stops a run.
 A task may bring validation images (its head's val split, which the caller keeps out of
 every task's training images): after each epoch each task's classifier is scored on them
 with the trunk's eval transform, no augmentation and no gradients, as ``val_accuracy_<task>``.
+
+Augmentation is seeded per image and epoch (:class:`EpochSeededImages`), so the trunk a
+recipe trains does not depend on ``num_workers`` nor, under torchrun, on the number of
+processes (:mod:`trunk.distributed`): N ranks train the trunk one process trains.
 """
 
 from __future__ import annotations
@@ -22,16 +26,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler, Subset
 from tqdm import tqdm
 
+from trunk import distributed
 from trunk.augment import build_train_transform
 from trunk.dataset import ImageDataset, ImageItem, readable
 from trunk.decode import ImageError, load_image
 from trunk.device import resolve_device
-from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng, shuffled_loader
+from trunk.loop import EpochStats, cosine_schedule, fit, seeded_rng
 from trunk.model import POOLED, Trunk
 from trunk.preprocess import eval_transform
 
@@ -89,17 +95,85 @@ def _collate(items: list[ImageItem]) -> tuple[torch.Tensor, torch.Tensor] | None
     return torch.stack([it.pixels for it in items]), torch.stack([it.target for it in items])
 
 
+def image_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of image ``index`` in ``epoch`` of a run seeded ``seed`` (32 bits)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+
+
+class EpochSeededImages(Dataset):
+    """Item ``(epoch, i)``: image ``i`` of ``dataset``, its augmentation reseeded by :func:`image_seed` first.
+
+    So an image's augmentation in an epoch depends on the run's seed, the epoch and the
+    image's position alone: not on which process, rank or loader worker decodes it, nor on
+    what that process decoded before. That is what lets N ranks, or any ``num_workers``,
+    train the very trunk one process trains.
+    """
+
+    def __init__(self, dataset: ImageDataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> ImageItem:
+        epoch, i = key
+        self.dataset.reseed(image_seed(self.seed, epoch, i))
+        return self.dataset[i]
+
+
+class GlobalBatches(Sampler[list]):
+    """Batches of ``(epoch, index)`` keys: the single-process order's global batches, this rank's share of each.
+
+    Every rank draws the same seeded order (one :class:`~torch.utils.data.RandomSampler`
+    pass per epoch) and cuts it into global batches of ``batch_size``; a rank keeps its
+    :func:`trunk.distributed.share` of each. Alone, the share is the whole batch.
+
+    Attributes:
+        ranks: the run's ranks (None: one process); :func:`trunk.distributed.ranks_of` reads it.
+    """
+
+    def __init__(self, n: int, *, batch_size: int, seed: int, drop_last: bool,
+                 ranks: distributed.Ranks | None) -> None:
+        self.order = RandomSampler(range(n), generator=torch.Generator().manual_seed(seed))
+        self.n = n
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.ranks = ranks
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        self.epoch += 1
+        order = list(self.order)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            if self.drop_last and len(batch) < self.batch_size:
+                return
+            yield [(self.epoch, i) for i in distributed.share(batch, self.ranks)]
+
+
 def training_loader(dataset: ImageDataset, collate_fn, *, batch_size: int, num_workers: int, seed: int,
                     device: torch.device) -> DataLoader:
-    """Seeded, shuffled training batches of augmented images, each worker with its own augmentation stream.
+    """Seeded, shuffled training batches of augmented images, augmentation seeded per image and epoch.
 
-    Shared by trunk training and distillation.
+    Shared by trunk training and distillation. In a data-parallel run (one rank of a
+    torchrun group, :func:`trunk.distributed.current`) each rank loads its share of every
+    global batch; every rank must get at least one image of each.
     """
-    return shuffled_loader(
-        dataset, batch_size=batch_size, seed=seed, collate_fn=collate_fn, num_workers=num_workers,
-        # A last batch of one image breaks batch norm; drop it when there is more than one batch.
-        drop_last=len(dataset) > batch_size,
-        pin_memory=device.type == "cuda",
+    ranks = distributed.current()
+    # A last batch of one image breaks batch norm; drop it when there is more than one batch.
+    drop_last = len(dataset) > batch_size
+    if ranks is not None and min(batch_size, len(dataset)) < ranks.world_size:
+        raise ValueError(f"field 'batch_size': {ranks.world_size} processes need a global batch of at least "
+                         f"{ranks.world_size} images; got batch_size {batch_size} over {len(dataset)} images")
+    sampler = GlobalBatches(len(dataset), batch_size=batch_size, seed=seed, drop_last=drop_last, ranks=ranks)
+    return DataLoader(
+        EpochSeededImages(dataset, seed), batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+        # The workers' own seeds no longer reach the augmentation; a generator keeps them off the global stream.
+        generator=torch.Generator().manual_seed(seed), pin_memory=device.type == "cuda",
     )
 
 
@@ -200,27 +274,51 @@ def _union(tasks: Sequence[Task]) -> tuple[list[str], torch.Tensor]:
 
 
 def _decodable(paths: list[str], labels: torch.Tensor, progress: bool) -> tuple[list[str], torch.Tensor, list[str]]:
-    keep: list[int] = []
-    skipped: list[str] = []
-    for i, path in enumerate(tqdm(paths, desc="checking images", unit="img", disable=not progress, leave=False)):
+    """The paths that decode (with their label rows) and one line per one that does not.
+
+    In a data-parallel run each rank checks its share of the paths and the ranks sum
+    their verdicts; the few failures are read again on every rank for their reasons.
+    """
+    ranks = distributed.current()
+    mine = range(len(paths)) if ranks is None else range(ranks.rank, len(paths), ranks.world_size)
+    bad = torch.zeros(len(paths), dtype=torch.int64)
+    reasons: dict[int, str] = {}
+    show = progress and distributed.is_main()
+    for i in tqdm(mine, desc="checking images", unit="img", disable=not show, leave=False):
         try:
-            load_image(path)
+            load_image(paths[i])
         except ImageError as e:
-            skipped.append(f"{path}: {e.reason}")
-            warnings.warn(f"skipping image {path}: {e}", stacklevel=3)
-            continue
-        keep.append(i)
+            bad[i] = 1
+            reasons[i] = e.reason
+            warnings.warn(f"skipping image {paths[i]}: {e}", stacklevel=3)
+    bad = distributed.all_sum(bad, ranks)
+    skipped: list[str] = []
+    for i in torch.nonzero(bad).flatten().tolist():
+        if i not in reasons:  # another rank found it
+            try:
+                load_image(paths[i])
+                reasons[i] = "unreadable on another rank"
+            except ImageError as e:
+                reasons[i] = e.reason
+        skipped.append(f"{paths[i]}: {reasons[i]}")
+    keep = [i for i in range(len(paths)) if not bad[i]]
     return [paths[i] for i in keep], labels[keep], skipped
 
 
 def _val_loaders(tasks: Sequence[Task], data_config: Mapping[str, Any], *, batch_size: int,
                  num_workers: int) -> dict[int, DataLoader]:
-    """Per task index with validation images: an unshuffled loader of eval-transformed images."""
+    """Per task index with validation images: an unshuffled loader of eval-transformed images.
+
+    In a data-parallel run each rank scores every ``world_size``-th image from its rank on.
+    """
     transform = eval_transform(data_config)
+    ranks = distributed.current()
     loaders = {}
     for j, task in enumerate(tasks):
         if task.val_paths:
             dataset = ImageDataset(list(task.val_paths), transform, targets=torch.tensor(task.val_labels))
+            if ranks is not None:
+                dataset = Subset(dataset, range(ranks.rank, len(dataset), ranks.world_size))
             # A generator of its own: making the loader's iterator draws a seed, which must not
             # come from the (seeded) global stream training draws from.
             loaders[j] = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -229,8 +327,8 @@ def _val_loaders(tasks: Sequence[Task], data_config: Mapping[str, Any], *, batch
 
 
 @torch.no_grad()
-def _val_accuracy(model: Trunk, classifier: nn.Module, loader: DataLoader, device: torch.device) -> tuple[float, int]:
-    """Accuracy of ``classifier`` on the trunk's pooled features over ``loader``, and how many images counted."""
+def _val_correct(model: Trunk, classifier: nn.Module, loader: DataLoader, device: torch.device) -> tuple[int, int]:
+    """How many images over ``loader`` ``classifier`` gets right on the trunk's pooled features, of how many."""
     correct = n = 0
     for batch in loader:
         if batch is None:
@@ -238,7 +336,7 @@ def _val_accuracy(model: Trunk, classifier: nn.Module, loader: DataLoader, devic
         x, y = batch[0].to(device), batch[1].to(device)
         correct += int((classifier(model(x, [POOLED])[POOLED]).argmax(1) == y).sum())
         n += len(y)
-    return correct / max(n, 1), n
+    return correct, n
 
 
 def train_trunk(
@@ -276,6 +374,11 @@ def train_trunk(
     Each task's validation images (if any) are scored after every epoch, the model in eval
     mode, with the trunk's eval transform; they never add loss.
 
+    Under torchrun (:mod:`trunk.distributed`) every rank calls this with the same
+    arguments: each trains on its share of every global batch, and all of them end with the
+    weights one process would have trained (up to float summation order) and the same
+    history and metrics. ``on_epoch`` is called on every rank; pass it on rank 0 only.
+
     Returns:
         The new trunk, per-epoch history and final metrics.
 
@@ -305,15 +408,23 @@ def train_trunk(
         val_counts: dict[str, int] = {}
         sums = {t.name: {"loss": 0.0, "correct": 0, "n": 0} for t in tasks}
 
+        ranks = distributed.current()
+        world = 1 if ranks is None else ranks.world_size
+
         def step_loss(batch: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, int] | None:
             if batch is None:
                 return None
             x, y = batch[0].to(dev, non_blocking=True), batch[1].to(dev, non_blocking=True)
+            # Each task's loss is its mean over the global batch's labelled images: the counts
+            # are the run's, the sums this rank's share.
+            local = (y >= 0).sum(0)
+            counts = distributed.all_sum(local, ranks).tolist()
+            local = local.tolist()
             pooled = model(x, [POOLED])[POOLED]
             loss = pooled.new_zeros(())
             for j, task in enumerate(tasks):
                 yj = y[:, j]
-                labelled = int((yj >= 0).sum())
+                labelled = int(counts[j])
                 if labelled == 0:
                     continue  # a mean over no labels is NaN; this task just sits the batch out
                 logits = classifiers[j](pooled)
@@ -324,24 +435,31 @@ def train_trunk(
                     s = sums[task.name]
                     s["loss"] += float(task_loss.detach()) * labelled
                     s["correct"] += int((logits.argmax(1)[mask] == yj[mask]).sum())
-                    s["n"] += labelled
-            # The epoch's loss is the mean over steps: each step counts 1.
-            return loss, 1
+                    s["n"] += int(local[j])
+            # The epoch's loss is the mean over steps: each step counts 1. The loop averages
+            # the ranks' losses (and gradients) with equal counts, so each rank's share of
+            # the global loss counts world times: the average is the global batch's loss.
+            return (loss * world if world > 1 else loss), 1
 
         def epoch_row(stats: EpochStats) -> dict[str, Any]:
             row: dict[str, Any] = {"epoch": stats.epoch, "loss": stats.train_loss,
                                    "lr": optimizer.param_groups[0]["lr"], "seconds": stats.seconds}
-            for name, s in sums.items():
-                row[f"loss_{name}"] = s["loss"] / max(s["n"], 1)
-                row[f"accuracy_{name}"] = s["correct"] / max(s["n"], 1)
+            flat = distributed.reduce_sums({f"{k}/{j}": v for j, s in enumerate(sums.values()) for k, v in s.items()},
+                                           ranks)
+            for j, (name, s) in enumerate(sums.items()):
+                n = max(flat[f"n/{j}"], 1)
+                row[f"loss_{name}"] = flat[f"loss/{j}"] / n
+                row[f"accuracy_{name}"] = flat[f"correct/{j}"] / n
                 s.update(loss=0.0, correct=0, n=0)
             if val_loaders:
                 # Batch norm on its running statistics, as the trunk's features are served.
                 model.eval()
                 classifiers.eval()
                 for j, loader in val_loaders.items():
-                    accuracy, val_counts[tasks[j].name] = _val_accuracy(model, classifiers[j], loader, dev)
-                    row[f"val_accuracy_{tasks[j].name}"] = accuracy
+                    correct, n = _val_correct(model, classifiers[j], loader, dev)
+                    total = distributed.reduce_sums({"correct": correct, "n": n}, ranks)
+                    val_counts[tasks[j].name] = total["n"]
+                    row[f"val_accuracy_{tasks[j].name}"] = total["correct"] / max(total["n"], 1)
                 model.train()
                 classifiers.train()
             return row

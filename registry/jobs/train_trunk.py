@@ -38,6 +38,7 @@ from registry.store.trunks import (
 )
 from registry.store.runs import RunLog
 from registry.store.workspace import Workspace
+from trunk import distributed
 from trunk.decode import ImageError
 from trunk.model import Trunk
 from trunk.seen import SeenImages, content_sha
@@ -241,10 +242,10 @@ def inherited_seen(client: MlflowClient, base: Trunk) -> SeenImages:
     return record if record is not None else SeenImages()
 
 
-def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
+def train_trunk_job(client: MlflowClient | None, base: Trunk, specs: Sequence[HeadSpec], *, workspace: Workspace,
                     epochs: int, batch_size: int, lr: float, weight_decay: float, augment_ops: list | None,
                     seed: int, device: str, num_workers: int, progress: bool, adopt: bool = True,
-                    retrain: bool = False, tags: Mapping[str, str] | None = None) -> TrunkJobResult:
+                    retrain: bool = False, tags: Mapping[str, str] | None = None) -> TrunkJobResult | None:
     """Train ``base`` multi-task on the training splits of ``specs``; register it as a ``trunk`` version.
 
     The trunk never trains on an evaluation image: any image (by content,
@@ -261,9 +262,21 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
     augmentation) is reused rather than trained again, unless ``retrain``; the recipe's
     hash is the version tag ``train_recipe``.
 
+    Data-parallel (torchrun, :mod:`trunk.distributed`): every rank calls this with the same
+    arguments; only rank 0 talks to MLflow (the other ranks may pass ``client=None``). Rank 0
+    decides reuse and tells the others; all ranks train; rank 0 registers and adopts, the
+    others wait for its version and return None. The recipe and its hash do not name the
+    number of processes: a trunk trained by N ranks is reused by one process, and the reverse.
+
     Args:
         tags: extra version tags (a refresh records its recipe difference from production).
+
+    Returns:
+        The result on rank 0 (or alone); None on the other ranks of a data-parallel run.
     """
+    main = distributed.is_main()
+    if main and client is None:
+        raise ValueError("train_trunk_job: rank 0 (or a single process) needs an MLflow client")
     if not specs:
         raise JobError("tasks is empty: name at least one head config whose data trains the trunk")
     data = trunk_training_set(specs)
@@ -282,12 +295,20 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
     fingerprint = hashlib.sha256(json.dumps(["leak-free/1", base.trunk_id, data.fingerprint, settings],
                                             sort_keys=True, default=str).encode()).hexdigest()[:16]
     if not retrain:
-        done = find_trunk_version_by_tag(client, RECIPE_TAG, fingerprint)
+        done = find_trunk_version_by_tag(client, RECIPE_TAG, fingerprint) if main else None
+        done = distributed.broadcast_int(done)  # rank 0's decision; alone, itself
+        if done is not None and not main:
+            return None
         if done is not None:  # the same base, data and settings were trained before: reuse it
             trunk = load_trunk(client, done)
             status, release = adopt_trunk(client, done) if adopt else ("registered", None)
             return TrunkJobResult(done, trunk, trunk_metrics(client, done), f"reused (same recipe), {status}",
                                   release, trunk_recipe(client, done) or recipe)
+    if not main:  # train alongside rank 0, then wait for its version: only rank 0 registers
+        train_trunk(base, data.tasks, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
+                    augment_ops=augment_ops, seed=seed, device=device, num_workers=num_workers, progress=False)
+        distributed.broadcast_int(None)
+        return None
     # The run spans the training: a job that fails on the way ends it FAILED and registers nothing.
     with trunk_run(client, "trunk-training", tags={"base_trunk_id": base.trunk_id, RECIPE_TAG: fingerprint}) as run:
         data.log_to(run)
@@ -297,6 +318,7 @@ def train_trunk_job(client: MlflowClient, base: Trunk, specs: Sequence[HeadSpec]
                                                         device=device, num_workers=num_workers, progress=progress,
                                                         tags=tags)
     status, release = adopt_trunk(client, version) if adopt else ("registered", None)
+    distributed.broadcast_int(version)  # the other ranks wait here until the version is registered
     return TrunkJobResult(version, trained.trunk, metrics, status, release, recipe, trained.history)
 
 
