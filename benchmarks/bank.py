@@ -5,9 +5,12 @@ multiply-adds predict, ``(trunk MACs + head MACs) / trunk MACs`` with head MACs 
 sum C`` per image. Those heads are 2 GB of float32 weights, and a bank reads every weight
 once per batch: at batch 8 a 4 GMAC product that must stream 2 GB runs at memory
 bandwidth, far below the rate of the trunk's convolutions, so the measured ratio
-overshoots the prediction. Larger batches reuse each weight read for more images, and
-bfloat16 weights halve the bytes (and run on AMX/AVX512-BF16 where the CPU has them);
-both are timed here.
+overshoots the prediction. Larger batches reuse each weight read for more images;
+bfloat16 and float16 weights halve the bytes (and run on AMX/AVX512-BF16/FP16 where the
+CPU has them), int8 weights with per-row scales quarter them (run by the quantized CPU
+engine, :class:`heads.bank._Int8Matrix`); all are timed side by side here, and each
+reduced bank's logits are compared with the float32 bank's on the same features (top-1
+agreement, largest logit difference).
 
 Per batch size, one interleaved set of rounds on the same batches
 (:func:`benchmarks.heads.per_batch`): the bare trunk, trunk + bank for each weight dtype,
@@ -52,7 +55,19 @@ def predicted_ratio(trunk_macs: float, head_macs: float) -> float:
 
 
 def _weight_bytes(bank: HeadBank) -> int:
-    return sum(b.numel() * b.element_size() for b in bank.buffers() if b.is_floating_point())
+    return bank.weight_bytes()
+
+
+def agreement(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    """``(top-1 agreement in %, max abs logit difference)`` of two banks' outputs over all heads and rows."""
+    same = total = 0
+    diff = 0.0
+    for name, ref in reference.items():
+        out = other[name].float()
+        same += int((out.argmax(-1) == ref.argmax(-1)).sum())
+        total += ref.shape[0]
+        diff = max(diff, float((out - ref.float()).abs().max()))
+    return 100.0 * same / total if total else float("nan"), diff
 
 
 def _time(contenders: Mapping[str, Callable[[torch.Tensor], Any]], batches: Sequence[torch.Tensor], warmup: int,
@@ -81,6 +96,13 @@ def _bank_rows(trunk: Trunk, banks: Mapping[str, HeadBank], batches: Sequence[to
     def alone(bank: HeadBank) -> Callable[[torch.Tensor], None]:
         return lambda x: bank(pooled[id(x)])
 
+    # Agreement with float32 on the same features, before the timing (no timing effect).
+    agree: dict[str, tuple[float, float] | None] = {dtype: None for dtype in banks}
+    if "float32" in banks:
+        with torch.inference_mode():
+            for dtype, bank in banks.items():
+                pairs = [agreement(banks["float32"](f), bank(f)) for f in pooled.values()]
+                agree[dtype] = (statistics.fmean(p[0] for p in pairs), max(p[1] for p in pairs))
     contenders: dict[str, Callable[[torch.Tensor], None]] = {"trunk": bare}
     for dtype, bank in banks.items():
         contenders[f"trunk+bank {dtype}"] = with_bank(bank)
@@ -98,6 +120,8 @@ def _bank_rows(trunk: Trunk, banks: Mapping[str, HeadBank], batches: Sequence[to
             "passed": ratio / predicted <= GOAL,
             "heads_ms": heads_ms, "weight_gb": weight_bytes / 1e9,
             "heads_gb_per_s": weight_bytes / 1e9 / (heads_ms / 1000.0) if heads_ms > 0 else float("inf"),
+            "top1_agree_pct": agree[dtype][0] if agree[dtype] else None,
+            "max_logit_diff": agree[dtype][1] if agree[dtype] else None,
         })
     return rows
 
@@ -127,7 +151,7 @@ def run_bank_benchmark(
     n_heads: int = 256,
     num_classes: int = 1000,
     batch_sizes: Sequence[int] = (8, 64),
-    weight_dtypes: Sequence[str] = ("float32", "bfloat16"),
+    weight_dtypes: Sequence[str] = ("float32", "bfloat16", "float16", "int8"),
     n_mlp: int = 64,
     mlp_hidden: int = 256,
     warmup: int = 1,
@@ -142,7 +166,8 @@ def run_bank_benchmark(
         num_classes: classes of every head (linear and MLP).
         batch_sizes: images per batch; each is its own set of rounds.
         weight_dtypes: bank ``weight_dtype`` names to time (``"float32"``, ``"bfloat16"``,
-            ``"float16"``).
+            ``"float16"``, ``"int8"``); with ``float32`` among them, each is also compared
+            with it.
         n_mlp: MLP heads of the grouped-against-one-by-one comparison (0: skip it).
         mlp_hidden: their hidden width.
         warmup: untimed passes per contender.
@@ -154,7 +179,8 @@ def run_bank_benchmark(
         ``head_gmacs`` per image, ``predicted`` (the MAC ratio), ``rows`` (per batch size
         and weight dtype: ``trunk_ms``, ``ms``, ``ratio``, ``predicted``, ``vs_predicted``,
         ``passed`` (``vs_predicted <= GOAL``), ``heads_ms``, ``weight_gb``,
-        ``heads_gb_per_s``) and ``mlp`` (per batch size: ``grouped_ms``, ``one_by_one_ms``,
+        ``heads_gb_per_s``, ``top1_agree_pct`` and ``max_logit_diff`` against the float32
+        bank on the same pooled features, None without one) and ``mlp`` (per batch size: ``grouped_ms``, ``one_by_one_ms``,
         ``speedup``: one-by-one time / grouped time, i.e. the images/s ratio).
     """
     dtypes = {name: resolve_weight_dtype(name) for name in weight_dtypes}
@@ -165,7 +191,9 @@ def run_bank_benchmark(
     heads = make_heads(n_heads, width, mlp_every=0, num_classes=num_classes, seed=trunk.seed)
     banks = {name: HeadBank(heads, weight_dtype=dtype).to(device) for name, dtype in dtypes.items()}
     del heads  # the banks hold their own copies: a 256 x 1000-class set is 2 GB of float32
-    head_macs = bank_macs(next(iter(banks.values())), width) if banks else 0
+    # The quantized engine's int8 ops are not counted by FlopCounterMode: count on a float bank.
+    counted = next((bank for name, bank in banks.items() if dtypes[name] != torch.int8), None)
+    head_macs = bank_macs(counted, width) if counted is not None else width * n_heads * num_classes
     predicted = predicted_ratio(trunk_macs, head_macs)
     rows: list[dict[str, Any]] = []
     mlp: list[dict[str, Any]] = []
@@ -211,13 +239,18 @@ def format_bank_table(result: Mapping[str, Any]) -> str:
         f"predicted ratio {result['predicted']:.3f}",
         "",
         f"{'batch':>5} {'weights':<9}{'trunk ms':>10}{'+heads ms':>11}{'ratio':>8}{'pred':>8}"
-        f"{'meas/pred':>10}{'heads ms':>10}{'GB':>7}{'GB/s':>7}  goal <= {result['goal']}",
+        f"{'meas/pred':>10}{'heads ms':>10}{'GB':>7}{'GB/s':>7}{'top1 %':>8}{'max|d|':>8}  goal <= {result['goal']}",
     ]
     for r in result["rows"]:
+        agree = r.get("top1_agree_pct")
+        diff = r.get("max_logit_diff")
         lines.append(
             f"{r['batch_size']:>5} {r['weight_dtype']:<9}{r['trunk_ms']:>10.1f}{r['ms']:>11.1f}{r['ratio']:>8.3f}"
-            f"{r['predicted']:>8.3f}{r['vs_predicted']:>10.3f}{r['heads_ms']:>10.1f}{r['weight_gb']:>7.2f}"
-            f"{r['heads_gb_per_s']:>7.1f}  {'PASS' if r['passed'] else 'FAIL'}")
+            f"{r['predicted']:>8.3f}{r['vs_predicted']:>10.3f}{r['heads_ms']:>10.1f}{r['weight_gb']:>7.3f}"
+            f"{r['heads_gb_per_s']:>7.1f}{'-' if agree is None else f'{agree:.2f}':>8}"
+            f"{'-' if diff is None else f'{diff:.4f}':>8}  {'PASS' if r['passed'] else 'FAIL'}")
+    lines.append("top1 %, max|d|: top-1 agreement with the float32 bank and its largest logit difference, "
+                 "on the same pooled features")
     if result["mlp"]:
         lines += ["", f"{result['n_mlp']} MLP heads (hidden {result['mlp_hidden']}, {result['num_classes']} classes) "
                       "on pooled features, grouped vs one by one:",

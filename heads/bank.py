@@ -20,8 +20,10 @@ Weight precision (``weight_dtype``). 256 heads of 1000 classes on a 2048-wide ta
 memory bandwidth it takes to stream them, not their multiply-adds. ``weight_dtype=
 torch.bfloat16`` stores the fused and grouped matrices in bfloat16 (half the bytes) and
 computes in it: on CPUs with AVX512-BF16/AMX, oneDNN multiplies bf16 and accumulates in
-fp32, rounding only the result. Logits come back in the features' dtype. ``None`` (the
-default) keeps the heads' own dtype and gives today's outputs bit for bit. Branch and
+fp32, rounding only the result. ``weight_dtype="int8"`` stores them as int8 with one
+float32 scale per output row (symmetric absmax, a quarter of the bytes; see
+:class:`_Int8Matrix` for how it computes). Logits come back in the features' dtype. ``None``
+(the default) keeps the heads' own dtype and gives today's outputs bit for bit. Branch and
 other single modules always keep their own weights.
 
 The bank is for inference: it is put in eval mode (dropout is the identity there, which is
@@ -32,6 +34,7 @@ changing a head's weights.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -42,8 +45,13 @@ from heads.modules import LinearHead, MLPHead
 from heads.spec import NAME_RE
 from heads.store import LoadedHead
 
-# Accepted weight_dtype spellings; None keeps the heads' own dtype.
-WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Accepted weight_dtype spellings; None keeps the heads' own dtype. int8: per-row scales (_Int8Matrix).
+WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "int8": torch.int8}
+# Quantized CPU engines whose dynamic linear runs int8 weights, in order of preference.
+_INT8_ENGINES = ("x86", "fbgemm")
+# Rows dequantized at once where no quantized engine runs (a GPU): bounds the temporary copy.
+_DEQUANT_ROWS = 8192
 # A new layer-2 bucket starts when a head has more than this many times the bucket's smallest class count.
 _PAD_FACTOR = 2
 
@@ -69,10 +77,121 @@ def _bias(layer: nn.Linear) -> torch.Tensor:
     return torch.zeros(layer.out_features, dtype=layer.weight.dtype, device=layer.weight.device)
 
 
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: ``(q int8 [N, D], scale float32 [N])`` with ``weight ~= q * scale[:, None]``.
+
+    One scale per output row, so a head with tiny weights beside one with huge weights
+    keeps its own 8 bits of precision; an all-zero row gets scale 1 (and zeros).
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=1) if w.shape[1] else torch.zeros(w.shape[0], device=w.device)
+    scale = torch.where(absmax > 0, absmax / 127.0, torch.ones_like(absmax))
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _int8_engine() -> str | None:
+    """The quantized CPU engine that runs int8 weights, or None (then weights are dequantized per chunk)."""
+    if not hasattr(torch.ops.quantized, "linear_dynamic"):
+        return None
+    return next((e for e in _INT8_ENGINES if e in torch.backends.quantized.supported_engines), None)
+
+
+class _Int8Matrix(nn.Module):
+    """``x @ (q * scale[:, None]).T + bias``: an int8 ``(N, D)`` matrix with one float scale per row.
+
+    On CPU the weights are packed once for the quantized engine (x86/fbgemm) and run with
+    its dynamic linear, which quantizes each batch's activations to 8 bits (per tensor,
+    from the batch's range) and multiplies int8 by int8 into int32: on a bandwidth-bound
+    bank it reads a quarter of float32's bytes with integer SIMD, measured far faster than
+    float32, bf16, fp16, ``torch._weight_int8pack_mm`` or dequantizing in chunks on an
+    AVX2 CPU (benchmarks/bank.py). ``reduce_range``: activations use 7 bits, so AVX2's
+    16-bit sums of two u8*s8 products cannot saturate. The packed form is the only copy
+    kept (the ``q`` buffer is emptied); it is unpacked before the module moves
+    (``.to``/``.cpu()``) and packed again on CPU. Elsewhere (a GPU, or a torch without
+    the quantized engines) ``q`` stays and is dequantized :data:`_DEQUANT_ROWS` rows at
+    a time into the features' dtype.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        q, scale = quantize_rows(weight)
+        self.shape = tuple(q.shape)
+        self.register_buffer("q", q)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias.detach().float().clone())
+        self._packed = None
+        self._pack()
+
+    @property
+    def packed(self) -> bool:
+        """Whether the quantized engine runs it (else it is dequantized per chunk)."""
+        return self._packed is not None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of weights read per batch: int8 values, float32 scales and bias."""
+        return self.shape[0] * self.shape[1] + self.scale.numel() * 4 + self.bias.numel() * 4
+
+    def _pack(self) -> None:
+        engine = _int8_engine()
+        if self._packed is not None or engine is None or self.q.device.type != "cpu" or self.q.numel() == 0:
+            return
+        previous = torch.backends.quantized.engine
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # quantized tensors are deprecated: then the fallback runs
+                torch.backends.quantized.engine = engine
+                weight = torch._make_per_channel_quantized_tensor(
+                    self.q, self.scale.double(), torch.zeros(self.shape[0], dtype=torch.long), 0)
+                self._packed = torch.ops.quantized.linear_prepack(weight, self.bias.float())
+        except (RuntimeError, AttributeError):
+            self._packed = None
+            return
+        finally:
+            torch.backends.quantized.engine = previous
+        self.q = torch.empty(0, dtype=torch.int8)
+
+    def weight_int8(self) -> torch.Tensor:
+        """The int8 values ``q`` (N, D), from the packed form when packed."""
+        if self._packed is None:
+            return self.q
+        return torch.ops.quantized.linear_unpack(self._packed)[0].int_repr()
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        if self._packed is not None:
+            self.q, self._packed = self.weight_int8(), None
+        result = super()._apply(fn, recurse)
+        self._pack()
+        return result
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001, ANN202
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "q"] = self.weight_int8()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if self._packed is not None and flat.device.type == "cpu":
+            y = torch.ops.quantized.linear_dynamic(flat.float(), self._packed, True)
+        else:
+            q = self.weight_int8().to(flat.device)
+            dtype = flat.dtype if flat.is_floating_point() else torch.float32
+            flat = flat.to(dtype)
+            parts = [nn.functional.linear(flat, q[lo:lo + _DEQUANT_ROWS].to(dtype))
+                     for lo in range(0, self.shape[0], _DEQUANT_ROWS)]
+            y = torch.cat(parts, dim=-1) * self.scale.to(flat.device, dtype) + self.bias.to(flat.device, dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.shape[0])
+
+
 class _Reduced(nn.Module):
-    """A fused module whose buffers may be stored in a reduced dtype (``cast``: inputs follow them)."""
+    """A fused module whose buffers may be stored in a reduced dtype (``cast``: inputs follow them).
+
+    ``torch.int8`` instead replaces the float matrices by :class:`_Int8Matrix` modules
+    (``quantized``); subclasses say how in :meth:`_quantize`.
+    """
 
     cast = False
+    quantized = False
 
     def _in(self, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return x.to(like.dtype) if self.cast else x
@@ -81,10 +200,21 @@ class _Reduced(nn.Module):
         return y.to(x.dtype) if self.cast else y
 
     def reduce(self, dtype: torch.dtype | None) -> _Reduced:
-        if dtype is not None:
+        if dtype == torch.int8:
+            self._quantize()
+            self.quantized = True
+        elif dtype is not None:
             self.to(dtype)
             self.cast = True
         return self
+
+    def _quantize(self) -> None:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights (and biases, scales) this module reads per batch."""
+        own = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        return own + sum(m.nbytes for m in self.modules() if isinstance(m, _Int8Matrix))
 
 
 class _FusedLinear(_Reduced):
@@ -103,8 +233,15 @@ class _FusedLinear(_Reduced):
         self.register_buffer("weight", weight.clone())
         self.register_buffer("bias", bias.clone())
 
+    def _quantize(self) -> None:
+        self.int8 = _Int8Matrix(self.weight, self.bias)
+        del self.weight, self.bias
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self._out(nn.functional.linear(self._in(x, self.weight), self.weight, self.bias), x)
+        if self.quantized:
+            logits = self.int8(x)
+        else:
+            logits = self._out(nn.functional.linear(self._in(x, self.weight), self.weight, self.bias), x)
         return dict(zip(self.names, torch.split(logits, self.sizes, dim=-1)))
 
 
@@ -160,12 +297,38 @@ class _GroupedMLP(_Reduced):
 
     def reduce(self, dtype: torch.dtype | None) -> _Reduced:
         super().reduce(dtype)
-        if dtype is not None and dtype != torch.float32 and self.w1_columns:
+        if dtype is not None and dtype not in (torch.float32, torch.int8) and self.w1_columns:
             self.w1 = self.w1.t().contiguous()
             self.w1_columns = False
         return self
 
+    def _quantize(self) -> None:
+        # Layer 1 one int8 matrix (G*H rows); layer 2 one per head, each called on its own
+        # slice of the hidden units: measured faster than dequantizing a bucket for one
+        # baddbmm (64 heads of 256 x 1000: 18 ms vs 38 ms float32 vs 64 ms at batch 8).
+        rows = self.w1.t() if self.w1_columns else self.w1
+        self.l1 = _Int8Matrix(rows, self.b1)
+        seconds = []
+        for k, (start, end, _) in enumerate(self.buckets):
+            w2, b2 = getattr(self, f"w2_{k}"), getattr(self, f"b2_{k}")
+            for j in range(end - start):
+                size = self.sizes[start + j]
+                seconds.append(_Int8Matrix(w2[j, :, :size].t(), b2[j, 0, :size]))
+            delattr(self, f"w2_{k}")
+            delattr(self, f"b2_{k}")
+        self.l2 = nn.ModuleList(seconds)
+        del self.w1, self.b1
+
+    def _forward_int8(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = nn.functional.gelu(self.l1(x.float()), approximate=self.approximate)
+        batch = hidden.shape[:-1]
+        per_head = hidden.reshape(-1, len(self.names), self.hidden).transpose(0, 1).contiguous()
+        return {name: layer(h).to(x.dtype).reshape(*batch, size)
+                for name, layer, h, size in zip(self.names, self.l2, per_head, self.sizes)}
+
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.quantized:
+            return self._forward_int8(x)
         xin = self._in(x, self.w1)
         if self.w1_columns:
             first = torch.addmm(self.b1, xin.reshape(-1, xin.shape[-1]), self.w1).reshape(*xin.shape[:-1], -1)
@@ -248,8 +411,10 @@ class HeadBank(nn.Module):
             ``[a-z0-9_]+``. Each head's ``tap`` and ``classes`` come from its meta.
         weight_dtype: ``None`` (the heads' own dtype, the default), or ``torch.bfloat16`` /
             ``torch.float16`` / ``torch.float32`` (or their names): the dtype the fused
-            linear and grouped MLP weights are stored and multiplied in. Logits come
-            back in the features' dtype.
+            linear and grouped MLP weights are stored and multiplied in; or ``"int8"`` /
+            ``torch.int8``: int8 weights with one float32 scale per output row, run by the
+            quantized CPU engine (:class:`_Int8Matrix`). Logits come back in the
+            features' dtype.
 
     Attributes:
         names: head names, sorted.
@@ -318,6 +483,10 @@ class HeadBank(nn.Module):
         })
         self.taps: list[str] = sorted(set(self.head_taps.values()))
         self.eval()
+
+    def weight_bytes(self) -> int:
+        """Bytes of the fused and grouped weights (biases and int8 scales included) read per batch."""
+        return sum(m.weight_bytes() for m in [*self.fused.values(), *self.grouped.values()])
 
     @staticmethod
     def _check_outputs(name: str, outputs: int, classes: list[str]) -> None:

@@ -402,7 +402,7 @@ def classify(
     # What changes a row beyond the inputs and the release: batch composition, decoding, precision.
     settings = {"batch_size": batch_size, "draft": bool(draft), "precision": "bf16" if amp else "fp32"}
     if bank.weight_dtype is not None:  # reduced-precision head weights change the scores: part of the job
-        settings["head_weights"] = str(bank.weight_dtype).removeprefix("torch.")
+        settings["head_weights"] = str(bank.weight_dtype).removeprefix("torch.")  # bfloat16, float16, int8
     if names is not None:
         fingerprint = job_fingerprint(names, release, rows_per_shard, heads, settings)
     else:

@@ -103,9 +103,11 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
         references: ``{head: reference}`` to assess against; None: the registered ones.
         thresholds: ``{head: drift thresholds}``; None: the registered configs'.
         workspace: the drift report goes into its ``runs/monitor/`` (None: beside the output).
-        head_weights: the head bank's weight precision (``bfloat16`` / ``float16``; None:
-            the heads' own float32). Hundreds of 1000-class heads are bound by reading their
-            weights each batch; bf16 halves that (see :mod:`heads.bank`). Part of the job's settings.
+        head_weights: the head bank's weight precision (``bfloat16`` / ``float16`` / ``int8``;
+            None or ``float32``: the heads' own float32). Hundreds of 1000-class heads are bound
+            by reading their weights each batch; bf16/fp16 halve that, int8 with per-row scales
+            quarters it and runs on the quantized CPU engine (see :mod:`heads.bank`). Part of the
+            job's settings.
         claim_lease_s: how long this run's shard claims hold unrenewed (runs sharing one output
             on several hosts take over a dead host's shards after it).
 
@@ -124,7 +126,8 @@ def classify_job(client: MlflowClient, input: str | Path, output: str | Path, *,
     labelled = read_labels_file(labels, {n: h.classes for n, h in heads.items()}) if labels is not None else None
     # Streamed: a folder walk or manifest of tens of millions of entries is never held as a list.
     paths = InputStream(input)
-    success = classify_paths(trunk, HeadBank(heads, weight_dtype=None if head_weights == "float32" else head_weights), paths, output, release=chosen.as_dict(), batch_size=batch_size,
+    bank = HeadBank(heads, weight_dtype=None if head_weights == "float32" else head_weights)
+    success = classify_paths(trunk, bank, paths, output, release=chosen.as_dict(), batch_size=batch_size,
                              num_workers=num_workers, device=device, rows_per_shard=rows_per_shard,
                              progress=progress, draft=draft, backend=backend, ray_options=ray_options,
                              allow_foreign_files=allow_foreign_files, monitor=monitor, claim_lease_s=claim_lease_s)

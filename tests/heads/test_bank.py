@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.bank import HeadBank, HeadBankError
+import heads.bank as bank_module
+from heads.bank import HeadBank, HeadBankError, quantize_rows
 from heads.branch import BranchHead, branch_kwargs
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead, load_head, save_head
@@ -235,9 +236,108 @@ def test_bf16_bank_agrees_with_fp32_on_top1():
 
 
 def test_reduced_bank_errors_and_moves(mixed_heads):
-    with pytest.raises(HeadBankError, match="weight_dtype must be one of float32, bfloat16, float16 or None"):
-        HeadBank(mixed_heads, weight_dtype="int8")
+    with pytest.raises(HeadBankError, match="weight_dtype must be one of float32, bfloat16, float16, int8 or None"):
+        HeadBank(mixed_heads, weight_dtype="int4")
     bank = HeadBank(mixed_heads, weight_dtype="float16")
     assert bank.grouped["group_0"].w1.dtype == torch.float16
     # Branch heads (and other singles) keep their own weights.
     assert bank.branches["tap_0"].heads[0].fc.weight.dtype == torch.float32
+
+
+def int8_error_bound(x: torch.Tensor, weight: torch.Tensor, activations: bool) -> torch.Tensor:
+    """Largest |int8 logit - float32 logit| per (row, output): weight rounding, plus activation rounding.
+
+    Weights round to within half their row's step (absmax / 127). The quantized engine also
+    rounds the batch's activations to 7 bits over [min(x, 0), max(x, 0)] (``reduce_range``).
+    """
+    w_half = weight.abs().amax(dim=1) / 127 / 2
+    x_half = (x.max().clamp(min=0) - x.min().clamp(max=0)) / 127 / 2 if activations else torch.tensor(0.0)
+    bound = x.abs() @ w_half[None, :].expand(x.shape[1], -1) + x_half * weight.abs().sum(dim=1) \
+        + x.shape[1] * w_half * x_half
+    return bound * 1.01 + 1e-5
+
+
+def int8_heads(seed: int, width: int = 256, n_classes: int = 500) -> dict[str, LoadedHead]:
+    torch.manual_seed(seed)
+    heads = {f"lin_{i}": make_head(f"lin_{i}", LinearHead(width, n_classes), "pooled", n_classes) for i in range(3)}
+    heads.update({f"mlp_{i}": make_head(f"mlp_{i}", MLPHead(width, n_classes, hidden=32), "pooled", n_classes)
+                  for i in range(3)})
+    return heads
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("engine", [True, False], ids=["quantized-engine", "dequantized"])
+def test_int8_bank_stays_within_its_rounding_and_agrees_on_top1(engine, monkeypatch):
+    if not engine:  # the GPU / no-engine route: int8 weights dequantized per chunk
+        monkeypatch.setattr(bank_module, "_int8_engine", lambda: None)
+    elif bank_module._int8_engine() is None:
+        pytest.skip("this torch has no quantized CPU engine")
+    heads = int8_heads(seed=5)
+    x = torch.relu(torch.randn(128, 256, generator=torch.Generator().manual_seed(6)))
+    full, low = HeadBank(heads), HeadBank(heads, weight_dtype="int8")
+    assert low.weight_dtype is torch.int8 and low.fused["tap_0"].int8.packed == engine
+    with torch.inference_mode():
+        ref, out = full({"pooled": x}), low({"pooled": x})
+    for name, head in heads.items():
+        assert out[name].dtype == torch.float32 and out[name].shape == ref[name].shape
+        err = (out[name] - ref[name]).abs()
+        if name.startswith("lin_"):
+            bound = int8_error_bound(x, head.module.fc.weight.detach(), activations=engine)
+            assert bool((err <= bound).all()), float((err - bound).max())
+            # A label can change only where the fp32 top two are nearer than twice the bound.
+            top = ref[name].topk(2, dim=-1)
+            changed = out[name].argmax(-1) != top.indices[:, 0]
+            margin = top.values[:, 0] - top.values[:, 1]
+            assert bool((margin[changed] <= 2 * bound.max(dim=1).values[changed]).all())
+        else:  # two rounded layers: a few percent of the logits' scale, not a wrong-matrix error
+            assert err.max().item() <= 0.05 * ref[name].abs().max().item()
+        assert (out[name].argmax(-1) == ref[name].argmax(-1)).float().mean().item() >= 0.9
+    # A quarter of float32's bytes, plus a float scale per row.
+    assert low.weight_bytes() < 0.27 * full.weight_bytes()
+
+
+def test_int8_scales_are_per_row_so_tiny_rows_keep_their_precision():
+    gen = torch.Generator().manual_seed(8)
+    tiny, huge = LinearHead(64, 4), LinearHead(64, 4)
+    with torch.no_grad():
+        tiny.fc.weight.copy_(1e-4 * torch.randn(4, 64, generator=gen))
+        huge.fc.weight.copy_(1e3 * torch.randn(4, 64, generator=gen))
+        tiny.fc.bias.zero_()
+        huge.fc.bias.zero_()
+    heads = {"tiny": make_head("tiny", tiny, "pooled", 4), "huge": make_head("huge", huge, "pooled", 4)}
+    bank = HeadBank(heads, weight_dtype="int8")
+    matrix = bank.fused["tap_0"].int8
+    weight = torch.cat([huge.fc.weight, tiny.fc.weight]).detach()  # sorted names: huge, tiny
+    # One symmetric scale per output row: absmax / 127, so each row uses all of -127..127.
+    torch.testing.assert_close(matrix.scale, weight.abs().amax(dim=1) / 127)
+    q = matrix.weight_int8()
+    assert q.dtype == torch.int8 and tuple(q.shape) == (8, 64)
+    assert (q.abs().amax(dim=1) == 127).all()
+    assert bool(((q.float() * matrix.scale[:, None] - weight).abs() <= matrix.scale[:, None] / 2 + 1e-12).all())
+    q2, s2 = quantize_rows(weight)
+    assert torch.equal(q2, q) and torch.equal(s2, matrix.scale)
+    x = torch.randn(16, 64, generator=gen)
+    with torch.inference_mode():
+        out = bank({"pooled": x})
+    ref = x @ tiny.fc.weight.detach().t()
+    # One scale for the whole matrix would round every tiny weight to 0 (1e-4 << 1e3 / 127).
+    assert (out["tiny"] - ref).abs().max().item() <= 0.03 * ref.abs().max().item()
+    assert bool((torch.round(tiny.fc.weight / (weight.abs().max() / 127)) == 0).all())
+
+
+def test_int8_bank_moves_pickles_and_keeps_its_outputs():
+    import pickle
+
+    heads = int8_heads(seed=9, width=32, n_classes=20)
+    bank = HeadBank(heads, weight_dtype="int8")
+    x = {"pooled": torch.randn(5, 32, generator=torch.Generator().manual_seed(10))}
+    with torch.inference_mode():
+        before = bank(x)
+        state = bank.state_dict()
+        assert state["fused.tap_0.int8.q"].dtype == torch.int8 and tuple(state["fused.tap_0.int8.q"].shape) == (60, 32)
+        moved = pickle.loads(pickle.dumps(bank.cpu()))  # what the Ray backend does with a bank
+        after = moved(x)
+        half = bank({"pooled": x["pooled"].half()}) if bank_module._int8_engine() else None
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    if half is not None:  # logits come back in the features' dtype
+        assert all(v.dtype == torch.float16 for v in half.values())

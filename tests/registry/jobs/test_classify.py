@@ -164,7 +164,7 @@ def test_a_label_that_is_not_a_class_is_one_line_before_any_image_is_classified(
     assert not (tmp_path / "out").exists()
 
 
-def test_bf16_head_weights_are_part_of_the_job_and_keep_the_labels(client, production, tmp_path):
+def test_reduced_head_weights_are_part_of_the_job_and_keep_the_labels(client, production, tmp_path):
     folder, _ = production
     fp32 = classify_job(client, folder, tmp_path / "fp32", monitor=False, **RUN)
     bf16 = classify_job(client, folder, tmp_path / "bf16", monitor=False, head_weights="bfloat16", **RUN)
@@ -179,3 +179,10 @@ def test_bf16_head_weights_are_part_of_the_job_and_keep_the_labels(client, produ
     # float32 named explicitly is the default job, not a new one
     again = classify_job(client, folder, tmp_path / "fp32", monitor=False, head_weights="float32", **RUN)
     assert again["fingerprint"] == fp32["fingerprint"]
+    # int8 weights with per-row scales: their own job too, scores within int8's rounding.
+    int8 = classify_job(client, folder, tmp_path / "int8", monitor=False, head_weights="int8", **RUN)
+    assert int8["settings"]["head_weights"] == "int8"
+    assert int8["fingerprint"] not in (fp32["fingerprint"], bf16["fingerprint"])
+    c = pq.read_table(sorted((tmp_path / "int8").glob("part-*.parquet"))).to_pydict()
+    assert c["path"] == a["path"] and c["colour_label"] == a["colour_label"] and c["shape_label"] == a["shape_label"]
+    assert max(abs(a[f"{h}_score"][i] - c[f"{h}_score"][i]) for h in ("colour", "shape") for i in ok) < 0.01
