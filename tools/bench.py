@@ -9,6 +9,8 @@
     python -m tools.bench suite=roundtrips   (tracking-server requests per registry operation, 10 vs 300 heads)
     python -m tools.bench suite=promotion    (16 processes x 4 heads promoting through a real mlflow server)
     python -m tools.bench suite=cascade      (the refresh cascade over N heads, one at a time vs in parallel)
+    python -m tools.bench suite=quantize model=resnet50   (fp32 vs int8 static / dynamic / weight-only trunks)
+    python -m tools.bench suite=cache_precision   (feature cache int8 vs fp16: bytes per row, linear-probe accuracy)
 """
 
 from __future__ import annotations
@@ -126,8 +128,31 @@ def run_cascade(cfg: DictConfig) -> dict:
     return _publish(cfg, result, format_cascade_table(result), "cpu-cascade.json")
 
 
+def run_quantize(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.quantize.run_quantize_benchmark` (model, image_size from the root) with ``quantize.*``."""
+    from benchmarks.quantize import format_quantize_table, run_quantize_benchmark
+
+    q = cfg.quantize
+    result = run_quantize_benchmark(cfg.model, image_size=cfg.image_size, batch_size=q.batch_size,
+                                    n_batches=q.n_batches, repeats=q.repeats, warmup=cfg.warmup,
+                                    schemes=None if q.schemes is None else list(q.schemes),
+                                    calibration=q.calibration, seed=cfg.seed, device=device(cfg))
+    return _publish(cfg, result, format_quantize_table(result), f"{result['device']}-quantize.json")
+
+
+def run_cache_precision(cfg: DictConfig) -> dict:
+    """Run :func:`benchmarks.cache_precision.run_cache_precision_benchmark` with ``cache_precision.*``."""
+    from benchmarks.cache_precision import format_cache_precision_table, run_cache_precision_benchmark
+
+    c = cfg.cache_precision
+    result = run_cache_precision_benchmark(c.workdir, n_images=c.n_images, size=c.size, seed=cfg.seed,
+                                           heads=list(c.heads), model=c.model)
+    return _publish(cfg, result, format_cache_precision_table(result), "cpu-cache-precision.json")
+
+
 SUITES = {"pipeline": run_pipeline, "streaming": run_streaming, "bank": run_bank, "cache": run_cache,
-          "roundtrips": run_roundtrips, "promotion": run_promotion, "cascade": run_cascade}
+          "roundtrips": run_roundtrips, "promotion": run_promotion, "cascade": run_cascade, "quantize": run_quantize,
+          "cache_precision": run_cache_precision}
 
 
 def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> dict:

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # The only `_target_`s a candidate config may name.
 CANDIDATE_CLASSES = ("tools.candidates.Registered", "tools.candidates.Multitask", "tools.candidates.Timm",
-                     "tools.candidates.Distill")
+                     "tools.candidates.Distill", "tools.candidates.Quantize")
 
 
 @dataclass
@@ -121,7 +121,7 @@ class Timm:
 
 
 class Distill(_Trained):
-    """Production's trunk distilled into ``settings.student``."""
+    """Production's trunk (or trunk v``settings.teacher``) distilled into ``settings.student``."""
 
     def builder(self, ctx: Context) -> Callable[[], Any]:
         from registry.jobs import refresh
@@ -129,10 +129,52 @@ class Distill(_Trained):
         d = self.settings
         return lambda: refresh.distill_candidate(
             ctx.client, ctx.ws, model_name=d["student"]["model_name"], model_kwargs=d["student"]["model_kwargs"],
-            student_seed=d["student"]["seed"], input=d["input"], taps=d["taps"], **self.training_args(ctx))
+            student_seed=d["student"]["seed"], input=d["input"], taps=d["taps"], teacher=d["teacher"],
+            head_loss_weight=d["head_loss_weight"], temperature=d["temperature"], **self.training_args(ctx))
 
 
-def build_candidate(cfg: DictConfig) -> Registered | Multitask | Timm | Distill:
+class Quantize:
+    """Production's trunk quantized (:mod:`trunk.quantize`); its settings are the config's own fields.
+
+    Args:
+        scheme: static, dynamic, weight_only, float16 or bfloat16.
+        calibration_images: static: at most this many calibration images.
+        input: calibration images (folder, manifest, URI); None: the production heads' training images.
+        seed: the order calibration images are drawn in.
+        source: the ``trunk`` version to quantize; None: production's (``tools.reduce`` passes
+            a distilled student's).
+    """
+
+    name = "candidate"
+
+    def __init__(self, scheme: str = "static", calibration_images: int = 256, input: str | None = None,
+                 seed: int = 0, source: int | None = None) -> None:
+        from trunk.quantize import SCHEMES
+
+        if scheme not in SCHEMES:
+            raise ValueError(f"field 'candidate.scheme': '{scheme}' is not one of {', '.join(SCHEMES)}")
+        if isinstance(calibration_images, bool) or not isinstance(calibration_images, int) or calibration_images < 1:
+            raise ValueError(f"field 'candidate.calibration_images': '{calibration_images}' is not a count of at "
+                             f"least 1")
+        if input is not None and (not isinstance(input, str) or not input.strip()):
+            raise ValueError(f"field 'candidate.input': '{input}' is not a folder, manifest or URI (or null)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"field 'candidate.seed': '{seed}' is not an integer")
+        if source is not None and (isinstance(source, bool) or not isinstance(source, int) or source < 1):
+            raise ValueError(f"field 'candidate.source': '{source}' is not a trunk version (or null)")
+        self.scheme, self.calibration_images, self.input, self.seed = scheme, calibration_images, input, seed
+        self.source = source
+
+    def builder(self, ctx: Context) -> Callable[[], Any]:
+        from registry.jobs.quantize import quantize_candidate
+
+        return lambda: quantize_candidate(ctx.client, ctx.ws, scheme=self.scheme,
+                                          calibration_images=self.calibration_images, input=self.input,
+                                          seed=self.seed, device=ctx.device, progress=ctx.cfg.progress,
+                                          source_version=self.source)
+
+
+def build_candidate(cfg: DictConfig) -> Registered | Multitask | Timm | Distill | Quantize:
     """Instantiate ``cfg.candidate`` if it names one of :data:`CANDIDATE_CLASSES` and nothing else private."""
     node = cfg.candidate
     target = node.get("_target_")
@@ -141,4 +183,11 @@ def build_candidate(cfg: DictConfig) -> Registered | Multitask | Timm | Distill:
     for key in node:
         if str(key).startswith("_") and key != "_target_":
             raise ValueError(f"field 'candidate.{key}': '{key}' is not allowed in a candidate config")
-    return instantiate(node, _convert_="all")
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, _convert_="all")
+    except InstantiationException as e:  # a class's own one-line refusal of a setting, not Hydra's wrapping
+        if isinstance(e.__cause__, ValueError):
+            raise e.__cause__ from None
+        raise

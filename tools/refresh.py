@@ -6,14 +6,20 @@
     python -m tools.refresh                      # the trunk aliased `candidate`
     python -m tools.refresh candidate=3          # trunk version 3 (= candidate=version candidate.version=3)
     python -m tools.refresh parallel.backend=process parallel.workers=4   # heads retrained 4 at a time
+
+Data-parallel: candidate=distill and candidate=multitask train under torchrun (gloo on CPU,
+NCCL on GPUs, trunk.distributed); rank 0 registers the candidate and runs the cascade.
+
+    torchrun --nproc_per_node=2 -m tools.refresh candidate=distill device=cpu
 """
 
 from __future__ import annotations
 
 import sys
 
-from tools.candidates import Context, build_candidate
+from tools.candidates import Context, Distill, Multitask, build_candidate
 from tools.common import client, device, num_workers, tool, workspace
+from trunk import distributed
 
 
 def numbered_candidate(args: list[str]) -> list[str]:
@@ -38,15 +44,28 @@ def main(cfg) -> None:
     from registry.jobs.refresh import refresh_job
 
     ws = workspace(cfg)
-    mlflow_client = client(cfg, ws)
-    dev, workers = device(cfg), num_workers(cfg)
     candidate = build_candidate(cfg)  # the `candidate` config group's option, instantiated
-    build = candidate.builder(Context(cfg, mlflow_client, ws, dev, workers))
     c, p = cfg.contract, cfg.parallel
+    with distributed.launched(device(cfg), timeout_s=cfg.distributed_timeout_s) as dev:
+        main = distributed.is_main()
+        if distributed.current() is not None and not isinstance(candidate, (Distill, Multitask)):
+            raise ValueError("field 'candidate': only candidate=distill and candidate=multitask train, so only they "
+                             "run under torchrun; run this one as a single process")
+        if not main:  # rank 0 opens (and migrates) the store first; the others then only read it
+            distributed.broadcast_int(None)
+        mlflow_client = client(cfg, ws)
+        if main:
+            distributed.broadcast_int(0)
+        workers = num_workers(cfg)
+        build = candidate.builder(Context(cfg, mlflow_client, ws, dev, workers))
+        made = build() if build is not None else None  # every rank trains; rank 0 registers
+    if not main:  # rank 0 reports and runs the cascade, alone, after the ranks have parted
+        return
     built, result = refresh_job(
-        mlflow_client, ws, build=build, candidate=candidate.name, tolerances=Tolerances(c.tolerance, c.slice_tolerance, c.min_slice_size),
-        batch_size=cfg.batch_size, num_workers=workers, device=dev, progress=cfg.progress, promote=cfg.promote,
-        cascade=cfg.cascade, parallel=Parallel(p.backend, p.workers, p.threads, p.address), echo=print)
+        mlflow_client, ws, build=None if build is None else (lambda: made), candidate=candidate.name,
+        tolerances=Tolerances(c.tolerance, c.slice_tolerance, c.min_slice_size), batch_size=cfg.batch_size,
+        num_workers=workers, device=dev, progress=cfg.progress, promote=cfg.promote, cascade=cfg.cascade,
+        parallel=Parallel(p.backend, p.workers, p.threads, p.address), echo=print)
     if built is not None and built.how == "distill":
         f = built.figures
         from trunk.timing import times_faster

@@ -171,7 +171,7 @@ class ClassifyConfig(TrackedConfig):
     labels: Optional[str] = None
     # Stream monitoring stats and assess drift (registry.jobs.monitor); false: the bare job.
     monitor: bool = True
-    # The head bank's weight precision: null (the heads' float32), bfloat16 or float16.
+    # The head bank's weight precision: null (the heads' float32), bfloat16, float16 or int8 (per-row scales).
     head_weights: Optional[str] = None
     # Seconds a run's shard claims hold unrenewed (runs on other hosts take over after it).
     claim_lease_s: float = 60.0
@@ -180,7 +180,7 @@ class ClassifyConfig(TrackedConfig):
         super().__post_init__()
         one_of("backend", self.backend, ("local", "ray"))
         if self.head_weights is not None:
-            one_of("head_weights", self.head_weights, ("float32", "bfloat16", "float16"))
+            one_of("head_weights", self.head_weights, ("float32", "bfloat16", "float16", "int8"))
         if not self.claim_lease_s > 0:
             raise ValueError(f"field 'claim_lease_s': must be positive, got {self.claim_lease_s}")
 
@@ -252,10 +252,21 @@ class DistillSettings(TrainSettings):
     input: Optional[str] = None
     # `auto` or a list of taps (Any: OmegaConf has no Union).
     taps: Any = "auto"
+    # null: production's trunk; N: trunk version N (then linear probes stand in for the heads).
+    teacher: Optional[int] = None
+    # Weight of the heads' T^2 * KL(teacher || student) (0: features only).
+    head_loss_weight: float = 0.0
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.taps != "auto" and not (isinstance(self.taps, list) and all(isinstance(t, str) for t in self.taps)):
             raise ValueError(f"field 'distill.taps': '{self.taps}' is neither 'auto' nor a list of taps")
+        if self.teacher is not None and self.teacher < 1:
+            raise ValueError(f"field 'distill.teacher': '{self.teacher}' is neither null nor a trunk version (>= 1)")
+        if not self.head_loss_weight >= 0:
+            raise ValueError(f"field 'distill.head_loss_weight': '{self.head_loss_weight}' must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"field 'distill.temperature': '{self.temperature}' must be > 0")
 
 
 @dataclass
@@ -286,6 +297,13 @@ class RefreshConfig(TrackedConfig):
     multitask: MultitaskSettings = field(default_factory=MultitaskSettings)
     distill: DistillSettings = field(default_factory=DistillSettings)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    # Under torchrun (candidate=distill|multitask): how long a rank waits for its peers.
+    distributed_timeout_s: float = 1800.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"field 'distributed_timeout_s': must be positive, got {self.distributed_timeout_s}")
 
 
 @dataclass
@@ -322,7 +340,7 @@ class BankBench:
     n_heads: int = 256
     num_classes: int = 1000
     batch_sizes: list[int] = field(default_factory=lambda: [8, 64])
-    weight_dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16"])
+    weight_dtypes: list[str] = field(default_factory=lambda: ["float32", "bfloat16", "float16", "int8"])
     n_mlp: int = 64
     mlp_hidden: int = 256
     repeats: int = 5
@@ -375,6 +393,28 @@ class CascadeBench:
 
 
 @dataclass
+class QuantizeBench:
+    """``suite=quantize``: :func:`benchmarks.quantize.run_quantize_benchmark`'s own settings."""
+
+    batch_size: int = 8
+    n_batches: int = 2
+    repeats: int = 5
+    schemes: Optional[list[str]] = None
+    calibration: int = 16
+
+
+@dataclass
+class CachePrecisionBench:
+    """``suite=cache_precision``: :func:`benchmarks.cache_precision.run_cache_precision_benchmark`'s settings."""
+
+    n_images: int = 3000
+    size: int = 64
+    heads: list[str] = field(default_factory=lambda: ["shape", "colour", "count", "texture"])
+    model: str = "test_resnet"
+    workdir: Optional[str] = None
+
+
+@dataclass
 class BenchConfig(BaseConfig):
     suite: str = "heads"
     model: str = "resnet18"
@@ -402,11 +442,13 @@ class BenchConfig(BaseConfig):
     roundtrips: RoundtripBench = field(default_factory=RoundtripBench)
     promotion: PromotionBench = field(default_factory=PromotionBench)
     cascade: CascadeBench = field(default_factory=CascadeBench)
+    quantize: QuantizeBench = field(default_factory=QuantizeBench)
+    cache_precision: CachePrecisionBench = field(default_factory=CachePrecisionBench)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         one_of("suite", self.suite, ("heads", "pipeline", "streaming", "bank", "cache", "roundtrips", "promotion",
-                                       "cascade"))
+                                       "cascade", "quantize", "cache_precision"))
 
 
 @dataclass
@@ -430,11 +472,57 @@ class MonitorConfig(TrackedConfig):
             raise ValueError(f"field 'last': must be at least 1, got {self.last}")
 
 
+@dataclass
+class QuantizeSettings:
+    """How a quantized candidate is calibrated (tools.candidates.Quantize; the scheme is per candidate)."""
+
+    calibration_images: int = 256
+    # Calibration images (folder, manifest, URI); null: the production heads' training images.
+    input: Optional[str] = None
+    seed: int = 0
+
+
+@dataclass
+class ReduceSpace:
+    """The reductions ``tools.reduce`` searches (registry.jobs.reduce)."""
+
+    # Quantization schemes applied to production's trunk.
+    schemes: list[str] = field(default_factory=lambda: ["static", "dynamic"])
+    # Distilled students by name ([a-z0-9_]+): each a timm model and its kwargs.
+    students: dict[str, StudentSettings] = field(default_factory=dict)
+    # Schemes applied to each distilled student as well (the combinations).
+    student_schemes: list[str] = field(default_factory=lambda: ["static"])
+
+    def __post_init__(self) -> None:
+        import re
+
+        for name in self.students:
+            if not re.fullmatch(r"[a-z0-9_]+", str(name)):
+                raise ValueError(f"field 'space.students': name '{name}' must match [a-z0-9_]+")
+
+
+@dataclass
+class ReduceConfig(TrackedConfig):
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    promote: bool = True
+    # What "cheapest" means: ms (time per image measured here), gflops or bytes (serving weights).
+    cost: str = "ms"
+    space: ReduceSpace = field(default_factory=ReduceSpace)
+    distill: DistillSettings = field(default_factory=DistillSettings)
+    quantize: QuantizeSettings = field(default_factory=QuantizeSettings)
+    contract: ContractConfig = field(default_factory=ContractConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        one_of("cost", self.cost, ("ms", "gflops", "bytes"))
+
+
 SCHEMAS = {
     "train_head": TrainHeadConfig, "extract": ExtractConfig, "tradeoff": TradeoffConfig,
     "train_trunk": TrainTrunkConfig, "register_trunk": RegisterTrunkConfig, "classify": ClassifyConfig,
     "report": ReportConfig, "rollback": RollbackConfig, "demo": DemoConfig, "refresh": RefreshConfig,
-    "bench": BenchConfig, "monitor": MonitorConfig,
+    "bench": BenchConfig, "monitor": MonitorConfig, "reduce": ReduceConfig,
 }
 
 

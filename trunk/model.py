@@ -255,6 +255,14 @@ class Trunk(nn.Module):
                 f"trunk '{self.model_name}' has no tap '{name}'; valid taps: {', '.join(self._taps)}"
             ) from None
 
+    def serving_model(self) -> nn.Module:
+        """The network :meth:`forward` runs: the timm model itself.
+
+        A quantized trunk (:mod:`trunk.quantize`) runs its own int8 or 16-bit copy here and
+        keeps the float model in :attr:`model` for ``feature_info`` and branch heads.
+        """
+        return self.model
+
     def forward(self, x: torch.Tensor, taps: Sequence[str] = (POOLED,)) -> dict[str, torch.Tensor]:
         """Run the network only as far as the deepest requested tap needs.
 
@@ -267,21 +275,21 @@ class Trunk(nn.Module):
             maps for CNNs, tokens with their prefix tokens first for ViT-like models.
         """
         specs = [self.tap(t) for t in dict.fromkeys(taps)]
+        net = self.serving_model()
         indices = sorted({s.index for s in specs if s.name != POOLED})
         want_pooled = any(s.name == POOLED for s in specs)
         out: dict[str, torch.Tensor] = {}
         if not indices:
             if want_pooled:
-                out[POOLED] = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
+                out[POOLED] = net.forward_head(net.forward_features(x), pre_logits=True)
             return out
         # Token taps: timm splits each into (spatial, prefix); they are joined back below.
         fmt = {"output_fmt": "NLC", "return_prefix_tokens": True} if self.token_prefix else {}
         if want_pooled:
-            final, inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=False, **fmt)
-            out[POOLED] = self.model.forward_head(final, pre_logits=True)
+            final, inter = net.forward_intermediates(x, indices=indices, intermediates_only=False, **fmt)
+            out[POOLED] = net.forward_head(final, pre_logits=True)
         else:
-            inter = self.model.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True,
-                                                     **fmt)
+            inter = net.forward_intermediates(x, indices=indices, intermediates_only=True, stop_early=True, **fmt)
         if self.token_prefix:
             inter = [torch.cat([prefix, spatial], dim=1) for spatial, prefix in inter]
         by_index = dict(zip(indices, inter))
@@ -314,7 +322,11 @@ class Trunk(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> Trunk:
-        """Rebuild a trunk saved by :meth:`save`; its trunk_id is checked against the spec."""
+        """Rebuild a trunk saved by :meth:`save`; its trunk_id is checked against the spec.
+
+        A spec with a ``reduction`` field is a quantized trunk, rebuilt by
+        :func:`trunk.quantize.load_quantized`.
+        """
         directory = Path(directory)
         spec_path = directory / SPEC_FILE
         try:
@@ -323,6 +335,10 @@ class Trunk(nn.Module):
             raise TrunkError(f"no trunk spec at {spec_path}") from None
         except json.JSONDecodeError as e:
             raise TrunkError(f"{spec_path}: not valid JSON ({e})") from None
+        if "reduction" in spec:  # a quantized trunk: its own layout and rebuild (trunk.quantize)
+            from trunk.quantize import load_quantized
+
+            return load_quantized(directory, spec)
         trunk = cls(spec["model_name"], weights=directory / WEIGHTS_FILE,
                     data_config=spec.get("data_config"), model_kwargs=spec.get("model_kwargs"))
         if spec.get("trunk_id") and spec["trunk_id"] != trunk.trunk_id:

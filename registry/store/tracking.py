@@ -31,7 +31,7 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades", "heldout", "monitoring")
+EXPERIMENTS = ("trunks", "heads", "releases", "reports", "cascades", "heldout", "monitoring", "reductions")
 
 # The columns of MLflow's SQLite schema that hold absolute artifact URIs (MLflow 2 and 3;
 # those a given schema lacks are skipped). Everything else there is relative or not ours.

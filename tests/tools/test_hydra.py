@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ from omegaconf import OmegaConf
 from heads.spec import HeadConfigError
 from tools.candidates import Distill, Multitask, Registered, build_candidate
 from tools.common import CONF_DIR, check_config, composition_error_line, head_spec, num_workers
+from tests.tools.toolserver import run_tool_process
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD_TEAM_HEAD = ("name: {name}\nowner: team-outside\ndata:\n  manifest: /data/{name}.csv\n"
@@ -45,8 +45,7 @@ def refusal(name: str, *overrides: str) -> str:
 def run_tool(tool: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HYDRA_"))}
     env["PYTHONPATH"] = str(REPO)
-    return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return run_tool_process(REPO, env, tool, list(args), timeout=timeout)  # its own process, imports paid once
 
 
 def test_head_group_override_reaches_the_spec():
@@ -96,9 +95,9 @@ def test_every_tool_config_is_typed():
         refusal("classify", "input=/x")
     assert "field 'to'" in refusal("rollback", "to=latest")
     assert "field 'suite': 'nope' is not one of: heads, pipeline, streaming, bank, cache, roundtrips, promotion, " \
-           "cascade" == refusal("bench", "suite=nope")
+           "cascade, quantize, cache_precision" == refusal("bench", "suite=nope")
     assert refusal("classify", "input=/x", "output=/y", "head_weights=int4") == \
-        "field 'head_weights': 'int4' is not one of: float32, bfloat16, float16"
+        "field 'head_weights': 'int4' is not one of: float32, bfloat16, float16, int8"
     assert refusal("extract") == "field 'input': give exactly one of input=<folder or manifest> or head=<name>"
     assert refusal("refresh", "multitask.base=nope") == "field 'multitask.base': 'nope' is not one of: production, config"
     assert num_workers(compose_tool("classify", "num_workers=auto")) >= 1
@@ -112,7 +111,7 @@ def test_candidate_is_a_config_group_of_allowlisted_classes():
     m = build_candidate(compose_tool("refresh", "candidate=multitask", "multitask.epochs=8"))
     assert isinstance(m, Multitask) and m.settings["epochs"] == 8
     assert isinstance(build_candidate(compose_tool("refresh", "candidate=distill")), Distill)
-    assert "available: alias, distill, multitask, timm, version" in refusal("refresh", "candidate=bogus")
+    assert "available: alias, distill, multitask, quantize, timm, version" in refusal("refresh", "candidate=bogus")
     cfg = compose_tool("refresh", "candidate=timm")
     OmegaConf.update(cfg, "candidate._target_", "os.system", force_add=True)
     with pytest.raises(ValueError, match=r"field 'candidate._target_': 'os.system' is not one of"):

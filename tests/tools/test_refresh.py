@@ -41,7 +41,7 @@ def test_bad_candidate_method_is_one_line_naming_the_options(ws):
     proc = run_tool("refresh", f"workspace={ws}", "candidate=bogus")
     assert proc.returncode == 2
     assert proc.stderr.strip() == ("error: In 'refresh': Could not find 'candidate/bogus'; available: alias, distill, "
-                                   "multitask, timm, version")
+                                   "multitask, quantize, timm, version")
 
 
 def test_no_candidate_alias_says_how_to_make_one(ws):
@@ -120,3 +120,52 @@ def test_candidate_by_number_on_the_command_line_names_the_missing_version(ws):
     proc = run_tool("refresh", f"workspace={ws}", "candidate=7")
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: trunk v7 does not exist in the registry"
+
+
+@pytest.mark.slow  # torchrun plus two ranks importing torch, timm, MLflow and Hydra, then one process: ~90 s
+def test_distillation_under_torchrun_registers_the_student_one_process_distills(ws, tmp_path):
+    """Two gloo ranks distill (cascade=false) on one copy of the workspace, one process on another."""
+    import shutil
+
+    import torch
+
+    from registry.store.tracking import connect
+    from registry.store.trunks import load_trunk, trunk_alias_versions
+    from tests.trunk.test_distributed import free_port
+
+    copies = {}
+    for name in ("ranks", "single"):
+        copies[name] = tmp_path / name
+        shutil.copytree(ws, copies[name], symlinks=True)
+    before = len(connect(copies["single"]).search_model_versions("name='trunk'"))
+    args = ["candidate=distill", "distill.epochs=1", "distill.batch_size=16", "cascade=false", "progress=false",
+            "device=cpu", "distributed_timeout_s=120"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "tools.refresh",
+                            f"workspace={copies['ranks']}", *args], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=400)
+    assert ranks.returncode == 0, ranks.stdout[-2000:] + ranks.stderr[-3000:]
+    assert ranks.stdout.count("candidate trunk v") == 1 and "distill, built" in ranks.stdout  # rank 0 reports
+    single = run_tool("refresh", f"workspace={copies['single']}", *args)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    students = {}
+    for name, root in copies.items():
+        client = connect(root)
+        # Exactly one version registered per run, by rank 0 alone.
+        assert len(client.search_model_versions("name='trunk'")) == before + 1
+        students[name] = load_trunk(client, trunk_alias_versions(client)["candidate"])
+    a, b = (students[n].model.state_dict() for n in ("ranks", "single"))
+    assert a.keys() == b.keys()
+    from trunk.model import Trunk
+
+    init = Trunk("test_resnet", model_kwargs={"channels": [16, 24, 24, 48], "stem_width": 8},
+                 data_config=students["single"].data_config).model.state_dict()
+    floats = [k for k in b if torch.is_floating_point(b[k])]
+    moved = max((b[k] - init[k]).abs().max().item() for k in floats)
+    apart = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    # Equal up to float summation order (which AdamW's normalised steps amplify a little), while
+    # the epoch moved the weights two orders of magnitude more.
+    assert moved > 1e-2 and apart < 0.02 * moved, (apart, moved)

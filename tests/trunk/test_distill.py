@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from tests.conftest import SMALL
-from trunk.distill import DistillResult, _map_loss, distill_trunk
+from heads.modules import LinearHead
+from trunk.distill import DistillResult, FrozenHead, _map_loss, distill_trunk, head_kl
 from trunk.model import Trunk, TrunkError, state_dict_digest
 
 STUDENT_KWARGS = {"channels": [16, 24, 24, 48], "stem_width": 8}
@@ -166,3 +168,95 @@ def test_same_seed_same_student_and_global_rng_left_as_found(teacher, student, i
     c = distill_trunk(teacher, student, images[:16], epochs=1, batch_size=8, augment_ops=FLIP, seed=4, progress=False)
     assert a.trunk.trunk_id == b.trunk.trunk_id != c.trunk.trunk_id
     assert a.metrics["distill_loss"] == b.metrics["distill_loss"]
+
+
+# --- head-aware distillation: the student learns the frozen heads' softened outputs ---------------------------
+
+
+def peaked_head(teacher: Trunk, images: list[str], classes: int = 4, seed: int = 0) -> LinearHead:
+    """A linear head on the teacher's pooled features whose outputs are confident and vary across images.
+
+    Random init gives nearly uniform outputs, which any student matches; scaling the logits to a
+    spread of about 4 makes the target distributions sharp, so a student that ignores them is far off.
+    """
+    from trunk.preprocess import eval_transform
+    from trunk.decode import load_image
+
+    transform = eval_transform(teacher.data_config)
+    x = torch.stack([transform(load_image(p)[0]) for p in images])
+    with torch.no_grad():
+        feats = copy.deepcopy(teacher).eval()(x, ["pooled"])["pooled"]
+        head = LinearHead(feats.shape[1], classes)
+        head.fc.weight.copy_(torch.randn(classes, feats.shape[1], generator=torch.Generator().manual_seed(seed)))
+        logits = head(feats)
+        head.fc.weight.mul_(4.0 / logits.std())
+        head.fc.bias.copy_(-head.fc.weight @ feats.mean(0))
+    return head.eval()
+
+
+def head_state(module: torch.nn.Module) -> tuple:
+    return (state_dict_digest(module.state_dict()), module.training,
+            [p.requires_grad for p in module.parameters()], {p.device for p in module.parameters()})
+
+
+def test_head_kl_is_zero_for_identical_outputs_and_scales_with_t_squared():
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(8, 5)
+    assert float(head_kl(logits, logits.clone(), 2.0)) == pytest.approx(0.0, abs=1e-6)
+    other = 3 * torch.randn(8, 5)
+    assert float(head_kl(logits, other, 1.0)) > 0.1
+    # T^2 * KL at T: the same as KL of the logits divided by T, times T^2.
+    kl = torch.nn.functional.kl_div(torch.log_softmax(other / 4, 1), torch.softmax(logits / 4, 1), reduction="batchmean")
+    assert float(head_kl(logits, other, 4.0)) == pytest.approx(16 * float(kl), rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def frozen_heads(teacher, images):
+    from heads.branch import BranchHead, branch_kwargs
+
+    branch = BranchHead(teacher.tap("layer2").channels, 3, **branch_kwargs(teacher, "layer2")).init_from_trunk(teacher)
+    with torch.no_grad():
+        branch.fc.weight.mul_(20.0)  # confident outputs here too
+    return [FrozenHead("colour", peaked_head(teacher, images), "pooled"), FrozenHead("count", branch.eval(), "layer2")]
+
+
+def test_the_head_loss_pulls_the_student_to_the_teacher_heads_outputs(teacher, student, images, frozen_heads):
+    before = [head_state(h.module) for h in frozen_heads]
+    runs = {w: distill_trunk(teacher, student, images, taps=["layer2"], heads=frozen_heads, head_loss_weight=w,
+                             temperature=2.0, epochs=4, batch_size=8, progress=False) for w in (0.0, 1.0)}
+    learned, reported = runs[1.0], runs[0.0]
+    # The frozen heads are copies: the caller's modules keep weights, mode, grad flags and device.
+    assert [head_state(h.module) for h in frozen_heads] == before
+    first, last = learned.history[0], learned.history[-1]
+    assert last["loss_heads"] < 0.75 * first["loss_heads"]
+    # Same seed, same images; only the weight differs: learning the heads' outputs gets far closer to them.
+    assert learned.metrics["distill_loss_heads"] < 0.5 * reported.metrics["distill_loss_heads"]
+    for name in ("colour", "count"):
+        assert {f"distill_loss_head_{name}", f"head_agreement_{name}"} <= set(learned.metrics)
+        assert 0.0 <= learned.metrics[f"head_agreement_{name}"] <= 1.0
+    assert learned.metrics["distill_loss_heads"] == pytest.approx(
+        (learned.metrics["distill_loss_head_colour"] + learned.metrics["distill_loss_head_count"]) / 2, rel=1e-5)
+    # The loss is the features' loss plus the weighted head loss.
+    m = learned.metrics
+    assert m["distill_loss"] == pytest.approx(m["distill_loss_pooled"] + m["distill_loss_layer2"]
+                                              + m["distill_loss_heads"], rel=1e-4)
+
+
+def test_weight_zero_is_the_feature_only_student(teacher, student, images, frozen_heads):
+    plain = distill_trunk(teacher, student, images[:16], epochs=1, batch_size=8, progress=False)
+    watched = distill_trunk(teacher, student, images[:16], heads=frozen_heads[:1], head_loss_weight=0.0, epochs=1,
+                            batch_size=8, progress=False)
+    assert watched.trunk.trunk_id == plain.trunk.trunk_id  # heads reported, not learned
+    assert "distill_loss_heads" in watched.metrics and "distill_loss_heads" not in plain.metrics
+
+
+def test_bad_head_settings_are_one_line(teacher, student, images, frozen_heads):
+    with pytest.raises(ValueError, match=r"^field 'heads': head 'count' reads tap 'layer2', which is not distilled "
+                                         r"\(taps: pooled\); add it to taps or leave the head out$"):
+        distill_trunk(teacher, student, images, heads=frozen_heads, head_loss_weight=1.0, progress=False)
+    with pytest.raises(ValueError, match=r"^field 'temperature': must be a finite number > 0, got 0"):
+        distill_trunk(teacher, student, images, heads=frozen_heads[:1], temperature=0, progress=False)
+    with pytest.raises(ValueError, match=r"^field 'head_loss_weight': must be a finite number >= 0, got -1"):
+        distill_trunk(teacher, student, images, heads=frozen_heads[:1], head_loss_weight=-1, progress=False)
+    with pytest.raises(ValueError, match="given twice"):
+        distill_trunk(teacher, student, images, heads=[frozen_heads[0]] * 2, progress=False)

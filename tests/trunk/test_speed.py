@@ -63,7 +63,10 @@ def test_trunk_size_counts_one_trunk_at_its_own_input_size():
     small = Trunk("test_resnet", data_config={"input_size": [3, 32, 32], "crop_pct": 1.0})
     big = Trunk("test_resnet", data_config={"input_size": [3, 64, 64], "crop_pct": 1.0})
     same = compare_trunks(small, small, torch.zeros(2, 3, 32, 32), repeats=1, warmup=0)
-    assert trunk_size(small) == {"gflops": same["teacher_gflops"], "params": same["teacher_params"]}
+    # float32 weights: 4 bytes a parameter, plus the batch norms' running statistics (and counters).
+    buffers = sum(b.numel() * b.element_size() for b in small.model.buffers())
+    assert trunk_size(small) == {"gflops": same["teacher_gflops"], "params": same["teacher_params"],
+                                 "weight_bytes": 4 * same["teacher_params"] + buffers}
     assert trunk_size(big)["gflops"] == pytest.approx(4 * trunk_size(small)["gflops"], rel=0.05)
 
 
