@@ -1,5 +1,8 @@
 """The tools driven exactly as the README does, as subprocesses, on one temporary workspace.
 
+Each run is its own process with its own command line, output and exit status; the
+processes are forked by :mod:`tests.tools.toolserver`, which has imported the libraries once.
+
 Checks what users and other jobs rely on (DESIGN.md): names, tags and metrics in MLflow,
 the release manifest, and the Parquet schema of bulk classification.
 """
@@ -9,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from tests.tools.toolserver import run_tool_process
 
 REPO = Path(__file__).resolve().parents[2]
 # The demo, shrunk to test size: tiny trunk at 32 px, a few hundred images, one trunk epoch.
@@ -25,10 +29,10 @@ HEAD_TAGS = {"trunk_id", "tap", "config_sha", "data_sha"}
 
 
 def run_tool(tool: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m tools.<tool> *args``, its own process (forked by :mod:`tests.tools.toolserver`: imports once)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_tool_process(REPO, env, tool, list(args), timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"tools.{tool} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -108,7 +112,8 @@ def test_demo_mlflow_contents_match_design(demo):
         mv = client.get_model_version(f"head.{name}", str(entry["version"]))
         assert HEAD_TAGS <= set(mv.tags)
         assert mv.tags["trunk_id"] == trunk_id, "all heads in a release share its trunk_id"
-        assert mv.tags["tap"] == "pooled"
+        # Each head where its config attaches it (count_branch forks at layer2, when it passes its gate).
+        assert mv.tags["tap"] == ("layer2" if name == "count_branch" else "pooled")
         metrics = client.get_run(mv.run_id).data.metrics
         assert HEAD_METRICS <= set(metrics)
         assert 0.0 <= metrics["val_accuracy"] <= 1.0 and metrics["params"] > 0 and metrics["added_gflops"] > 0

@@ -2,6 +2,7 @@
 
     python -m tests.heads.classify.driver <manifest.txt> <output> [--kill POINT:N] [--workers W]
         [--batch-delay S] [--sync DIR --parties P]
+    python -m tests.heads.classify.driver --serve
 
 Prints ``ready`` once torch, timm and the models are loaded (so a test can aim its SIGKILL
 at the job itself, not at the imports), then runs :func:`heads.classify.engine.classify` and
@@ -12,6 +13,13 @@ job summary.
 ``--sync DIR --parties P``: after its first shard claim the process waits (up to two
 minutes) until P processes have claimed one (a file each in DIR), so that each of P jobs
 racing on one folder holds a shard before any computes: each computes some, by construction.
+
+``--serve`` starts a fork server instead (:func:`serve`): it imports torch, timm and the
+platform once, then forks one fresh child per job it is asked for, so that a test killing
+and restarting a job twenty times pays those imports once, not twenty times. Each job is
+still its own process, started as the job would be (its own arguments, output files and
+monkeypatches, its models loaded after the fork), killed with a real SIGKILL; only the
+interpreter's start-up is shared.
 
 ``--kill POINT:N`` makes the process SIGKILL itself the N-th time it reaches POINT, a
 real kill at a place a timer rarely hits:
@@ -29,6 +37,7 @@ Claim files are written through the same code as commits; ``write``, ``link`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -165,7 +174,7 @@ def _arm(point: str, n: int) -> None:
         raise SystemExit(f"unknown kill point '{point}'")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("manifest")
     parser.add_argument("output")
@@ -176,7 +185,7 @@ def main() -> None:
     parser.add_argument("--batch-delay", type=float, default=0.0)
     parser.add_argument("--sync", default=None)
     parser.add_argument("--parties", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
     import heads.classify.engine as classify_mod
@@ -222,5 +231,93 @@ def main() -> None:
     print(json.dumps({"committed": committed, "computed": computed, "summary": summary}), flush=True)
 
 
+def _child(job: dict) -> None:
+    """In a forked child: run one job with its own stdout/stderr files, then exit with its status."""
+    code = 1
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        for fd, key in ((1, "stdout"), (2, "stderr")):
+            f = os.open(job[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(f, fd)
+            os.close(f)
+        try:
+            main(job["argv"])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if e.code is not None and not isinstance(e.code, int):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _reply(**fields) -> None:
+    sys.stdout.write(json.dumps(fields) + "\n")
+    sys.stdout.flush()
+
+
+def serve() -> None:
+    """A fork server: one JSON request a line on stdin, one JSON reply a line on stdout.
+
+    Requests: ``{"op": "start", "argv": [...], "stdout": path, "stderr": path}`` forks a
+    child that runs ``main(argv)`` (reply ``{"pid"}``); ``{"op": "wait", "pid", "timeout"}``
+    reaps it (reply ``{"returncode"}``, negative for a signal as with :mod:`subprocess`, or
+    ``{"returncode": null}`` if it has not exited within ``timeout`` seconds; 0: just poll).
+    On end of input, children still running are killed and reaped.
+    """
+    torch.set_num_threads(1)
+    # What a job imports before it prints ``ready``, nothing more: after ``ready`` a forked job
+    # does the same work as a fresh one, so the kills at random moments land alike.
+    import heads.classify.engine  # noqa: F401
+    import heads.classify.output  # noqa: F401
+    import trunk.model  # noqa: F401
+
+    children: set[int] = set()
+    _reply(serving=os.getpid())
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "start":
+            sys.stdout.flush()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _child(request)
+            children.add(pid)
+            _reply(pid=pid)
+        elif request["op"] == "wait":
+            pid, deadline = request["pid"], time.monotonic() + float(request.get("timeout", 0))
+            while True:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.005)
+            if done:
+                children.discard(pid)
+                _reply(returncode=os.waitstatus_to_exitcode(status))
+            else:
+                _reply(returncode=None)
+        else:
+            _reply(error=f"unknown op {request['op']!r}")
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    sys.stdout.flush()
+    os._exit(0)  # nothing left to clean up: skip the interpreter's (slow) teardown of torch
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        main()

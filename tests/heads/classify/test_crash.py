@@ -1,7 +1,8 @@
 """Exactly-once bulk output under SIGKILL and under two jobs racing on one folder.
 
-Each job is a real process (:mod:`tests.heads.classify.driver`) killed with a real
-SIGKILL: at random moments while it works, and at the few narrow places a timer rarely
+Each job is a real process (:mod:`tests.heads.classify.driver`, forked by its fork server so
+that twenty-odd jobs pay the imports once; the ones killed at random moments are fresh
+interpreters, as slow after ``ready`` as a real job) killed with a real SIGKILL: at random moments while it works, and at the few narrow places a timer rarely
 hits (half-written temp file, fsynced but not linked, linked but the folder not fsynced,
 a shard claimed but not computed). After every kill the same job is started again; the
 folder it finally leaves must hold exactly the rows a clean run writes. Two jobs on one
@@ -52,7 +53,98 @@ def manifest(tmp_path_factory) -> Path:
     return m
 
 
-def _start(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+class Job:
+    """One job: a process forked by the :class:`Zygote`, with the part of ``Popen`` these tests use."""
+
+    def __init__(self, zygote: "Zygote", argv: list[str]):
+        self.zygote = zygote
+        zygote.count += 1
+        self.stdout_path = zygote.folder / f"job-{zygote.count}.out"
+        self.stderr_path = zygote.folder / f"job-{zygote.count}.err"
+        self.pid = zygote.ask(op="start", argv=argv, stdout=str(self.stdout_path), stderr=str(self.stderr_path))["pid"]
+        self.returncode: int | None = None
+
+    def _wait(self, timeout: float) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.zygote.ask(op="wait", pid=self.pid, timeout=timeout)["returncode"]
+        return self.returncode
+
+    def poll(self) -> int | None:
+        return self._wait(0)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet, so the pid is still this job's
+            os.kill(self.pid, sig)
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        if self._wait(timeout) is None:
+            raise subprocess.TimeoutExpired(f"job {self.pid}", timeout)
+        return self.stdout_path.read_text(), self.stderr_path.read_text()
+
+    def first_line(self, timeout: float = 300) -> str:
+        """The job's first line of output, once it is whole (or all there is, if the job exited)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.stdout_path.read_text() if self.stdout_path.exists() else ""
+            if "\n" in text:
+                return text.split("\n", 1)[0] + "\n"
+            if self.poll() is not None:
+                return self.stdout_path.read_text()
+            time.sleep(0.005)
+        return ""
+
+
+class Zygote:
+    """The driver's fork server (``driver --serve``): the imports once, a fresh child per job."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.count = folder, 0
+        self.err = open(folder / "zygote.err", "w+")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.heads.classify.driver", "--serve"], cwd=ROOT, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+        )
+        self._line()  # {"serving": pid}: the imports are done
+
+    def _line(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.err.seek(0)
+            pytest.fail(f"the driver's fork server exited ({self.proc.wait()}): {self.err.read()[-2000:]}")
+        return json.loads(line)
+
+    def ask(self, **request) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self._line()
+        assert "error" not in reply, reply
+        return reply
+
+    def close(self) -> None:
+        self.proc.stdin.close()  # the server kills and reaps any job still running
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    z = Zygote(tmp_path_factory.mktemp("jobs"))
+    yield z
+    z.close()
+
+
+def _start(zygote: Zygote, manifest: Path, out: Path, *extra: str) -> Job:
+    return Job(zygote, [str(manifest), str(out), "--rows-per-shard", str(ROWS_PER_SHARD), *extra])
+
+
+def _start_fresh(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """A job in a fresh interpreter: for the kills at random moments, whose odds of landing
+    depend on how long a job runs after ``ready`` (a forked one, its imports warm, is quicker)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tests.heads.classify.driver", str(manifest), str(out),
          "--rows-per-shard", str(ROWS_PER_SHARD), *extra],
@@ -61,15 +153,19 @@ def _start(manifest: Path, out: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _finish(proc: subprocess.Popen) -> dict:
+def _finish(proc: Job) -> dict:
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-2000:]
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _wait_ready(proc: subprocess.Popen) -> None:
-    line = proc.stdout.readline()
-    assert line.strip() == "ready", (line, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
+def _wait_ready(proc: Job | subprocess.Popen) -> None:
+    if isinstance(proc, Job):
+        line = proc.first_line()
+        assert line.strip() == "ready", (line, proc.stderr_path.read_text()[-2000:] if proc.poll() is not None else "")
+    else:
+        line = proc.stdout.readline()
+        assert line.strip() == "ready", (line, proc.stderr.read()[-2000:] if proc.poll() is not None else "")
 
 
 def _rows(out: Path) -> list[dict]:
@@ -78,9 +174,9 @@ def _rows(out: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def clean(manifest, tmp_path_factory) -> tuple[Path, dict]:
+def clean(zygote, manifest, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("clean") / "out"
-    return out, _finish(_start(manifest, out))
+    return out, _finish(_start(zygote, manifest, out))
 
 
 def test_clean_run_output(clean, manifest):
@@ -115,7 +211,7 @@ def _assert_same_as_clean(out: Path, clean_out: Path) -> None:
     assert same_stats(MonitorStats.load(out / MONITOR_FILE), MonitorStats.load(clean_out / MONITOR_FILE))
 
 
-def test_sigkill_anywhere_then_restart_gives_the_clean_rows(manifest, clean, tmp_path):
+def test_sigkill_anywhere_then_restart_gives_the_clean_rows(zygote, manifest, clean, tmp_path):
     clean_out, _ = clean
     out = tmp_path / "out"
     # Aimed kills at the places a timer rarely hits, then kills at random moments.
@@ -123,42 +219,43 @@ def test_sigkill_anywhere_then_restart_gives_the_clean_rows(manifest, clean, tmp
     rng = random.Random(1234)
     kills = 0
     for point in aimed:
-        proc = _start(manifest, out, "--kill", point)
+        proc = _start(zygote, manifest, out, "--kill", point)
         proc.communicate(timeout=300)
         if proc.returncode == -signal.SIGKILL:
             kills += 1
     for _ in range(6):
-        proc = _start(manifest, out, "--workers", "1")
+        proc = _start_fresh(manifest, out, "--workers", "1")
         _wait_ready(proc)
         time.sleep(rng.uniform(0.0, 1.5))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.communicate(timeout=300)
+    print(f"kills: {kills} of {len(aimed) + 6}")
     assert kills >= 10
     # Killed runs left partial work behind: whole shards only, never a partial one.
     for shard in out.glob("part-*.parquet"):
         pq.read_metadata(shard)
     assert not (out / SUCCESS_FILE).exists() or len(list(out.glob("part-*"))) == N_SHARDS
-    final = _finish(_start(manifest, out))
+    final = _finish(_start(zygote, manifest, out))
     _assert_same_as_clean(out, clean_out)
     # The restart only computed what the killed runs had not committed.
     assert final["summary"]["shards_written"] + final["summary"]["shards_reused"] == final["summary"]["counts"]["shards"]
 
 
-def test_rerun_of_a_finished_job_writes_nothing(manifest, clean):
+def test_rerun_of_a_finished_job_writes_nothing(zygote, manifest, clean):
     clean_out, _ = clean
     before = {p.name: p.stat().st_mtime_ns for p in clean_out.iterdir()}
-    again = _finish(_start(manifest, clean_out))
+    again = _finish(_start(zygote, manifest, clean_out))
     assert again["committed"] == []
     assert {p.name: p.stat().st_mtime_ns for p in clean_out.iterdir()} == before
 
 
-def test_two_jobs_on_one_folder_commit_each_shard_once(manifest, clean, tmp_path):
+def test_two_jobs_on_one_folder_commit_each_shard_once(zygote, manifest, clean, tmp_path):
     clean_out, _ = clean
     out = tmp_path / "out"
-    a = _start(manifest, out, "--batch-size", "4")
-    b = _start(manifest, out, "--batch-size", "4")
+    a = _start(zygote, manifest, out, "--batch-size", "4")
+    b = _start(zygote, manifest, out, "--batch-size", "4")
     ra, rb = _finish(a), _finish(b)
     commits = ra["committed"] + rb["committed"]
     assert sorted(commits) == sorted(set(commits)), "a file was committed twice"
@@ -171,12 +268,12 @@ def test_two_jobs_on_one_folder_commit_each_shard_once(manifest, clean, tmp_path
     assert sorted(ra["computed"] + rb["computed"]) == list(range(N_SHARDS))
 
 
-def test_two_jobs_on_one_folder_split_the_shards(manifest, clean, tmp_path):
+def test_two_jobs_on_one_folder_split_the_shards(zygote, manifest, clean, tmp_path):
     clean_out, _ = clean
     out = tmp_path / "out"
     # Slow batches, and each job holds a claim before either computes: both work, by construction.
     extra = ("--batch-delay", "0.1", "--sync", str(tmp_path / "sync"), "--parties", "2")
-    a, b = _start(manifest, out, *extra), _start(manifest, out, *extra)
+    a, b = _start(zygote, manifest, out, *extra), _start(zygote, manifest, out, *extra)
     ra, rb = _finish(a), _finish(b)
     ca, cb = ra["computed"], rb["computed"]
     print(f"shards computed: {len(ca)} + {len(cb)} of {N_SHARDS}")
@@ -194,10 +291,10 @@ def test_two_jobs_on_one_folder_split_the_shards(manifest, clean, tmp_path):
     _assert_same_as_clean(out, clean_out)  # each job returned only once the output was whole
 
 
-def test_a_killed_jobs_claim_is_taken_over(manifest, clean, tmp_path):
+def test_a_killed_jobs_claim_is_taken_over(zygote, manifest, clean, tmp_path):
     clean_out, _ = clean
     out = tmp_path / "out"
-    proc = _start(manifest, out, "--kill", "claimed:3")  # killed holding shard 2, not yet computed
+    proc = _start(zygote, manifest, out, "--kill", "claimed:3")  # killed holding shard 2, not yet computed
     proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     left = claim_files(out, _job(out))
@@ -207,7 +304,7 @@ def test_a_killed_jobs_claim_is_taken_over(manifest, clean, tmp_path):
     shards = {int(re.search(r"claim-([0-9]+)\.", c.name).group(1)) for c in left}
     orphaned = {k for k in shards if not (out / shard_name(k)).exists()}
     assert 2 in orphaned
-    final = _finish(_start(manifest, out))["summary"]
+    final = _finish(_start(zygote, manifest, out))["summary"]
     assert final["shards_taken_over"] == len(orphaned)  # at once: the owner's pid is gone
     assert final["shards_written"] + final["shards_reused"] == N_SHARDS and final["shards_by_others"] == 0
     _assert_same_as_clean(out, clean_out)
