@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 
 from tests.registry.jobs import cascade_state as cs
+from tests.tools.toolserver import run_tool_process
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """``python -m tools.<tool> *args``, its own process (forked by :mod:`tests.tools.toolserver`: imports once)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_tool_process(REPO, env, tool, list(args), timeout=600)
 
 
 @pytest.fixture(scope="module")
