@@ -247,7 +247,7 @@ class StudentSettings:
 
 @dataclass
 class DistillSettings(TrainSettings):
-    epochs: int = 10
+    epochs: int = 30
     student: StudentSettings = field(default_factory=StudentSettings)
     input: Optional[str] = None
     # `auto` or a list of taps (Any: OmegaConf has no Union).
@@ -255,8 +255,8 @@ class DistillSettings(TrainSettings):
     # null: production's trunk; N: trunk version N (then linear probes stand in for the heads).
     teacher: Optional[int] = None
     # Weight of the heads' T^2 * KL(teacher || student) (0: features only).
-    head_loss_weight: float = 0.0
-    temperature: float = 1.0
+    head_loss_weight: float = 1.0
+    temperature: float = 2.0
 
     def __post_init__(self) -> None:
         if self.taps != "auto" and not (isinstance(self.taps, list) and all(isinstance(t, str) for t in self.taps)):

@@ -24,11 +24,13 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
-def _child(request: dict) -> None:
-    """In the forked child: become ``python -m tools.<tool> <args>`` and exit with its status."""
+def as_child(request: dict, body: Callable[[], None]) -> None:
+    """In a forked child: stdin from /dev/null, stdout/stderr to the request's files, run ``body``,
+    exit with its status as ``python`` would (``SystemExit``'s code, 1 and a traceback on an error)."""
     code = 1
     try:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -39,14 +41,8 @@ def _child(request: dict) -> None:
             os.dup2(f, fd)
             os.close(f)
         sys.stdin = open(os.devnull)
-        os.chdir(request["cwd"])
-        import runpy
-        from importlib.util import find_spec
-
-        module = f"tools.{request['tool']}"
-        sys.argv = [find_spec(module).origin, *request["args"]]  # what ``python -m`` puts there
         try:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            body()
             code = 0
         except SystemExit as e:
             if e.code is None or isinstance(e.code, int):
@@ -66,16 +62,31 @@ def _child(request: dict) -> None:
             os._exit(code)
 
 
+def _child(request: dict) -> None:
+    """In the forked child: become ``python -m tools.<tool> <args>`` and exit with its status."""
+    def body() -> None:
+        import runpy
+        from importlib.util import find_spec
+
+        os.chdir(request["cwd"])
+        module = f"tools.{request['tool']}"
+        sys.argv = [find_spec(module).origin, *request["args"]]  # what ``python -m`` puts there
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+
+    as_child(request, body)
+
+
 def _reply(**fields) -> None:
     sys.stdout.write(json.dumps(fields) + "\n")
     sys.stdout.flush()
 
 
-def serve() -> None:
-    """Requests ``{"op": "start", "tool", "args", "cwd", "stdout", "stderr"}`` (reply ``{"pid"}``)
-    and ``{"op": "wait", "pid", "timeout"}`` (reply ``{"returncode"}``, null if still running)."""
-    import tools.common  # noqa: F401  (torch, timm, MLflow's client, Hydra: the imports paid once)
-
+def fork_server(child: Callable[[dict], None]) -> None:
+    """Serve fork requests on stdin until it closes: ``{"op": "start", ...}`` forks a child that
+    runs ``child(request)`` (reply ``{"pid"}``); ``{"op": "wait", "pid", "timeout"}`` reaps it
+    (reply ``{"returncode"}``, negative for a signal as with :mod:`subprocess`, null if it has not
+    exited within ``timeout`` seconds; 0: just poll). On end of input, children still running
+    are killed and reaped. The caller imports what its children should find imported first."""
     children: set[int] = set()
     _reply(serving=os.getpid())
     for line in sys.stdin:
@@ -85,7 +96,7 @@ def serve() -> None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _child(request)
+                child(request)
             children.add(pid)
             _reply(pid=pid)
         elif request["op"] == "wait":
@@ -109,27 +120,31 @@ def serve() -> None:
     os._exit(0)  # skip the interpreter's slow teardown of torch
 
 
-class ToolServer:
-    """The test side: one server process, started with ``env``; :meth:`run` is ``subprocess.run``'s subset."""
+def serve() -> None:
+    """The tool server: requests ``{"op": "start", "tool", "args", "cwd", "stdout", "stderr"}`` and
+    ``{"op": "wait", ...}`` (:func:`fork_server`)."""
+    import tools.common  # noqa: F401  (torch, timm, MLflow's client, Hydra: the imports paid once)
 
-    def __init__(self, repo: Path, env: dict[str, str]):
-        self.folder = Path(tempfile.mkdtemp(prefix="toolserver-"))
-        self.count = 0
-        self.lock = threading.Lock()
-        self.err = open(self.folder / "server.err", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.tools.toolserver"], cwd=repo, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True,
-                                     bufsize=1)
-        self._line()
+    fork_server(_child)
+
+
+class ForkServer:
+    """The test side of a :func:`fork_server` process: start it, ask it, close it."""
+
+    def __init__(self, command: list[str], *, cwd: Path, env: dict[str, str], err: Path):
+        self.err = open(err, "w+")
+        self.proc = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.err, text=True, bufsize=1)
+        self._line()  # {"serving": pid}: the imports are done
 
     def _line(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.err.seek(0)
-            raise RuntimeError(f"the tool server exited ({self.proc.wait()}): {self.err.read()[-2000:]}")
+            raise RuntimeError(f"the fork server exited ({self.proc.wait()}): {self.err.read()[-2000:]}")
         return json.loads(line)
 
-    def _ask(self, **request) -> dict:
+    def ask(self, **request) -> dict:
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply = self._line()
@@ -137,30 +152,41 @@ class ToolServer:
             raise RuntimeError(reply["error"])
         return reply
 
-    def run(self, tool: str, args: list[str], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-        """``python -m tools.<tool> *args`` in ``cwd``, output captured as text, like ``subprocess.run``."""
-        with self.lock:
-            self.count += 1
-            out, err = self.folder / f"run-{self.count}.out", self.folder / f"run-{self.count}.err"
-            pid = self._ask(op="start", tool=tool, args=list(args), cwd=str(cwd), stdout=str(out),
-                            stderr=str(err))["pid"]
-            code = self._ask(op="wait", pid=pid, timeout=timeout)["returncode"]
-            if code is None:
-                os.kill(pid, signal.SIGKILL)
-                self._ask(op="wait", pid=pid, timeout=60)
-                raise subprocess.TimeoutExpired([f"tools.{tool}", *args], timeout)
-        cmd = [sys.executable, "-m", f"tools.{tool}", *args]
-        return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
-
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.proc.stdin.close()
+            self.proc.stdin.close()  # the server kills and reaps any child still running
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
         self.err.close()
+
+
+class ToolServer(ForkServer):
+    """The tool server's test side; :meth:`run` is ``subprocess.run``'s subset."""
+
+    def __init__(self, repo: Path, env: dict[str, str]):
+        self.folder = Path(tempfile.mkdtemp(prefix="toolserver-"))
+        self.count = 0
+        self.lock = threading.Lock()
+        super().__init__([sys.executable, "-m", "tests.tools.toolserver"], cwd=repo, env=env,
+                         err=self.folder / "server.err")
+
+    def run(self, tool: str, args: list[str], *, cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+        """``python -m tools.<tool> *args`` in ``cwd``, output captured as text, like ``subprocess.run``."""
+        with self.lock:
+            self.count += 1
+            out, err = self.folder / f"run-{self.count}.out", self.folder / f"run-{self.count}.err"
+            pid = self.ask(op="start", tool=tool, args=list(args), cwd=str(cwd), stdout=str(out),
+                            stderr=str(err))["pid"]
+            code = self.ask(op="wait", pid=pid, timeout=timeout)["returncode"]
+            if code is None:
+                os.kill(pid, signal.SIGKILL)
+                self.ask(op="wait", pid=pid, timeout=60)
+                raise subprocess.TimeoutExpired([f"tools.{tool}", *args], timeout)
+        cmd = [sys.executable, "-m", f"tools.{tool}", *args]
+        return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
 
 
 _servers: dict[frozenset, ToolServer] = {}

@@ -37,7 +37,6 @@ Claim files are written through the same code as commits; ``write``, ``link`` an
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
@@ -51,6 +50,7 @@ import torch
 from heads.bank import HeadBank
 from heads.modules import LinearHead, MLPHead
 from heads.store import LoadedHead
+from tests.tools.toolserver import as_child, fork_server
 
 SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}
 RELEASE = {"name": "release", "version": "7", "trunk_version": "2", "heads": {"colour": "1", "shape": "4"}}
@@ -233,36 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _child(job: dict) -> None:
     """In a forked child: run one job with its own stdout/stderr files, then exit with its status."""
-    code = 1
-    try:
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        for fd, key in ((1, "stdout"), (2, "stderr")):
-            f = os.open(job[key], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(f, fd)
-            os.close(f)
-        try:
-            main(job["argv"])
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if e.code is not None and not isinstance(e.code, int):
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-def _reply(**fields) -> None:
-    sys.stdout.write(json.dumps(fields) + "\n")
-    sys.stdout.flush()
+    as_child(job, lambda: main(job["argv"]))
 
 
 def serve() -> None:
@@ -281,39 +252,7 @@ def serve() -> None:
     import heads.classify.output  # noqa: F401
     import trunk.model  # noqa: F401
 
-    children: set[int] = set()
-    _reply(serving=os.getpid())
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["op"] == "start":
-            sys.stdout.flush()
-            sys.stderr.flush()
-            pid = os.fork()
-            if pid == 0:
-                _child(request)
-            children.add(pid)
-            _reply(pid=pid)
-        elif request["op"] == "wait":
-            pid, deadline = request["pid"], time.monotonic() + float(request.get("timeout", 0))
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done or time.monotonic() >= deadline:
-                    break
-                time.sleep(0.005)
-            if done:
-                children.discard(pid)
-                _reply(returncode=os.waitstatus_to_exitcode(status))
-            else:
-                _reply(returncode=None)
-        else:
-            _reply(error=f"unknown op {request['op']!r}")
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-    sys.stdout.flush()
-    os._exit(0)  # nothing left to clean up: skip the interpreter's (slow) teardown of torch
+    fork_server(_child)
 
 
 if __name__ == "__main__":

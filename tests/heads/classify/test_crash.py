@@ -28,6 +28,7 @@ from heads.classify.output import JOB_FILE, MONITOR_FILE, SUCCESS_FILE, TEMP_GLO
 from heads.predict import MonitorStats
 from tests.conftest import write_image
 from tests.heads.classify.test_monitoring import same_stats
+from tests.tools.toolserver import ForkServer
 
 ROOT = Path(__file__).resolve().parents[3]
 N_IMAGES = 120
@@ -94,41 +95,14 @@ class Job:
         return ""
 
 
-class Zygote:
+class Zygote(ForkServer):
     """The driver's fork server (``driver --serve``): the imports once, a fresh child per job."""
 
     def __init__(self, folder: Path):
         self.folder, self.count = folder, 0
-        self.err = open(folder / "zygote.err", "w+")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.heads.classify.driver", "--serve"], cwd=ROOT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=self.err, text=True, bufsize=1,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
-        )
-        self._line()  # {"serving": pid}: the imports are done
-
-    def _line(self) -> dict:
-        line = self.proc.stdout.readline()
-        if not line:
-            self.err.seek(0)
-            pytest.fail(f"the driver's fork server exited ({self.proc.wait()}): {self.err.read()[-2000:]}")
-        return json.loads(line)
-
-    def ask(self, **request) -> dict:
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = self._line()
-        assert "error" not in reply, reply
-        return reply
-
-    def close(self) -> None:
-        self.proc.stdin.close()  # the server kills and reaps any job still running
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.err.close()
+        super().__init__([sys.executable, "-m", "tests.heads.classify.driver", "--serve"], cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         err=folder / "zygote.err")
 
 
 @pytest.fixture(scope="module")
