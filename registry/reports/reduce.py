@@ -48,8 +48,8 @@ def table_rows(result) -> list[dict[str, Any]]:
     for r in result.rows:
         marks = (" (chosen)" if r.name == result.chosen else "") + (" *" if r.name in result.front else "")
         why = r.error or "; ".join(f"{h}: {w}" for h, w in sorted(r.blocked.items()))
-        rows.append(row(r.name + marks, "-" if r.version is None else f"v{r.version}", r.cost, r.kept, r.worst,
-                        r.verdict, why))
+        rows.append({**row(r.name + marks, "-" if r.version is None else f"v{r.version}", r.cost, r.kept, r.worst,
+                             r.verdict, why), "_name": r.name})
     return rows
 
 
@@ -80,7 +80,7 @@ def format_text(result) -> str:
     widths = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(x.ljust(w) for x, w in zip(c, widths)).rstrip() for c in cells]
-    lines += [f"  {r['candidate']}: {r['why']}" for r in rows if r["why"]]
+    lines += [f"  {r['_name']}: {r['why']}" for r in rows if r["why"]]
     lines.append(f"Pareto front (cost {result.cost_key} vs worst head kept; marked *): "
                  f"{', '.join(result.front) or 'none'}")
     lines.append(outcome_line(result))
@@ -98,7 +98,7 @@ def format_markdown(result, png_name: str) -> str:
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
     why = [r for r in rows if r["why"]]
     if why:
-        lines += ["", "## Why not", ""] + [f"- **{r['candidate']}**: {r['why']}" for r in why]
+        lines += ["", "## Why not", ""] + [f"- **{r['_name']}**: {r['why']}" for r in why]
     lines += ["", f"![cost vs accuracy kept]({png_name})"]
     return "\n".join(lines) + "\n"
 
@@ -124,10 +124,15 @@ def plot(result, path: Path) -> Path:
         ax.scatter([x], [y], s=70 if r.name == result.chosen else 40, zorder=3,
                    color="#2e7d32" if r.passed else "#c62828", edgecolors="black" if r.name == result.chosen else None)
         ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    front = [points[n] for n in result.front if n in points]
+    # Production's own point closes the front: no candidate keeps more than all of it.
+    front = [points[n] for n in result.front if n in points] + [(1.0, 1.0)]
     if len(front) > 1:
         ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="#607d8b", lw=1, label="Pareto front")
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(FuncFormatter(lambda v, _: f"{v:.2g}x"))
     unit = {"ms": "time per image", "gflops": "GFLOPs per image", "bytes": "weight bytes"}[result.cost_key]
     ax.set_xlabel(f"{unit}, relative to production's trunk (log)")
     ax.set_ylabel("accuracy kept by the worst head")
