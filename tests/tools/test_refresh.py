@@ -52,7 +52,9 @@ def test_no_candidate_alias_says_how_to_make_one(ws):
 
 
 def test_distill_then_cascade_prints_speedup_report_and_verdict(ws):
-    proc = run_tool("refresh", f"workspace={ws}", "candidate=distill", "distill.epochs=2", "progress=false")
+    # promote=false: the module's later tests need production's trunk as the fixture made it (no recipe).
+    proc = run_tool("refresh", f"workspace={ws}", "candidate=distill", "distill.epochs=2", "progress=false",
+                    "promote=false")
     out = proc.stdout
     assert proc.returncode in (0, 1), proc.stderr
     assert "candidate trunk v" in out and "distill, built" in out
@@ -62,15 +64,14 @@ def test_distill_then_cascade_prints_speedup_report_and_verdict(ws):
     report = next(line for line in out.splitlines() if line.startswith("report: "))
     assert Path(report.split()[1]).is_file()
     if proc.returncode == 0:
-        assert "PROMOTED: production is release v" in out
+        assert "every head passed; promote=false, so production stays release v" in out
     else:
         assert "BLOCKED by" in out and "blocks: " in out
 
-    # Building the same candidate again reuses it (same recipe), then re-gates against production.
+    # Building the same candidate again reuses it (same recipe).
     again = run_tool("refresh", f"workspace={ws}", "candidate=distill", "distill.epochs=2", "progress=false",
                      "cascade=false")
-    if proc.returncode == 1:
-        assert again.returncode == 0 and "distill, reused (same recipe)" in again.stdout
+    assert again.returncode == 0 and "distill, reused (same recipe)" in again.stdout
 
 
 def test_timm_candidate_is_registered_with_alias_candidate_only(ws):
