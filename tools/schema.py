@@ -25,6 +25,12 @@ def one_of(name: str, value: Any, options: tuple[str, ...]) -> None:
         raise ValueError(f"field '{name}': '{value}' is not one of: {', '.join(options)}")
 
 
+def check_timeout(value: float) -> None:
+    """``distributed_timeout_s``: how long a torchrun rank waits for its peers, positive."""
+    if not value > 0:
+        raise ValueError(f"field 'distributed_timeout_s': must be positive, got {value}")
+
+
 def check_workers(name: str, value: Any) -> None:
     """``auto`` or a count of processes (0: decode in the main process)."""
     if value == "auto":
@@ -131,8 +137,7 @@ class TrainTrunkConfig(TrackedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.distributed_timeout_s > 0:
-            raise ValueError(f"field 'distributed_timeout_s': must be positive, got {self.distributed_timeout_s}")
+        check_timeout(self.distributed_timeout_s)
 
 
 @dataclass
@@ -302,8 +307,7 @@ class RefreshConfig(TrackedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.distributed_timeout_s > 0:
-            raise ValueError(f"field 'distributed_timeout_s': must be positive, got {self.distributed_timeout_s}")
+        check_timeout(self.distributed_timeout_s)
 
 
 @dataclass

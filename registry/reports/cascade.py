@@ -7,7 +7,6 @@ the candidate trunk version, the starting release and the verdict), and printed.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from heads.training.cost import format_ms
 from trunk.files import write_json_atomic
 from trunk.speed import compare_trunks, trunk_size
 from trunk.timing import speed_phrase
+from registry.reports.summary import report_folder
 from registry.store.runs import tracked_run
 from registry.store.trunks import load_trunk
 
@@ -233,12 +233,7 @@ def log_cascade_report(client: MlflowClient, workspace, result, *, device: str =
     rows = head_rows(result)
     cost = trunk_comparison(client, result, device=device)
     trunk_text = trunk_line(result, cost)
-    out = Path(workspace.root) / "reports" / f"cascade-{result.cascade_id}-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 0
-    while out.exists():
-        suffix += 1
-        out = out.with_name(f"{out.name.split('+')[0]}+{suffix}")
-    out.mkdir(parents=True)
+    out = report_folder(workspace.root, f"cascade-{result.cascade_id}")
     markdown = out / "cascade_report.md"
     markdown.write_text(format_markdown(result, rows, trunk_text))
     speed = ("; " + speed_phrase("candidate trunk", cost["teacher_ms_per_image"], cost["student_ms_per_image"])

@@ -9,13 +9,13 @@ candidate and figure, e.g. ``int8-static.ms_per_image``, ``int8-static.kept.colo
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 
+from registry.reports.summary import report_folder
 from registry.store.runs import tracked_run
 from trunk.files import write_json_atomic
 
@@ -162,12 +162,7 @@ def _metrics(result) -> dict[str, float]:
 
 def log_reduce_report(client: MlflowClient, workspace, result) -> dict[str, Any]:
     """Write the report, log it to the experiment ``reductions``, return ``{"text", "markdown", "png", "json", "run_id"}``."""
-    out = Path(workspace.root) / "reports" / f"reduce-{time.strftime('%Y%m%d-%H%M%S')}"
-    suffix = 0
-    while out.exists():
-        suffix += 1
-        out = out.with_name(f"{out.name.split('+')[0]}+{suffix}")
-    out.mkdir(parents=True)
+    out = report_folder(workspace.root, "reduce")
     png = plot(result, out / "reductions.png")
     markdown = out / "reductions.md"
     markdown.write_text(format_markdown(result, png.name))

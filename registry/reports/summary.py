@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from heads.training.cost import format_ms
@@ -191,3 +193,14 @@ def report_lines(report: dict[str, Any], limit: int = 20, full: bool = False) ->
               f"summary: {report['summary_markdown']}; dependencies: {report['dependencies_markdown']}",
               f"plot: {report['png']}"]
     return lines
+
+
+def report_folder(workspace_root: str | Path, stem: str) -> Path:
+    """A new folder ``<workspace>/reports/<stem>-<time>`` (``+1``, ``+2``, ... when that one exists), created."""
+    out = Path(workspace_root) / "reports" / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    suffix = 0
+    while out.exists():
+        suffix += 1
+        out = out.with_name(f"{out.name.split('+')[0]}+{suffix}")
+    out.mkdir(parents=True)
+    return out
