@@ -24,16 +24,9 @@ def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A workspace with a production release: random-init test_resnet at 32 px and three heads."""
-    from mlflow import MlflowClient
-
-    from trunk.model import Trunk
-
     old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
     root = tmp_path_factory.mktemp("refresh")
-    template = root / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    manifests = cs.generate(root / "data")
-    cs.build(root / "ws", template, root / "cache", manifests, Trunk("test_resnet", data_config=cs.SMALL), None)
+    cs.small_platform(root)
     os.environ.update(old)
     return root / "ws"
 

@@ -89,3 +89,16 @@ def build(ws: Path, template_db: Path, shared_cache: Path, manifests: Path, prod
     if candidate is not None:
         mark_candidate(client, register_trunk(client, candidate))
     return client, workspace, get_release(client)
+
+
+def small_platform(root: Path):
+    """Under ``root``: a fresh MLflow database, the shapes data and a workspace whose production is
+    random-init test_resnet at 32 px with the three heads; no candidate. Returns ``build``'s tuple."""
+    from mlflow import MlflowClient
+
+    from trunk.model import Trunk
+
+    template = root / "template.db"
+    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    manifests = generate(root / "data")
+    return build(root / "ws", template, root / "cache", manifests, Trunk("test_resnet", data_config=SMALL), None)

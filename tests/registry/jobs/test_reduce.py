@@ -29,15 +29,8 @@ def test_the_pareto_front_keeps_only_points_nothing_beats_on_both():
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    from mlflow import MlflowClient
-
     old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
-    root = tmp_path_factory.mktemp("reduce")
-    template = root / "template.db"
-    MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-    manifests = cs.generate(root / "data")
-    client, ws, release = cs.build(root / "ws", template, root / "cache", manifests,
-                                   Trunk("test_resnet", data_config=cs.SMALL), None)
+    client, ws, release = cs.small_platform(tmp_path_factory.mktemp("reduce"))
     yield client, ws, release
     os.environ.update(old)
 
