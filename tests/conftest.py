@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -11,6 +12,24 @@ from PIL import Image
 import torch
 
 warnings.filterwarnings("ignore", category=UserWarning, module="timm")
+
+# The platform reads MLflow's URI variables as the user's choice of store (registry.store.tracking),
+# and mlflow.set_tracking_uri exports its argument to them. Tests never use the caller's store, and
+# one test's URI must not become the next test's store: none is set when a test starts or after it ends
+# (a test that needs one sets it with monkeypatch).
+MLFLOW_URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+for _variable in MLFLOW_URI_VARIABLES:
+    os.environ.pop(_variable, None)
+
+
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_in_the_environment():
+    for variable in MLFLOW_URI_VARIABLES:
+        os.environ.pop(variable, None)
+    yield
+    for variable in MLFLOW_URI_VARIABLES:
+        os.environ.pop(variable, None)
+
 
 TINY_MODELS = ["test_resnet", "test_convnext", "test_vit", "test_efficientnet"]
 SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}

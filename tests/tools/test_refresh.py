@@ -24,10 +24,8 @@ def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     """A workspace with a production release: random-init test_resnet at 32 px and three heads."""
-    old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
     root = tmp_path_factory.mktemp("refresh")
     cs.small_platform(root)
-    os.environ.update(old)
     return root / "ws"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -29,10 +28,7 @@ def test_the_pareto_front_keeps_only_points_nothing_beats_on_both():
 
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory):
-    old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
-    client, ws, release = cs.small_platform(tmp_path_factory.mktemp("reduce"))
-    yield client, ws, release
-    os.environ.update(old)
+    return cs.small_platform(tmp_path_factory.mktemp("reduce"))
 
 
 def _space(client, built: dict, seed: int = 0):

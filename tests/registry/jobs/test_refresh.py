@@ -78,19 +78,15 @@ STUDENT_KWARGS = {"channels": [16, 24, 24, 48], "stem_width": 8}
 @pytest.fixture(scope="module")
 def distill_state(tmp_path_factory, migrated_db):
     """A production release (random test_resnet, heads shape, colour, count_branch at layer2) and 16 unlabelled images."""
-    import os
-
     from tests.trunk.test_distill import write_images
     from trunk.model import Trunk
 
-    old = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
     root = tmp_path_factory.mktemp("refresh-distill")
     manifests = cs.generate(root / "data")
     client, ws, release = cs.build(root / "ws", migrated_db, root / "cache", manifests,
                                    Trunk("test_resnet", data_config=cs.SMALL), None)
     write_images(root / "unlabelled", 16)
-    yield client, ws, release, str(root / "unlabelled")
-    os.environ.update(old)
+    return client, ws, release, str(root / "unlabelled")
 
 
 def distill(state, **settings):

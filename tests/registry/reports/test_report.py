@@ -185,8 +185,6 @@ def test_cost_axes_are_logarithmic_with_the_trunk_drawn_and_unmeasurable_heads_c
 @pytest.fixture(scope="module")
 def many_heads(tmp_path_factory):
     """16 generated heads (2 fail their gate), released on trunk v1; 2 of them retrained on trunk v2 (stale)."""
-    import os
-
     from benchmarks.workspace import build_workspace, head_name
     from registry.jobs.train import train_head_job
     from registry.store.tracking import connect
@@ -195,7 +193,6 @@ def many_heads(tmp_path_factory):
     from heads.spec import load_head_spec
     from trunk.model import Trunk
 
-    saved = {k: os.environ.pop(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI") if k in os.environ}
     root = tmp_path_factory.mktemp("many") / "ws"
     built = build_workspace(root, 16, mlp_every=5, branch_every=0, fail_every=7, n_images=120, image_size=32,
                             head_epochs=1, progress=False)
@@ -207,9 +204,8 @@ def many_heads(tmp_path_factory):
         spec = load_head_spec(root / "conf" / "heads" / f"{name}.yaml", {"workspace": str(root)})
         train_head_job(client, spec, workspace=Workspace.at(root), trunk_version=other, batch_size=256,
                        num_workers=0, device="cpu", progress=False, promote=False)
-    yield {"root": root, "client": client, "built": built, "stale": stale, "other_trunk": other,
-           "failing": [head_name(6), head_name(13)]}
-    os.environ.update(saved)
+    return {"root": root, "client": client, "built": built, "stale": stale, "other_trunk": other,
+            "failing": [head_name(6), head_name(13)]}
 
 
 def test_report_at_many_heads_puts_attention_first_and_the_full_table_in_files(many_heads):
