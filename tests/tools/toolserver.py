@@ -194,7 +194,11 @@ _servers: dict[frozenset, ToolServer] = {}
 
 def run_tool_process(repo: Path, env: dict[str, str], tool: str, args: list[str], *,
                      timeout: float) -> subprocess.CompletedProcess:
-    """Run a tool as its own process through the server for ``env`` (started on first use)."""
+    """Run a tool as its own process through the server for ``env`` (started on first use).
+
+    pytest sets ``PYTEST_CURRENT_TEST`` to the running test and phase: it is left out of the
+    tool's environment, or every test would start (and keep) a server of its own."""
+    env = {k: v for k, v in env.items() if k != "PYTEST_CURRENT_TEST"}
     key = frozenset(env.items())
     if key not in _servers:
         if not _servers:
