@@ -11,11 +11,11 @@ own so its peak RSS (``ru_maxrss``) is its own:
 - ``manifest``: reading a ``.txt`` manifest of ``n`` lines as a list against counting it as a
   stream: seconds and peak RSS; streamed, the peak stays flat from 1M to 10M lines.
 
-    python -m benchmarks.streaming                       # 10k, 30k images; 1M, 10M lines
-    python -m benchmarks.streaming --images 10000 100000 --lines 1000000 10000000
-    python -m tools.bench suite=streaming                # the same, once the schema knows the suite
+    python -m tools.bench suite=streaming                          # 10k, 30k images; 1M, 10M lines
+    python -m tools.bench suite=streaming "streaming.images=[10000,100000]"
 
-Writes ``benchmarks/results/cpu-streaming.json`` (``--output`` to change).
+Writes ``bench/cpu-streaming.json`` (``output=`` to change). ``python -m benchmarks.streaming
+--worker ...`` is the child each contender runs in; it is not an entry point of its own.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from PIL import Image
 
 SMALL = {"input_size": [3, 32, 32], "crop_pct": 1.0}
 PER_FOLDER = 1000
-RESULTS = Path(__file__).parent / "results" / "cpu-streaming.json"
 
 
 def write_tiny_images(root: Path, n: int, *, side: int = 24, seed: int = 0) -> Path:
@@ -167,26 +166,12 @@ def format_streaming_table(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", nargs=6, metavar=("KIND", "MODE", "SOURCE", "OUT", "BATCH", "WORKERS"))
-    parser.add_argument("--images", type=int, nargs="*", default=[10000, 30000])
-    parser.add_argument("--lines", type=int, nargs="*", default=[1000000, 10000000])
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--workdir", default=None)
-    parser.add_argument("--output", default=str(RESULTS))
-    args = parser.parse_args(argv)
-    if args.worker:
-        kind, mode, source, out, batch, workers = args.worker
-        print(json.dumps(_worker(kind, mode, source, out, int(batch), int(workers))))
-        return
-    result = run_streaming_benchmark(args.images, args.lines, batch_size=args.batch_size,
-                                     num_workers=args.num_workers, workdir=args.workdir)
-    result["command"] = " ".join(["python -m benchmarks.streaming", *(argv if argv is not None else sys.argv[1:])])
-    from benchmarks.heads import write_result
-
-    print(format_streaming_table(result))
-    print(f"wrote {write_result(result, args.output)}")
+    """The child process of one contender (:func:`_spawn`): prints its measurement as one JSON line."""
+    parser = argparse.ArgumentParser(description="one contender of the streaming benchmark (run by tools.bench)")
+    parser.add_argument("--worker", nargs=6, required=True,
+                        metavar=("KIND", "MODE", "SOURCE", "OUT", "BATCH", "WORKERS"))
+    kind, mode, source, out, batch, workers = parser.parse_args(argv).worker
+    print(json.dumps(_worker(kind, mode, source, out, int(batch), int(workers))))
 
 
 if __name__ == "__main__":

@@ -161,7 +161,7 @@ def _publish(cfg: DictConfig, result: dict, table: str, default_name: str) -> di
 
     result["command"] = " ".join(["python -m tools.bench", *_overrides()])
     result["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    path = write_result(result, cfg.output or Path(cfg.workspace) / "benchmarks" / default_name)
+    path = write_result(result, cfg.output or Path(cfg.workspace) / "bench" / default_name)
     print(table)
     print(f"wrote {path}")
     return result
