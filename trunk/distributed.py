@@ -33,6 +33,13 @@ a dead peer breaks the others' connections: a failing rank fails the job, it doe
 
 A process that torchrun did not start (no ``WORLD_SIZE`` > 1) is one process: every function
 here is then a no-op, and nothing else changes.
+
+Why torchrun and not Ray Train: the unit of work is one training run of one recipe, which
+torchrun already launches wherever GPUs are (one command, the same tool, plain environment
+variables); Ray Train would wrap the one loop in its own trainer, worker group and
+checkpoint layer, a second way to run training and save a trunk beside the registry's.
+Ray stays where work is many small independent tasks (bulk classification, the cascade's
+head retraining).
 """
 
 from __future__ import annotations

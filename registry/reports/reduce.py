@@ -123,7 +123,9 @@ def plot(result, path: Path) -> Path:
         points[r.name] = (x, y)
         ax.scatter([x], [y], s=70 if r.name == result.chosen else 40, zorder=3,
                    color="#2e7d32" if r.passed else "#c62828", edgecolors="black" if r.name == result.chosen else None)
-        ax.annotate(r.name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    # Labels alternate above and below in order of cost, so neighbouring points' names do not overlap.
+    for i, (name, (x, y)) in enumerate(sorted(points.items(), key=lambda kv: kv[1][0])):
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5 if i % 2 == 0 else -12), fontsize=8)
     # Production's own point closes the front: no candidate keeps more than all of it.
     front = [points[n] for n in result.front if n in points] + [(1.0, 1.0)]
     if len(front) > 1:
